@@ -1,0 +1,36 @@
+"""xformers_sparsek: SparseK attention as an xFormers fMHA operator.
+
+    import xformers.ops as xops
+    from xformers_sparsek import SparseKMask, SparseKOp
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=SparseKMask(scores, topk=2048,
+                                          window=512, base=xops.LowerTriangularMask()),
+                                          op=SparseKOp)
+
+Importing the package routes ``SparseKMask`` inputs to ``SparseKOp`` (nothing else can run
+them); ``enable()`` additionally lets automatic dispatch fall back to ``SparseKOp`` for
+standard biases that no built-in xFormers op supports.  See ``dispatch``.
+"""
+
+from ._info import info
+from ._layout import SUPPORTED_BASE_BIASES
+from .dispatch import disable, enable, install_routing, is_enabled
+from .functional import sparsek_attention
+from .mask import SparseKMask
+from .ops import BwOp, FwOp, SparseKOp
+from .version import __version__
+
+install_routing()
+
+__all__ = [
+    "SparseKOp",
+    "FwOp",
+    "BwOp",
+    "SparseKMask",
+    "sparsek_attention",
+    "enable",
+    "disable",
+    "is_enabled",
+    "info",
+    "SUPPORTED_BASE_BIASES",
+    "__version__",
+]

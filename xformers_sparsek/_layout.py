@@ -1,0 +1,151 @@
+"""Base attention biases -> per-query key intervals.
+
+Every base mask we support gives each query a *contiguous* range of allowed keys.  We
+flatten the batch (and the blocks of block-diagonal masks) into one query axis of length
+``NQ`` and one key axis of length ``NK``, and describe query ``i`` by three absolute key
+indices::
+
+    pool_lo[i] <= win_lo[i] <= win_hi[i]
+    pool  P_i = [pool_lo, win_lo)      (SparseK chooses among these)
+    window W_i = [win_lo, win_hi)      (always attended, gate 1)
+
+Everything downstream (selection, attention, CUDA kernels) only sees these intervals, so a
+new mask type only needs a new entry here.  Within one sequence both ends of both intervals
+are non-decreasing in the query index; the backward pass relies on that.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from xformers.ops.fmha import attn_bias as xab
+
+# bias type -> (causal, from_bottom_right, has_local_window)
+_BIAS_KINDS = {
+    type(None): (False, False, False),
+    xab.LowerTriangularMask: (True, False, False),
+    xab.LowerTriangularFromBottomRightMask: (True, True, False),
+    xab.LowerTriangularFromBottomRightLocalAttentionMask: (True, True, True),
+    xab.BlockDiagonalMask: (False, False, False),
+    xab.BlockDiagonalCausalMask: (True, False, False),
+    xab.BlockDiagonalCausalFromBottomRightMask: (True, True, False),
+    xab.BlockDiagonalCausalLocalAttentionMask: (True, False, True),
+    xab.BlockDiagonalCausalLocalAttentionFromBottomRightMask: (True, True, True),
+    xab.BlockDiagonalCausalWithOffsetPaddedKeysMask: (True, True, False),
+    xab.BlockDiagonalCausalLocalAttentionPaddedKeysMask: (True, True, True),
+}
+
+SUPPORTED_BASE_BIASES: Tuple[type, ...] = tuple(_BIAS_KINDS)
+_VARLEN = (xab.BlockDiagonalMask, xab.BlockDiagonalPaddedKeysMask)
+
+
+def is_causal(base) -> bool:
+    return _BIAS_KINDS[type(base)][0]
+
+
+def is_varlen(base) -> bool:
+    return isinstance(base, _VARLEN)
+
+
+@dataclass
+class Segment:
+    """One sequence: queries [q_start, q_start+q_len), keys [k_start, k_start+k_len)."""
+
+    q_start: int
+    q_len: int
+    k_start: int
+    k_len: int
+
+
+@dataclass
+class QueryLayout:
+    pool_lo: torch.Tensor  # int64 [NQ], absolute key index
+    win_lo: torch.Tensor  # int64 [NQ]
+    win_hi: torch.Tensor  # int64 [NQ]
+    num_queries: int
+    num_keys: int
+    segments: List[Segment]
+    causal: bool
+    window: int
+
+    @property
+    def pool_size(self) -> torch.Tensor:
+        return self.win_lo - self.pool_lo
+
+    def key_query_ranges(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """For every key j, the query range [first, last) whose *pool* contains j.
+
+        Valid because pool_lo and win_lo are non-decreasing within a segment and segments
+        are laid out in increasing key order (so they are non-decreasing globally too).
+        """
+        keys = torch.arange(self.num_keys, device=self.pool_lo.device)
+        first = torch.searchsorted(self.win_lo, keys, right=True)
+        last = torch.searchsorted(self.pool_lo, keys, right=True)
+        return first, torch.maximum(first, last)
+
+
+def segments_of(base, batch: int, mq: int, mk: int) -> List[Segment]:
+    """The sequences of a (possibly block-diagonal) bias on flattened [B*M] axes."""
+    if isinstance(base, xab.BlockDiagonalPaddedKeysMask):
+        qs = base.q_seqinfo.seqstart_py
+        ks = base.k_seqinfo.seqstart_py
+        kl = base.k_seqinfo.seqlen_py
+        return [
+            Segment(qs[s], qs[s + 1] - qs[s], ks[s], int(kl[s])) for s in range(len(kl))
+        ]
+    if isinstance(base, xab.BlockDiagonalMask):
+        qs = base.q_seqinfo.seqstart_py
+        ks = base.k_seqinfo.seqstart_py
+        return [
+            Segment(qs[s], qs[s + 1] - qs[s], ks[s], ks[s + 1] - ks[s])
+            for s in range(len(qs) - 1)
+        ]
+    return [Segment(b * mq, mq, b * mk, mk) for b in range(batch)]
+
+
+def build_layout(
+    base, batch: int, mq: int, mk: int, window: int, device: torch.device
+) -> QueryLayout:
+    """Per-query pool/window intervals for `base` (a supported xFormers bias or None).
+
+    `window` is the SparseK sliding window (0 = none); it is only meaningful on causal bases
+    (the caller validates that).
+    """
+    causal, bottom_right, local = _BIAS_KINDS[type(base)]
+    local_window: Optional[int] = base._window_size if local else None
+    segments = segments_of(base, batch, mq, mk)
+    nq, nk = batch * mq, batch * mk
+    pool_lo = torch.zeros(nq, dtype=torch.int64)
+    win_lo = torch.zeros(nq, dtype=torch.int64)
+    win_hi = torch.zeros(nq, dtype=torch.int64)
+    for seg in segments:
+        if seg.q_len == 0:
+            continue
+        r = torch.arange(seg.q_len, dtype=torch.int64)
+        q = slice(seg.q_start, seg.q_start + seg.q_len)
+        if not causal:
+            lo = torch.zeros_like(r)
+            hi = torch.full_like(r, seg.k_len)
+            wlo = hi
+        else:
+            pos = r + (seg.k_len - seg.q_len if bottom_right else 0)
+            hi = (pos + 1).clamp(0, seg.k_len)
+            lo = torch.zeros_like(r)
+            if local_window is not None:
+                lo = (pos - local_window + 1).clamp(0, seg.k_len)
+            lo = torch.minimum(lo, hi)
+            # window = keys with pos - j < window, i.e. j >= pos - window + 1
+            wlo = torch.maximum(torch.minimum(pos - window + 1, hi), lo)
+        pool_lo[q] = seg.k_start + lo
+        win_lo[q] = seg.k_start + wlo
+        win_hi[q] = seg.k_start + hi
+    return QueryLayout(
+        pool_lo.to(device),
+        win_lo.to(device),
+        win_hi.to(device),
+        nq,
+        nk,
+        segments,
+        causal,
+        window,
+    )

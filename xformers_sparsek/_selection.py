@@ -1,0 +1,166 @@
+"""The SparseK selection stage: exact threshold and top-k boundary for every query.
+
+For query i with pool P_i (a key interval, see ``_layout``) and scores u, SparseK needs
+
+  * tau_i: the solution of  sum_{j in P_i} clip(u_j - tau, 0, 1) = topk   (capped simplex),
+  * the top-k boundary (ub_i, jb_i): the topk-th largest pool key by (score, index);
+    key j is selected iff (u_j, j) >= (ub_i, jb_i),
+  * nF_i = |{j in P_i : 0 < u_j - tau_i < 1}| (the keys whose gate moves with the scores).
+
+Queries whose pool has at most topk keys select all of it with gate 1; they get
+tau = ub = -inf, nF = 0, so one formula serves everyone downstream:
+``selected = (u > ub) | (u == ub & j >= jb)``, ``gate = clip(u - tau, 0, 1)``.
+
+Algorithm (exact, sub-quadratic, no queries x keys matrix): f_i(t) = sum clip(u - t, 0, 1)
+is continuous, non-increasing and linear between the breakpoints {u_j} U {u_j - 1}.  With a
+wavelet matrix over the score ranks, f_i at any breakpoint costs O(log N) (counts and sums
+of pool scores below a rank threshold), so a binary search over the sorted breakpoints finds
+the linear piece holding tau_i, and tau_i follows in closed form from that piece's counts.
+The top-k boundary is a range k-th-smallest query on the same structure.
+Cost: O((N + Q) log^2 N) time, O(N log N) memory.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ._layout import QueryLayout
+from ._wavelet import WaveletMatrix
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Selection:
+    tau: torch.Tensor  # float64 [S, NQ]; -inf where the whole pool is selected
+    ub: torch.Tensor  # float64 [S, NQ]; boundary score (-inf: all pool keys selected)
+    jb: torch.Tensor  # int64 [S, NQ]; boundary key index (absolute key index)
+    nF: torch.Tensor  # int64 [S, NQ]; number of fractional pool keys
+
+
+def _head_major_ranks(values: torch.Tensor):
+    """Sort each row; return (sorted values [S,N], perm [S,N], global ranks [S*N]).
+
+    Ranks order elements by (row, value, index): ties in value go to the larger index,
+    which is what makes 'k-th largest by (u, j)' a rank query.
+    """
+    s, n = values.shape
+    sv, perm = torch.sort(values, dim=1, stable=True)
+    ranks = torch.empty(s * n, dtype=torch.int64, device=values.device)
+    offs = (torch.arange(s, device=values.device) * n).unsqueeze(1)
+    ranks[(perm + offs).reshape(-1)] = torch.arange(s * n, device=values.device)
+    return sv, perm, ranks
+
+
+def select(
+    scores: torch.Tensor, layout: QueryLayout, topk: int, chunk: Optional[int] = None
+) -> Selection:
+    """scores: [S, NK] (any float dtype, finite). Returns the Selection for all S x NQ."""
+    S, NK = scores.shape
+    NQ = layout.num_queries
+    dev = scores.device
+    u = scores.to(torch.float64).contiguous()
+    n_pool = layout.pool_size  # [NQ]
+
+    tau = torch.full((S, NQ), NEG_INF, dtype=torch.float64, device=dev)
+    ub = torch.full((S, NQ), NEG_INF, dtype=torch.float64, device=dev)
+    jb = torch.zeros((S, NQ), dtype=torch.int64, device=dev)
+    nF = torch.zeros((S, NQ), dtype=torch.int64, device=dev)
+    sparse_q = torch.nonzero(n_pool > topk).squeeze(1)
+    if sparse_q.numel() == 0 or NK == 0:
+        return Selection(tau, ub, jb, nF)
+
+    sv, perm, ranks = _head_major_ranks(u)
+    wm = WaveletMatrix(ranks, u.reshape(-1))
+    offs = torch.arange(S, device=dev).unsqueeze(1) * NK  # [S, 1]
+
+    # Sorted breakpoints per head; piece m is [cb[m], cb[m+1]].  Inside a piece the
+    # saturated set (u >= t + 1) and the fractional set F (t < u < t + 1) are constant, so
+    # we read them at the piece's midpoint: rank thresholds of "u <= mid", "u <= mid + 1".
+    cb = torch.sort(torch.cat([sv, sv - 1.0], dim=1), dim=1).values  # [S, 2NK]
+    mid = 0.5 * (cb[:, :-1] + cb[:, 1:])
+    th_mid = (torch.searchsorted(sv, mid, right=True) + offs).reshape(-1)
+    th_mid1 = (torch.searchsorted(sv, mid + 1.0, right=True) + offs).reshape(-1)
+    flat_cb = cb.reshape(-1)
+    npieces = cb.shape[1] - 1
+
+    # Work on the flattened (head, query) pairs that need a projection.
+    nq_sel = sparse_q.numel()
+    head = torch.arange(S, device=dev).repeat_interleave(nq_sel)
+    qidx = sparse_q.repeat(S)
+    lo = head * NK + layout.pool_lo[qidx]
+    hi = head * NK + layout.win_lo[qidx]
+    n = (hi - lo).to(torch.float64)
+    k = float(topk)
+
+    def piece(m):
+        """Saturated count a, |F|, sum_F u and f at the piece's right end."""
+        g = head * npieces + m
+        c0, s0 = wm.count_sum_below(lo, hi, th_mid[g])
+        c1, s1 = wm.count_sum_below(lo, hi, th_mid1[g])
+        a, nf, sf = n - c1, c1 - c0, s1 - s0
+        right = flat_cb[head * (npieces + 1) + m + 1]
+        return a, nf, sf, a + sf - nf.to(torch.float64) * right
+
+    # f is non-increasing: find the first piece whose right end has f <= k (the last piece
+    # ends at max(u), where f = 0).  Its left end has f >= k, so tau lies in it.
+    p_lo = torch.full_like(lo, -1)  # f(right end) > k  (virtual piece -1)
+    p_hi = torch.full_like(lo, npieces - 1)  # f(right end) <= k
+    for _ in range((npieces + 1).bit_length()):
+        active = (p_hi - p_lo) > 1
+        m = torch.where(active, (p_lo + p_hi) // 2, p_hi)
+        ok = piece(m)[3] <= k
+        p_hi = torch.where(active & ok, m, p_hi)
+        p_lo = torch.where(active & ~ok, m, p_lo)
+    a, nf, sf, _ = piece(p_hi)
+    left = flat_cb[head * (npieces + 1) + p_hi]
+    right = flat_cb[head * (npieces + 1) + p_hi + 1]
+    # a + sum_F u - |F| tau = k on this piece.  If F is empty, f == k on the whole piece
+    # and tau is not unique (the gates are 0/1 either way): take the midpoint, which keeps
+    # every key away from the gate's kinks.
+    tau_piece = (a + sf - k) / nf.clamp(min=1).to(torch.float64)
+    tau_sel = torch.where(nf > 0, torch.minimum(torch.maximum(tau_piece, left), right),
+                          0.5 * (left + right))
+    nF_sel = nf
+
+    # Top-k boundary: the (n - k)-th smallest rank in the pool (0-based).
+    kk = (hi - lo) - topk
+    rb = wm.kth_smallest(lo, hi, kk)
+    ub_sel = sv.reshape(-1)[rb]
+    jb_sel = perm.reshape(-1)[rb]
+
+    tau[head, qidx] = tau_sel
+    ub[head, qidx] = ub_sel
+    jb[head, qidx] = jb_sel
+    nF[head, qidx] = nF_sel
+    return Selection(tau, ub, jb, nF)
+
+
+def fractional_mean_sum(
+    scores: torch.Tensor, layout: QueryLayout, sel: Selection, mean: torch.Tensor
+) -> torch.Tensor:
+    """For every key j: sum of mean[i] over the queries i with j in F_i.
+
+    F_i = {j in P_i : tau_i < u_j < tau_i + 1}.  The queries whose pool holds j are a
+    contiguous range (``layout.key_query_ranges``); within it we need the mean-weighted
+    count of thresholds in (u_j - 1, u_j): a wavelet matrix over the thresholds answers
+    that for all keys at once.  scores: [S, NK]; mean: float64 [S, NQ] -> float64 [S, NK].
+    """
+    S, NK = scores.shape
+    NQ = layout.num_queries
+    dev = scores.device
+    if NQ == 0 or NK == 0:
+        return torch.zeros((S, NK), dtype=torch.float64, device=dev)
+    st, _, ranks = _head_major_ranks(sel.tau.contiguous())
+    wm = WaveletMatrix(ranks, mean.reshape(-1).to(torch.float64))
+    first, last = layout.key_query_ranges()
+    offs = torch.arange(S, device=dev).unsqueeze(1) * NQ
+    u = scores.to(torch.float64).contiguous()
+    lo = (first.unsqueeze(0) + offs).reshape(-1)
+    hi = (last.unsqueeze(0) + offs).reshape(-1)
+    th_lt_u = (torch.searchsorted(st, u, right=False) + offs).reshape(-1)
+    th_le_u1 = (torch.searchsorted(st, u - 1.0, right=True) + offs).reshape(-1)
+    w_hi = wm.count_sum_below(lo, hi, th_lt_u)[1]
+    w_lo = wm.count_sum_below(lo, hi, th_le_u1)[1]
+    return (w_hi - w_lo).reshape(S, NK)
