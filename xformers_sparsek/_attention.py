@@ -146,16 +146,17 @@ def backward(
             ds = a * (dp - di)  # dL/ds_ij
             dsg = ds * scale if gate is None else ds * (gate * scale)
             dq[c0:c1, s] = torch.einsum("crk,krd->crd", dsg, kc)
-            dk[:, s].index_add_(0, ch.keys, torch.einsum("crk,crd->krd", dsg, qc))
+            # ch.keys are unique, so these indexed adds are deterministic on every device
+            dk[ch.keys, s] += torch.einsum("crk,crd->krd", dsg, qc)
             w = a if gate is None else a * gate
-            dv[:, s].index_add_(0, ch.keys, torch.einsum("crk,crd->krd", w, doc))
+            dv[ch.keys, s] += torch.einsum("crk,crd->krd", w, doc)
             if want_du:
                 # dL/dm_ij = a_ij (do_i . v_j) + dL/ds_ij * scale * (q_i . k_j), summed over
                 # the R query heads that share this selection.
                 g = (a * vv + ds * (scale * qk)).sum(1)
                 g = torch.where(ch.fractional, g, 0.0).to(torch.float64)
                 g_row[s, c0:c1] = g.sum(-1)
-                du_direct[s].index_add_(0, ch.keys, g.sum(0))
+                du_direct[s, ch.keys] += g.sum(0)
     dscores = None
     if want_du:
         nF = sel.nF.to(torch.float64)

@@ -1,9 +1,26 @@
-"""Chooses the implementation for one call: the CUDA kernels or the PyTorch path."""
+"""Chooses the implementation for one call: the CUDA kernels or the PyTorch path.
 
-from . import _attention
+The CUDA kernels run when ``_cuda.unsupported_reason`` finds nothing against the inputs;
+otherwise (CPU tensors, float32, other head dims, ...) the PyTorch path runs, on any
+device.  ``XFORMERS_SPARSEK_FORCE_TORCH=1`` forces the PyTorch path (for testing).
+"""
+
+import os
+
+from . import _attention, _cuda
+
+
+def _use_cuda(q, k, v, scores, layout) -> bool:
+    if os.environ.get("XFORMERS_SPARSEK_FORCE_TORCH", "0") not in ("", "0"):
+        return False
+    return _cuda.unsupported_reason(q, k, v, scores, layout) is None
 
 
 def forward(q, k, v, scores, layout, topk, scale):
+    if _use_cuda(q, k, v, scores, layout):
+        res = _cuda.forward(q, k, v, scores, layout, topk, scale)
+        if res is not None:
+            return res
     return _attention.forward(q, k, v, scores, layout, topk, scale)
 
 

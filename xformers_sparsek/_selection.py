@@ -37,6 +37,19 @@ class Selection:
     ub: torch.Tensor  # float64 [S, NQ]; boundary score (-inf: all pool keys selected)
     jb: torch.Tensor  # int64 [S, NQ]; boundary key index (absolute key index)
     nF: torch.Tensor  # int64 [S, NQ]; number of fractional pool keys
+    rb: Optional[torch.Tensor] = None  # int64 [S, NQ]; global rank of the boundary (-1: all)
+
+
+@dataclass
+class Tables:
+    """What the per-query search needs; built once per call (O(N log N))."""
+
+    sv: torch.Tensor  # float64 [S, NK] sorted scores per head
+    perm: torch.Tensor  # int64 [S, NK] key index of each sorted position
+    wm: WaveletMatrix  # over the head-major ranks, weights = scores
+    cb: torch.Tensor  # float64 [S, 2NK] sorted breakpoints {u} U {u - 1}
+    th_mid: torch.Tensor  # int64 [S * (2NK - 1)] rank threshold of "u <= piece midpoint"
+    th_mid1: torch.Tensor  # int64 [S * (2NK - 1)] ... of "u <= midpoint + 1"
 
 
 def _head_major_ranks(values: torch.Tensor):
@@ -53,9 +66,22 @@ def _head_major_ranks(values: torch.Tensor):
     return sv, perm, ranks
 
 
-def select(
-    scores: torch.Tensor, layout: QueryLayout, topk: int, chunk: Optional[int] = None
-) -> Selection:
+def build_tables(u: torch.Tensor) -> Tables:
+    """u: float64 [S, NK] (contiguous)."""
+    S, NK = u.shape
+    sv, perm, ranks = _head_major_ranks(u)
+    wm = WaveletMatrix(ranks, u.reshape(-1))
+    offs = torch.arange(S, device=u.device).unsqueeze(1) * NK
+    # Piece m is [cb[m], cb[m+1]].  Inside a piece the saturated set (u >= t + 1) and the
+    # fractional set F (t < u < t + 1) are constant, so we read them at its midpoint.
+    cb = torch.sort(torch.cat([sv, sv - 1.0], dim=1), dim=1).values
+    mid = 0.5 * (cb[:, :-1] + cb[:, 1:])
+    th_mid = (torch.searchsorted(sv, mid, right=True) + offs).reshape(-1)
+    th_mid1 = (torch.searchsorted(sv, mid + 1.0, right=True) + offs).reshape(-1)
+    return Tables(sv, perm, wm, cb, th_mid, th_mid1)
+
+
+def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
     """scores: [S, NK] (any float dtype, finite). Returns the Selection for all S x NQ."""
     S, NK = scores.shape
     NQ = layout.num_queries
@@ -67,21 +93,13 @@ def select(
     ub = torch.full((S, NQ), NEG_INF, dtype=torch.float64, device=dev)
     jb = torch.zeros((S, NQ), dtype=torch.int64, device=dev)
     nF = torch.zeros((S, NQ), dtype=torch.int64, device=dev)
+    rb = torch.full((S, NQ), -1, dtype=torch.int64, device=dev)
     sparse_q = torch.nonzero(n_pool > topk).squeeze(1)
     if sparse_q.numel() == 0 or NK == 0:
-        return Selection(tau, ub, jb, nF)
+        return Selection(tau, ub, jb, nF, rb)
 
-    sv, perm, ranks = _head_major_ranks(u)
-    wm = WaveletMatrix(ranks, u.reshape(-1))
-    offs = torch.arange(S, device=dev).unsqueeze(1) * NK  # [S, 1]
-
-    # Sorted breakpoints per head; piece m is [cb[m], cb[m+1]].  Inside a piece the
-    # saturated set (u >= t + 1) and the fractional set F (t < u < t + 1) are constant, so
-    # we read them at the piece's midpoint: rank thresholds of "u <= mid", "u <= mid + 1".
-    cb = torch.sort(torch.cat([sv, sv - 1.0], dim=1), dim=1).values  # [S, 2NK]
-    mid = 0.5 * (cb[:, :-1] + cb[:, 1:])
-    th_mid = (torch.searchsorted(sv, mid, right=True) + offs).reshape(-1)
-    th_mid1 = (torch.searchsorted(sv, mid + 1.0, right=True) + offs).reshape(-1)
+    tb = build_tables(u)
+    sv, perm, wm, cb, th_mid, th_mid1 = tb.sv, tb.perm, tb.wm, tb.cb, tb.th_mid, tb.th_mid1
     flat_cb = cb.reshape(-1)
     npieces = cb.shape[1] - 1
 
@@ -126,15 +144,16 @@ def select(
 
     # Top-k boundary: the (n - k)-th smallest rank in the pool (0-based).
     kk = (hi - lo) - topk
-    rb = wm.kth_smallest(lo, hi, kk)
-    ub_sel = sv.reshape(-1)[rb]
-    jb_sel = perm.reshape(-1)[rb]
+    rb_sel = wm.kth_smallest(lo, hi, kk)
+    ub_sel = sv.reshape(-1)[rb_sel]
+    jb_sel = perm.reshape(-1)[rb_sel]
 
     tau[head, qidx] = tau_sel
     ub[head, qidx] = ub_sel
     jb[head, qidx] = jb_sel
     nF[head, qidx] = nF_sel
-    return Selection(tau, ub, jb, nF)
+    rb[head, qidx] = rb_sel
+    return Selection(tau, ub, jb, nF, rb)
 
 
 def fractional_mean_sum(

@@ -33,13 +33,17 @@ class WaveletMatrix:
         pad = torch.zeros(1, dtype=torch.int64, device=dev)
         padw = torch.zeros(1, dtype=weights.dtype, device=dev)
         for level in reversed(range(self.nbits)):
-            bit = (r >> level) & 1
-            is0 = bit == 0
-            zeros.append(torch.cat([pad, torch.cumsum(is0, 0)]))
+            is0 = ((r >> level) & 1) == 0
+            zc = torch.cumsum(is0, 0)
+            zeros.append(torch.cat([pad, zc]))
             wsums.append(torch.cat([padw, torch.cumsum(torch.where(is0, w, 0.0), 0)]))
-            order = torch.argsort(bit, stable=True)  # zeros first, original order kept
-            nzeros.append(int(zeros[-1][-1]))
-            r, w = r[order], w[order]
+            nz = int(zc[-1]) if n else 0
+            nzeros.append(nz)
+            # stable partition: zeros first, then ones, each in their original order
+            ones_before = torch.arange(n, device=dev) - (zc - is0.long())
+            dest = torch.where(is0, zc - 1, nz + ones_before)
+            r = torch.empty_like(r).index_copy_(0, dest, r)
+            w = torch.empty_like(w).index_copy_(0, dest, w)
         # [L, N+1] tables; level index 0 is the most significant bit.
         self.zeros = torch.stack(zeros)
         self.wsum = torch.stack(wsums)

@@ -1,0 +1,211 @@
+// Torch glue for the SparseK CUDA kernels: argument checks, allocation, stream, launch.
+// The algorithms are documented in the kernels (csrc/sparsek/) and in
+// xformers_sparsek/_cuda.py, which prepares the inputs.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <string>
+
+#include "sparsek/launch.h"
+
+#ifndef XSK_ARCHS  // set by setup.py from the -gencode list, e.g. "80;90a"
+#define XSK_ARCHS "unknown"
+#endif
+
+namespace {
+
+#define CHECK_CUDA_OK(expr)                                                       \
+  do {                                                                            \
+    cudaError_t err_ = (expr);                                                    \
+    TORCH_CHECK(err_ == cudaSuccess, #expr " failed: ", cudaGetErrorString(err_)); \
+  } while (0)
+
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["cuda_version"] = std::to_string(CUDART_VERSION);
+  py::list archs;
+  std::string s = XSK_ARCHS;
+  for (size_t start = 0; start <= s.size();) {
+    size_t end = s.find(';', start);
+    if (end == std::string::npos) end = s.size();
+    if (end > start) archs.append(s.substr(start, end - start));
+    start = end + 1;
+  }
+  d["archs"] = archs;
+  return d;
+}
+
+// Per-query tau, boundary and |F| from the selection tables built in PyTorch.
+std::vector<at::Tensor> select(const at::Tensor& zeros, const at::Tensor& wsum,
+                               const at::Tensor& nzeros, const at::Tensor& cb,
+                               const at::Tensor& th_mid, const at::Tensor& th_mid1,
+                               const at::Tensor& sv, const at::Tensor& perm,
+                               const at::Tensor& pool_lo, const at::Tensor& win_lo, int64_t topk) {
+  check(zeros, "zeros", at::kInt);
+  check(wsum, "wsum", at::kDouble);
+  check(nzeros, "nzeros", at::kInt);
+  check(cb, "cb", at::kDouble);
+  check(th_mid, "th_mid", at::kInt);
+  check(th_mid1, "th_mid1", at::kInt);
+  check(sv, "sv", at::kDouble);
+  check(perm, "perm", at::kInt);
+  check(pool_lo, "pool_lo", at::kLong);
+  check(win_lo, "win_lo", at::kLong);
+  const at::cuda::OptionalCUDAGuard guard(sv.device());
+  const int S = sv.size(0), NK = sv.size(1), NQ = pool_lo.size(0);
+  auto f64 = sv.options();
+  auto i64 = pool_lo.options();
+  at::Tensor tau = at::empty({S, NQ}, f64), ub = at::empty({S, NQ}, f64);
+  at::Tensor jb = at::empty({S, NQ}, i64), nF = at::empty({S, NQ}, i64),
+             rb = at::empty({S, NQ}, i64);
+  xsk::SelectParams p{};
+  p.zeros = zeros.data_ptr<int>();
+  p.wsum = wsum.data_ptr<double>();
+  p.nzeros = nzeros.data_ptr<int>();
+  p.nbits = zeros.size(0);
+  p.N = zeros.size(1) - 1;
+  p.cb = cb.data_ptr<double>();
+  p.th_mid = th_mid.data_ptr<int>();
+  p.th_mid1 = th_mid1.data_ptr<int>();
+  p.sv = sv.data_ptr<double>();
+  p.perm = perm.data_ptr<int>();
+  p.pool_lo = pool_lo.data_ptr<int64_t>();
+  p.win_lo = win_lo.data_ptr<int64_t>();
+  p.S = S;
+  p.NQ = NQ;
+  p.NK = NK;
+  p.topk = topk;
+  p.tau = tau.data_ptr<double>();
+  p.ub = ub.data_ptr<double>();
+  p.jb = jb.data_ptr<int64_t>();
+  p.nF = nF.data_ptr<int64_t>();
+  p.rb = rb.data_ptr<int64_t>();
+  CHECK_CUDA_OK(xsk::launch_select(p, at::cuda::getCurrentCUDAStream()));
+  return {tau, ub, jb, nF, rb};
+}
+
+// Key lists per (query tile, head); returns (lists, counts, overflow flag).
+std::vector<at::Tensor> build_lists(const at::Tensor& perm, const at::Tensor& rb,
+                                    const at::Tensor& pool_lo, const at::Tensor& win_lo,
+                                    const at::Tensor& tile_q0, const at::Tensor& tile_q1,
+                                    int64_t num_keys, int64_t cap) {
+  check(perm, "perm", at::kInt);
+  check(rb, "rb", at::kLong);
+  check(pool_lo, "pool_lo", at::kLong);
+  check(win_lo, "win_lo", at::kLong);
+  check(tile_q0, "tile_q0", at::kInt);
+  check(tile_q1, "tile_q1", at::kInt);
+  const at::cuda::OptionalCUDAGuard guard(perm.device());
+  const int S = rb.size(0), NQ = rb.size(1), ntiles = tile_q0.size(0);
+  auto i32 = perm.options();
+  at::Tensor lists = at::empty({S, ntiles, cap}, i32);
+  at::Tensor counts = at::empty({S, ntiles}, i32);
+  at::Tensor overflow = at::zeros({1}, i32);
+  xsk::ListParams p{};
+  p.perm = perm.data_ptr<int>();
+  p.rb = rb.data_ptr<int64_t>();
+  p.pool_lo = pool_lo.data_ptr<int64_t>();
+  p.win_lo = win_lo.data_ptr<int64_t>();
+  p.tile_q0 = tile_q0.data_ptr<int>();
+  p.tile_q1 = tile_q1.data_ptr<int>();
+  p.S = S;
+  p.NQ = NQ;
+  p.NK = num_keys;
+  p.ntiles = ntiles;
+  p.cap = cap;
+  p.lists = lists.data_ptr<int>();
+  p.counts = counts.data_ptr<int>();
+  p.overflow = overflow.data_ptr<int>();
+  CHECK_CUDA_OK(xsk::launch_build_lists(p, at::cuda::getCurrentCUDAStream()));
+  return {lists, counts, overflow};
+}
+
+// Attention forward. q/k/v: [N, S, R, D] with a contiguous last dim. u == None: exact mode.
+std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& u, const at::Tensor& tau,
+                            const at::Tensor& ub, const at::Tensor& jb,
+                            const at::Tensor& pool_lo, const at::Tensor& win_lo,
+                            const at::Tensor& win_hi, const at::Tensor& tile_q0,
+                            const at::Tensor& tile_q1, const at::Tensor& lists,
+                            const at::Tensor& counts, int64_t rp, double scale) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "q, k, v must be CUDA tensors");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be [N, S, R, D]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "q, k, v must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "q, k, v must be float16 or bfloat16");
+  const int D = q.size(3);
+  TORCH_CHECK(k.size(3) == D && v.size(3) == D, "head dims of q, k, v must match");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "q, k, v need a contiguous last dim");
+  for (const at::Tensor* t : {&q, &k, &v})
+    for (int d = 0; d < 3; ++d)
+      TORCH_CHECK(t->stride(d) % 8 == 0, "q/k/v strides must be multiples of 8 elements");
+  const at::cuda::OptionalCUDAGuard guard(q.device());
+  const int NQ = q.size(0), S = q.size(1), R = q.size(2), NK = k.size(0);
+  TORCH_CHECK(R % rp == 0 && 64 % rp == 0, "rp must divide R and 64");
+  at::Tensor o = at::empty({NQ, S, R, D}, q.options());
+  at::Tensor lse = at::empty({S, R, NQ}, q.options().dtype(at::kFloat));
+  xsk::FwdParams p{};
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.o = o.data_ptr();
+  p.q_sn = q.stride(0); p.q_ss = q.stride(1); p.q_sr = q.stride(2);
+  p.k_sn = k.stride(0); p.k_ss = k.stride(1); p.k_sr = k.stride(2);
+  p.v_sn = v.stride(0); p.v_ss = v.stride(1); p.v_sr = v.stride(2);
+  p.o_sn = o.stride(0); p.o_ss = o.stride(1); p.o_sr = o.stride(2);
+  p.lse = lse.data_ptr<float>();
+  if (u.has_value()) {
+    check(*u, "u", at::kFloat);
+    check(tau, "tau", at::kDouble);
+    check(ub, "ub", at::kDouble);
+    check(jb, "jb", at::kLong);
+    check(lists, "lists", at::kInt);
+    check(counts, "counts", at::kInt);
+    p.u = u->data_ptr<float>();
+    p.tau = tau.data_ptr<double>();
+    p.ub = ub.data_ptr<double>();
+    p.jb = jb.data_ptr<int64_t>();
+    p.lists = lists.data_ptr<int>();
+    p.counts = counts.data_ptr<int>();
+    p.cap = lists.size(2);
+  }
+  check(pool_lo, "pool_lo", at::kLong);
+  check(win_lo, "win_lo", at::kLong);
+  check(win_hi, "win_hi", at::kLong);
+  check(tile_q0, "tile_q0", at::kInt);
+  check(tile_q1, "tile_q1", at::kInt);
+  p.pool_lo = pool_lo.data_ptr<int64_t>();
+  p.win_lo = win_lo.data_ptr<int64_t>();
+  p.win_hi = win_hi.data_ptr<int64_t>();
+  p.tile_q0 = tile_q0.data_ptr<int>();
+  p.tile_q1 = tile_q1.data_ptr<int>();
+  p.S = S;
+  p.R = R;
+  p.RP = rp;
+  p.NQ = NQ;
+  p.NK = NK;
+  p.ntiles = tile_q0.size(0);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  const int dtype = q.scalar_type() == at::kBFloat16 ? 1 : 0;
+  CHECK_CUDA_OK(xsk::launch_fwd(p, dtype, D, at::cuda::getCurrentCUDAStream()));
+  return {o, lse};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "xformers_sparsek CUDA kernels";
+  m.def("build_info", &build_info, "CUDA runtime version and compiled archs");
+  m.def("select", &select, "SparseK selection: per-query tau, top-k boundary, |F|");
+  m.def("build_lists", &build_lists, "gathered pool-key list per (query tile, head)");
+  m.def("fwd", &fwd, "SparseK attention forward");
+}

@@ -1,0 +1,96 @@
+// For each (query tile, head): the pool keys that any query of the tile may select.
+//
+// Query i selects pool key j iff rank(j) >= rb_i (ranks order keys by (score, index)).
+// For a tile, every selected key has rank >= min rb and lies in [min pool_lo, max win_lo),
+// so walking the head's ranks downwards from the top and keeping the keys inside that
+// interval yields the tile's key list.  On nested (causal / full) pools the list has at
+// most topk + tile_size keys (DESIGN.md section 1).  A tile containing a query whose whole
+// pool is selected (rb = -1) lists the interval itself.  Lists are in a fixed order, so
+// everything downstream is deterministic.
+#include "launch.h"
+
+namespace xsk {
+namespace {
+
+constexpr int kThreads = 256;
+
+__global__ void __launch_bounds__(kThreads) build_lists_kernel(ListParams p) {
+  const int tile = blockIdx.x, s = blockIdx.y;
+  const int q0 = p.tile_q0[tile], q1 = p.tile_q1[tile];
+  __shared__ long long s_rb_min;
+  __shared__ int s_lo, s_hi, s_all, s_warp[kThreads / 32];
+  if (threadIdx.x == 0) {
+    s_rb_min = 0x7fffffffffffffffLL;
+    s_lo = 0x7fffffff;
+    s_hi = -1;
+    s_all = 0;
+  }
+  __syncthreads();
+  for (int i = q0 + threadIdx.x; i < q1; i += kThreads) {
+    const long long rb = p.rb[(size_t)s * p.NQ + i];
+    atomicMin(&s_rb_min, rb);
+    atomicMin(&s_lo, (int)p.pool_lo[i]);
+    atomicMax(&s_hi, (int)p.win_lo[i]);
+    if (rb < 0) s_all = 1;
+  }
+  __syncthreads();
+  const int lo = s_lo, hi = s_hi;
+  int* out = p.lists + ((size_t)s * p.ntiles + tile) * p.cap;
+  if (hi <= lo) {
+    if (threadIdx.x == 0) p.counts[(size_t)s * p.ntiles + tile] = 0;
+    return;
+  }
+  if (s_all) {  // list the interval
+    const int n = hi - lo;
+    if (n > p.cap) {
+      if (threadIdx.x == 0) atomicExch(p.overflow, 1);
+      return;
+    }
+    for (int t = threadIdx.x; t < n; t += kThreads) out[t] = lo + t;
+    if (threadIdx.x == 0) p.counts[(size_t)s * p.ntiles + tile] = n;
+    return;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int top = (s + 1) * p.NK - 1;
+  const int bottom = (int)s_rb_min;
+  int base = 0;
+  for (int r0 = top; r0 >= bottom; r0 -= kThreads) {
+    const int r = r0 - threadIdx.x;
+    int key = -1;
+    if (r >= bottom) {
+      key = p.perm[r];
+      if (key < lo || key >= hi) key = -1;
+    }
+    // Block-wide stream compaction in rank order.
+    const unsigned ballot = __ballot_sync(0xffffffffu, key >= 0);
+    if (lane == 0) s_warp[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int w = 0; w < kThreads / 32; ++w) {
+      const int c = s_warp[w];
+      before += (w < warp) ? c : 0;
+      total += c;
+    }
+    if (key >= 0) {
+      const int pos = base + before + __popc(ballot & ((1u << lane) - 1));
+      if (pos < p.cap) out[pos] = key;
+    }
+    base += total;
+    __syncthreads();  // s_warp is reused
+  }
+  if (threadIdx.x == 0) {
+    if (base > p.cap) atomicExch(p.overflow, 1);
+    p.counts[(size_t)s * p.ntiles + tile] = base < p.cap ? base : p.cap;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_build_lists(const ListParams& p, cudaStream_t stream) {
+  if (p.ntiles == 0 || p.S == 0) return cudaSuccess;
+  dim3 grid(p.ntiles, p.S);
+  build_lists_kernel<<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace xsk
