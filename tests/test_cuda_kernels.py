@@ -54,20 +54,50 @@ CASES = [
 ]
 
 
+def float64_torch_path(q, k, v, s, topk, window, bias):
+    """The PyTorch path in float64 on the CPU (itself checked against the brute-force
+    reference in tests/test_reference_and_grads.py)."""
+    return xs.sparsek_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(),
+                                None if s is None else s.cpu().double(),
+                                topk, window, bias)
+
+
+def cpu_bias(bias):
+    return bias.to("cpu") if bias is not None and hasattr(bias, "to") else bias
+
+
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("gqa", [True, False])
-def test_cuda_forward_small_vs_reference(case, dtype, D, gqa):
+def test_cuda_forward_small(case, dtype, D, gqa):
     make_bias, B, Mq, Mk, window, topk = CASES[case]
     bias = make_bias()
-    if bias is not None and hasattr(bias, "to"):
-        bias = bias.to("cuda")
     q, k, v, s = make(B, Mq, Mk, 2, 4 if gqa else 2, D, dtype, gqa, seed=case)
     out = xs.sparsek_attention(q, k, v, s, topk, window, bias)
-    ref, _ = sparsek_reference(q.cpu(), k.cpu(), v.cpu(), s.cpu(), topk, window,
-                               None if bias is None else bias.to("cpu") if hasattr(bias, "to") else bias)
+    ref = float64_torch_path(q, k, v, s, topk, window, cpu_bias(bias))
     assert rel_err(out.cpu(), ref) <= TOL[dtype]
+
+
+def test_cuda_forward_tiny_vs_bruteforce_reference():
+    bias = xab.LowerTriangularMask()
+    q, k, v, s = make(1, 70, 70, 2, 4, 64, torch.bfloat16, seed=11)
+    out = xs.sparsek_attention(q, k, v, s, 9, 5, bias)
+    ref, _ = sparsek_reference(q.cpu(), k.cpu(), v.cpu(), s.cpu(), 9, 5, bias)
+    assert rel_err(out.cpu(), ref) <= TOL[torch.bfloat16]
+
+
+def test_cuda_wavelet_build_equals_torch():
+    from xformers_sparsek._wavelet import WaveletMatrix
+
+    for n in (1, 2, 2047, 2048, 2049, 5000):
+        ranks = torch.stack([torch.randperm(n) for _ in range(3)]).cuda()
+        w = torch.randn(3, n, dtype=torch.float64, device="cuda")
+        ref = WaveletMatrix(ranks, w)
+        got = _cuda._KernelWavelet(ranks, w)
+        assert torch.equal(got.zeros.long(), ref.zeros), n
+        assert torch.equal(got.nzeros.long(), ref.nzeros), n
+        assert torch.allclose(got.wsum, ref.wsum, rtol=1e-12, atol=1e-9), n
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

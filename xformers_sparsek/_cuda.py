@@ -59,19 +59,30 @@ def _tiles(nq: int, queries_per_tile: int, device) -> Tuple[torch.Tensor, torch.
     return q0.contiguous(), q1.contiguous()
 
 
+class _KernelWavelet:
+    """The wavelet tables of _wavelet.WaveletMatrix, built by the CUDA kernel (int32)."""
+
+    def __init__(self, ranks, weights):
+        C = _ext.load_extension()
+        self.zeros, self.wsum, self.nzeros = C.wavelet_build(
+            ranks.int().contiguous(), weights.contiguous()
+        )
+
+
 def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
     C = _ext.load_extension()
     u = scores.float().to(torch.float64).contiguous()
-    tb = build_tables(u)
+    tb = build_tables(u, make_wavelet=_KernelWavelet)
     wm = tb.wm
-    tau, ub, jb, nF, rb = C.select(
-        wm.zeros.int().contiguous(), wm.wsum.contiguous(), wm.nzeros.int().contiguous(),
+    tau, ub, jb, nF, rb = C.select_queries(
+        wm.zeros, wm.wsum, wm.nzeros,
         tb.cb.contiguous(), tb.th_mid.int().contiguous(), tb.th_mid1.int().contiguous(),
         tb.sv.contiguous(), tb.perm.int().contiguous(),
         layout.pool_lo.contiguous(), layout.win_lo.contiguous(), int(topk),
     )
     sel = Selection(tau, ub, jb, nF, rb)
-    sel.perm_flat = tb.perm.int().reshape(-1).contiguous()  # for the key lists
+    sel.perm32 = tb.perm.int().contiguous()  # rank -> key, for the key lists
+    sel.ranks32 = tb.ranks.int().contiguous()  # key -> rank, for the attention masks
     return sel
 
 
@@ -93,14 +104,14 @@ def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: fl
         sel = select(scores, layout, topk)
         cap = int(topk) + _TILE_ROWS // rp
         lists, counts, overflow = C.build_lists(
-            sel.perm_flat, sel.rb, layout.pool_lo, layout.win_lo, tile_q0, tile_q1,
+            sel.perm32, sel.rb, layout.pool_lo, layout.win_lo, tile_q0, tile_q1,
             layout.num_keys, cap,
         )
         if int(overflow.item()):
             return None
         u = scores.float().contiguous()
         out, lse = C.fwd(
-            q, k, v, u, sel.tau, sel.ub, sel.jb, layout.pool_lo, layout.win_lo,
+            q, k, v, u, sel.tau, sel.rb, sel.ranks32, layout.pool_lo, layout.win_lo,
             layout.win_hi, tile_q0, tile_q1, lists, counts, rp, scale,
         )
     else:

@@ -37,7 +37,7 @@ class Selection:
     ub: torch.Tensor  # float64 [S, NQ]; boundary score (-inf: all pool keys selected)
     jb: torch.Tensor  # int64 [S, NQ]; boundary key index (absolute key index)
     nF: torch.Tensor  # int64 [S, NQ]; number of fractional pool keys
-    rb: Optional[torch.Tensor] = None  # int64 [S, NQ]; global rank of the boundary (-1: all)
+    rb: Optional[torch.Tensor] = None  # int64 [S, NQ]; rank of the boundary in its head (-1: all)
 
 
 @dataclass
@@ -45,40 +45,39 @@ class Tables:
     """What the per-query search needs; built once per call (O(N log N))."""
 
     sv: torch.Tensor  # float64 [S, NK] sorted scores per head
-    perm: torch.Tensor  # int64 [S, NK] key index of each sorted position
-    wm: WaveletMatrix  # over the head-major ranks, weights = scores
+    perm: torch.Tensor  # int64 [S, NK] key index of each sorted position (rank -> key)
+    ranks: torch.Tensor  # int64 [S, NK] rank of each key (key -> rank)
+    wm: WaveletMatrix  # one per head over the key ranks, weights = scores
     cb: torch.Tensor  # float64 [S, 2NK] sorted breakpoints {u} U {u - 1}
-    th_mid: torch.Tensor  # int64 [S * (2NK - 1)] rank threshold of "u <= piece midpoint"
-    th_mid1: torch.Tensor  # int64 [S * (2NK - 1)] ... of "u <= midpoint + 1"
+    th_mid: torch.Tensor  # int64 [S, 2NK - 1] rank threshold of "u <= piece midpoint"
+    th_mid1: torch.Tensor  # int64 [S, 2NK - 1] ... of "u <= midpoint + 1"
 
 
-def _head_major_ranks(values: torch.Tensor):
-    """Sort each row; return (sorted values [S,N], perm [S,N], global ranks [S*N]).
+def _row_ranks(values: torch.Tensor):
+    """Sort each row; return (sorted values, perm, ranks), all [S, N].
 
-    Ranks order elements by (row, value, index): ties in value go to the larger index,
+    Ranks order a row's elements by (value, index): ties in value go to the larger index,
     which is what makes 'k-th largest by (u, j)' a rank query.
     """
-    s, n = values.shape
     sv, perm = torch.sort(values, dim=1, stable=True)
-    ranks = torch.empty(s * n, dtype=torch.int64, device=values.device)
-    offs = (torch.arange(s, device=values.device) * n).unsqueeze(1)
-    ranks[(perm + offs).reshape(-1)] = torch.arange(s * n, device=values.device)
+    ranks = torch.empty_like(perm).scatter_(
+        1, perm, torch.arange(values.shape[1], device=values.device).expand_as(perm)
+    )
     return sv, perm, ranks
 
 
-def build_tables(u: torch.Tensor) -> Tables:
-    """u: float64 [S, NK] (contiguous)."""
-    S, NK = u.shape
-    sv, perm, ranks = _head_major_ranks(u)
-    wm = WaveletMatrix(ranks, u.reshape(-1))
-    offs = torch.arange(S, device=u.device).unsqueeze(1) * NK
+def build_tables(u: torch.Tensor, make_wavelet=WaveletMatrix) -> Tables:
+    """u: float64 [S, NK] (contiguous).  make_wavelet(ranks, weights) builds the per-head
+    wavelet matrices (the CUDA path passes its kernel-built version)."""
+    sv, perm, ranks = _row_ranks(u)
+    wm = make_wavelet(ranks, u)
     # Piece m is [cb[m], cb[m+1]].  Inside a piece the saturated set (u >= t + 1) and the
     # fractional set F (t < u < t + 1) are constant, so we read them at its midpoint.
     cb = torch.sort(torch.cat([sv, sv - 1.0], dim=1), dim=1).values
     mid = 0.5 * (cb[:, :-1] + cb[:, 1:])
-    th_mid = (torch.searchsorted(sv, mid, right=True) + offs).reshape(-1)
-    th_mid1 = (torch.searchsorted(sv, mid + 1.0, right=True) + offs).reshape(-1)
-    return Tables(sv, perm, wm, cb, th_mid, th_mid1)
+    th_mid = torch.searchsorted(sv, mid, right=True)
+    th_mid1 = torch.searchsorted(sv, mid + 1.0, right=True)
+    return Tables(sv, perm, ranks, wm, cb, th_mid, th_mid1)
 
 
 def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
@@ -99,7 +98,8 @@ def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
         return Selection(tau, ub, jb, nF, rb)
 
     tb = build_tables(u)
-    sv, perm, wm, cb, th_mid, th_mid1 = tb.sv, tb.perm, tb.wm, tb.cb, tb.th_mid, tb.th_mid1
+    sv, perm, wm, cb = tb.sv, tb.perm, tb.wm, tb.cb
+    th_mid, th_mid1 = tb.th_mid.reshape(-1), tb.th_mid1.reshape(-1)
     flat_cb = cb.reshape(-1)
     npieces = cb.shape[1] - 1
 
@@ -107,16 +107,16 @@ def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
     nq_sel = sparse_q.numel()
     head = torch.arange(S, device=dev).repeat_interleave(nq_sel)
     qidx = sparse_q.repeat(S)
-    lo = head * NK + layout.pool_lo[qidx]
-    hi = head * NK + layout.win_lo[qidx]
+    lo = layout.pool_lo[qidx]
+    hi = layout.win_lo[qidx]
     n = (hi - lo).to(torch.float64)
     k = float(topk)
 
     def piece(m):
         """Saturated count a, |F|, sum_F u and f at the piece's right end."""
         g = head * npieces + m
-        c0, s0 = wm.count_sum_below(lo, hi, th_mid[g])
-        c1, s1 = wm.count_sum_below(lo, hi, th_mid1[g])
+        c0, s0 = wm.count_sum_below(head, lo, hi, th_mid[g])
+        c1, s1 = wm.count_sum_below(head, lo, hi, th_mid1[g])
         a, nf, sf = n - c1, c1 - c0, s1 - s0
         right = flat_cb[head * (npieces + 1) + m + 1]
         return a, nf, sf, a + sf - nf.to(torch.float64) * right
@@ -144,9 +144,9 @@ def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
 
     # Top-k boundary: the (n - k)-th smallest rank in the pool (0-based).
     kk = (hi - lo) - topk
-    rb_sel = wm.kth_smallest(lo, hi, kk)
-    ub_sel = sv.reshape(-1)[rb_sel]
-    jb_sel = perm.reshape(-1)[rb_sel]
+    rb_sel = wm.kth_smallest(head, lo, hi, kk)
+    ub_sel = sv[head, rb_sel]
+    jb_sel = perm[head, rb_sel]
 
     tau[head, qidx] = tau_sel
     ub[head, qidx] = ub_sel
@@ -171,15 +171,14 @@ def fractional_mean_sum(
     dev = scores.device
     if NQ == 0 or NK == 0:
         return torch.zeros((S, NK), dtype=torch.float64, device=dev)
-    st, _, ranks = _head_major_ranks(sel.tau.contiguous())
-    wm = WaveletMatrix(ranks, mean.reshape(-1).to(torch.float64))
+    st, _, ranks = _row_ranks(sel.tau.contiguous())
+    wm = WaveletMatrix(ranks, mean.to(torch.float64))
     first, last = layout.key_query_ranges()
-    offs = torch.arange(S, device=dev).unsqueeze(1) * NQ
     u = scores.to(torch.float64).contiguous()
-    lo = (first.unsqueeze(0) + offs).reshape(-1)
-    hi = (last.unsqueeze(0) + offs).reshape(-1)
-    th_lt_u = (torch.searchsorted(st, u, right=False) + offs).reshape(-1)
-    th_le_u1 = (torch.searchsorted(st, u - 1.0, right=True) + offs).reshape(-1)
-    w_hi = wm.count_sum_below(lo, hi, th_lt_u)[1]
-    w_lo = wm.count_sum_below(lo, hi, th_le_u1)[1]
+    row = torch.arange(S, device=dev).repeat_interleave(NK)
+    lo, hi = first.repeat(S), last.repeat(S)
+    th_lt_u = torch.searchsorted(st, u, right=False).reshape(-1)
+    th_le_u1 = torch.searchsorted(st, u - 1.0, right=True).reshape(-1)
+    w_hi = wm.count_sum_below(row, lo, hi, th_lt_u)[1]
+    w_lo = wm.count_sum_below(row, lo, hi, th_le_u1)[1]
     return (w_hi - w_lo).reshape(S, NK)

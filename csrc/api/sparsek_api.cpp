@@ -42,8 +42,33 @@ py::dict build_info() {
   return d;
 }
 
-// Per-query tau, boundary and |F| from the selection tables built in PyTorch.
-std::vector<at::Tensor> select(const at::Tensor& zeros, const at::Tensor& wsum,
+// Per-row wavelet matrices over ranks [rows, n] (int32) with weights [rows, n] (float64):
+// returns (zeros int32 [rows, L, n + 1], wsum float64 [rows, L, n + 1], nzeros int32 [rows, L]).
+std::vector<at::Tensor> wavelet_build(const at::Tensor& ranks, const at::Tensor& weights) {
+  check(ranks, "ranks", at::kInt);
+  check(weights, "weights", at::kDouble);
+  TORCH_CHECK(ranks.dim() == 2 && weights.sizes() == ranks.sizes(), "ranks/weights: [rows, n]");
+  const at::cuda::OptionalCUDAGuard guard(ranks.device());
+  const int rows = ranks.size(0), n = ranks.size(1);
+  int nbits = 1;
+  while ((1LL << nbits) <= n) ++nbits;  // == n.bit_length() for n >= 1
+  at::Tensor r = ranks.clone(), w = weights.clone();
+  at::Tensor r_tmp = at::empty_like(r), w_tmp = at::empty_like(w);
+  const int nchunks = (n + 2047) / 2048;
+  at::Tensor chunk_cnt = at::empty({rows, nchunks}, ranks.options());
+  at::Tensor chunk_w = at::empty({rows, nchunks}, weights.options());
+  at::Tensor zeros = at::empty({rows, nbits, n + 1}, ranks.options());
+  at::Tensor wsum = at::empty({rows, nbits, n + 1}, weights.options());
+  at::Tensor nzeros = at::empty({rows, nbits}, ranks.options());
+  CHECK_CUDA_OK(xsk::launch_wavelet_build(
+      r.data_ptr<int>(), w.data_ptr<double>(), r_tmp.data_ptr<int>(), w_tmp.data_ptr<double>(),
+      rows, n, nbits, chunk_cnt.data_ptr<int>(), chunk_w.data_ptr<double>(), zeros.data_ptr<int>(),
+      wsum.data_ptr<double>(), nzeros.data_ptr<int>(), at::cuda::getCurrentCUDAStream()));
+  return {zeros, wsum, nzeros};
+}
+
+// Per-query tau, boundary and |F| from the selection tables.
+std::vector<at::Tensor> select_queries(const at::Tensor& zeros, const at::Tensor& wsum,
                                const at::Tensor& nzeros, const at::Tensor& cb,
                                const at::Tensor& th_mid, const at::Tensor& th_mid1,
                                const at::Tensor& sv, const at::Tensor& perm,
@@ -60,17 +85,21 @@ std::vector<at::Tensor> select(const at::Tensor& zeros, const at::Tensor& wsum,
   check(win_lo, "win_lo", at::kLong);
   const at::cuda::OptionalCUDAGuard guard(sv.device());
   const int S = sv.size(0), NK = sv.size(1), NQ = pool_lo.size(0);
+  TORCH_CHECK(zeros.dim() == 3 && zeros.size(0) == S && zeros.size(2) == NK + 1,
+              "zeros must be [S, L, NK + 1]");
+  TORCH_CHECK(wsum.sizes() == zeros.sizes(), "wsum must match zeros");
   auto f64 = sv.options();
   auto i64 = pool_lo.options();
   at::Tensor tau = at::empty({S, NQ}, f64), ub = at::empty({S, NQ}, f64);
   at::Tensor jb = at::empty({S, NQ}, i64), nF = at::empty({S, NQ}, i64),
              rb = at::empty({S, NQ}, i64);
+  at::Tensor piece = at::empty({S, NQ}, zeros.options());
   xsk::SelectParams p{};
   p.zeros = zeros.data_ptr<int>();
   p.wsum = wsum.data_ptr<double>();
   p.nzeros = nzeros.data_ptr<int>();
-  p.nbits = zeros.size(0);
-  p.N = zeros.size(1) - 1;
+  p.nbits = zeros.size(1);
+  p.piece = piece.data_ptr<int>();
   p.cb = cb.data_ptr<double>();
   p.th_mid = th_mid.data_ptr<int>();
   p.th_mid1 = th_mid1.data_ptr<int>();
@@ -130,7 +159,7 @@ std::vector<at::Tensor> build_lists(const at::Tensor& perm, const at::Tensor& rb
 // Attention forward. q/k/v: [N, S, R, D] with a contiguous last dim. u == None: exact mode.
 std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& u, const at::Tensor& tau,
-                            const at::Tensor& ub, const at::Tensor& jb,
+                            const at::Tensor& rb, const at::Tensor& ranks,
                             const at::Tensor& pool_lo, const at::Tensor& win_lo,
                             const at::Tensor& win_hi, const at::Tensor& tile_q0,
                             const at::Tensor& tile_q1, const at::Tensor& lists,
@@ -166,14 +195,14 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
   if (u.has_value()) {
     check(*u, "u", at::kFloat);
     check(tau, "tau", at::kDouble);
-    check(ub, "ub", at::kDouble);
-    check(jb, "jb", at::kLong);
+    check(rb, "rb", at::kLong);
+    check(ranks, "ranks", at::kInt);
     check(lists, "lists", at::kInt);
     check(counts, "counts", at::kInt);
     p.u = u->data_ptr<float>();
     p.tau = tau.data_ptr<double>();
-    p.ub = ub.data_ptr<double>();
-    p.jb = jb.data_ptr<int64_t>();
+    p.rb = rb.data_ptr<int64_t>();
+    p.ranks = ranks.data_ptr<int>();
     p.lists = lists.data_ptr<int>();
     p.counts = counts.data_ptr<int>();
     p.cap = lists.size(2);
@@ -205,7 +234,8 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "xformers_sparsek CUDA kernels";
   m.def("build_info", &build_info, "CUDA runtime version and compiled archs");
-  m.def("select", &select, "SparseK selection: per-query tau, top-k boundary, |F|");
+  m.def("wavelet_build", &wavelet_build, "per-row wavelet matrices over ranks");
+  m.def("select_queries", &select_queries, "SparseK selection: per-query tau, top-k boundary, |F|");
   m.def("build_lists", &build_lists, "gathered pool-key list per (query tile, head)");
   m.def("fwd", &fwd, "SparseK attention forward");
 }

@@ -4,7 +4,8 @@
 // K/V (GQA rows are packed into M: BM = 64 rows = (64 / RP) queries x RP heads), 4 warps of
 // 16 rows.  The CTA walks two key streams in tiles of BN = 64 keys:
 //   A. sparse mode: the tile's gathered pool-key list (lists.cu), attended by a row iff
-//      the key is in the row's pool and at/above its top-k boundary, gate clip(u - tau);
+//      the key is in the row's pool and its rank is at/above the row's top-k boundary
+//      rank, gate clip(u - tau);
 //      exact mode: the contiguous range of every allowed key, gate 1;
 //   B. sparse mode only: the contiguous window range, attended iff in the row's window.
 // Pools and windows are disjoint per row, so no (row, key) pair is counted twice.
@@ -23,7 +24,7 @@ struct FwdTraits {
   static constexpr int kBM = 64, kBN = 64, kWarps = 4, kThreads = kWarps * 32;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr size_t kSmem =
-      sizeof(T) * (kBM * D + 2 * 2 * kBN * D) + 2 * kBN * (sizeof(int) + sizeof(float));
+      sizeof(T) * (kBM * D + 2 * 2 * kBN * D) + 2 * kBN * (2 * sizeof(int) + sizeof(float));
 };
 
 enum class KeyRule { kPoolSelected, kWindow, kAllowed };
@@ -39,6 +40,7 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
   T* sV = sK + 2 * BN * D;      // [2][BN][D]
   int* sIdx = reinterpret_cast<int*>(sV + 2 * BN * D);  // [2][BN] key index, -1 = none
   float* sU = reinterpret_cast<float*>(sIdx + 2 * BN);  // [2][BN] key score
+  int* sRank = reinterpret_cast<int*>(sU + 2 * BN);     // [2][BN] key rank in its head
 
   const int tile = blockIdx.x, s = blockIdx.y, rgroup = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -47,17 +49,23 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
   const bool sparse = p.u != nullptr;
 
   // ---- key streams of this tile ------------------------------------------------------
-  __shared__ int s_plo, s_wlo, s_whi;
+  // Extents over the tile's queries; [in_lo, in_hi) / [pin_lo, ...) are the keys inside
+  // every row's window / allowed range, where a tile needs no per-element mask.
+  __shared__ int s_plo, s_wlo, s_whi, s_in_lo, s_in_hi, s_pin_lo;
   if (tid == 0) {
-    s_plo = 0x7fffffff;
-    s_wlo = 0x7fffffff;
-    s_whi = -1;
+    s_plo = s_wlo = 0x7fffffff;
+    s_whi = s_in_lo = s_pin_lo = -1;
+    s_in_hi = 0x7fffffff;
   }
   __syncthreads();
   for (int i = q0 + tid; i < q1; i += Tr::kThreads) {
-    atomicMin(&s_plo, (int)p.pool_lo[i]);
-    atomicMin(&s_wlo, (int)p.win_lo[i]);
-    atomicMax(&s_whi, (int)p.win_hi[i]);
+    const int a = (int)p.pool_lo[i], b = (int)p.win_lo[i], c = (int)p.win_hi[i];
+    atomicMin(&s_plo, a);
+    atomicMin(&s_wlo, b);
+    atomicMax(&s_whi, c);
+    atomicMax(&s_in_lo, b);
+    atomicMin(&s_in_hi, c);
+    atomicMax(&s_pin_lo, a);
   }
   __syncthreads();
   const int* list = nullptr;
@@ -75,8 +83,8 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
 
   // ---- per-row metadata: each thread owns rows lane/4 and lane/4 + 8 of its warp -------
   const T* qbase = static_cast<const T*>(p.q);
-  int row_q[2], row_r[2], plo[2], wlo[2], whi[2], jb[2];
-  float tau[2], ub[2];
+  int row_q[2], row_r[2], plo[2], wlo[2], whi[2], rb[2];
+  float tau[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int m = warp * 16 + (lane >> 2) + 8 * h;
@@ -89,12 +97,10 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
     if (sparse && valid) {
       const size_t g = (size_t)s * p.NQ + row_q[h];
       tau[h] = (float)p.tau[g];
-      ub[h] = (float)p.ub[g];
-      jb[h] = (int)p.jb[g];
+      rb[h] = (int)p.rb[g];
     } else {
       tau[h] = -INFINITY;
-      ub[h] = -INFINITY;
-      jb[h] = 0;
+      rb[h] = -1;
     }
   }
 
@@ -137,6 +143,7 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
       const int j = key_of(t, e);
       sIdx[buf * BN + e] = j;
       sU[buf * BN + e] = (sparse && j >= 0) ? p.u[(size_t)s * p.NK + j] : 0.f;
+      sRank[buf * BN + e] = (sparse && j >= 0) ? p.ranks[(size_t)s * p.NK + j] : -1;
     }
   };
 
@@ -192,6 +199,12 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
     // Gates, masks and the online softmax (base 2).
     const KeyRule rule =
         t < tilesA ? (sparse ? KeyRule::kPoolSelected : KeyRule::kAllowed) : KeyRule::kWindow;
+    // A contiguous tile inside every row's window (or allowed range) needs no mask.
+    const int k0 = (t < tilesA) ? rangeA_lo + t * BN : s_wlo + (t - tilesA) * BN;
+    const int k_end = (t < tilesA) ? rangeA_lo + nA : s_wlo + nB;
+    const bool interior =
+        (rule == KeyRule::kWindow && k0 >= s_in_lo && k0 + BN <= min(s_in_hi, k_end)) ||
+        (rule == KeyRule::kAllowed && k0 >= s_pin_lo && k0 + BN <= min(s_in_hi, k_end));
     float gate[BN / 8][4];
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -200,19 +213,16 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
       for (int c = 0; c < 4; ++c) {
         const int h = c >> 1;
         const int e = n * 8 + (lane & 3) * 2 + (c & 1);
-        const int j = sIdx[buf * BN + e];
-        bool att;
         float g = 1.f;
+        bool att = true;
         if (rule == KeyRule::kPoolSelected) {
-          const float u = sU[buf * BN + e];
-          att = j >= plo[h] && j < wlo[h] && (u > ub[h] || (u == ub[h] && j >= jb[h]));
-          g = fminf(fmaxf(u - tau[h], 0.f), 1.f);
-        } else if (rule == KeyRule::kWindow) {
-          att = j >= wlo[h] && j < whi[h];
-        } else {
-          att = j >= plo[h] && j < whi[h];
+          const int j = sIdx[buf * BN + e];
+          att = j >= plo[h] && j < wlo[h] && sRank[buf * BN + e] >= rb[h];
+          g = fminf(fmaxf(sU[buf * BN + e] - tau[h], 0.f), 1.f);
+        } else if (!interior) {
+          const int j = sIdx[buf * BN + e];
+          att = j >= 0 && j < whi[h] && j >= (rule == KeyRule::kWindow ? wlo[h] : plo[h]);
         }
-        att = att && j >= 0;
         const float x = att ? sc[n][c] * (p.scale_log2 * g) : -INFINITY;
         sc[n][c] = x;
         gate[n][c] = g;
@@ -237,7 +247,8 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int h = c >> 1;
-        pe[c] = (sc[n][c] == -INFINITY) ? 0.f : exp2f(sc[n][c] - row_max[h]);
+        // exp2(-inf - finite) = 0; rows with nothing attended yet use max 0 (no NaN)
+        pe[c] = exp2f(sc[n][c] - (row_max[h] == -INFINITY ? 0.f : row_max[h]));
         row_sum[h] += pe[c];
         pe[c] *= gate[n][c];
       }

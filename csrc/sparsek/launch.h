@@ -6,6 +6,11 @@
 
 namespace xsk {
 
+// Per-row wavelet matrices (see wavelet_build.cu); r / w are overwritten (ping-pong with
+// r_tmp / w_tmp); chunk_cnt / chunk_w: [rows, ceil(n / 2048)] scratch.
+cudaError_t launch_wavelet_build(int* r, double* w, int* r_tmp, double* w_tmp, int rows, int n,
+                                 int nbits, int* chunk_cnt, double* chunk_w, int* zeros,
+                                 double* wsum, int* nzeros, cudaStream_t stream);
 cudaError_t launch_select(const SelectParams& p, cudaStream_t stream);
 cudaError_t launch_build_lists(const ListParams& p, cudaStream_t stream);
 // dtype: 0 = fp16, 1 = bf16. Returns cudaErrorInvalidValue for unsupported head dims.

@@ -1,6 +1,7 @@
 // For each (query tile, head): the pool keys that any query of the tile may select.
 //
-// Query i selects pool key j iff rank(j) >= rb_i (ranks order keys by (score, index)).
+// Query i selects pool key j iff rank(j) >= rb_i (ranks order a head's keys by (score,
+// index)).
 // For a tile, every selected key has rank >= min rb and lies in [min pool_lo, max win_lo),
 // so walking the head's ranks downwards from the top and keeping the keys inside that
 // interval yields the tile's key list.  On nested (causal / full) pools the list has at
@@ -51,14 +52,15 @@ __global__ void __launch_bounds__(kThreads) build_lists_kernel(ListParams p) {
     return;
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int top = (s + 1) * p.NK - 1;
+  const int top = p.NK - 1;
   const int bottom = (int)s_rb_min;
+  const int* perm = p.perm + (size_t)s * p.NK;
   int base = 0;
   for (int r0 = top; r0 >= bottom; r0 -= kThreads) {
     const int r = r0 - threadIdx.x;
     int key = -1;
     if (r >= bottom) {
-      key = p.perm[r];
+      key = perm[r];
       if (key < lo || key >= hi) key = -1;
     }
     // Block-wide stream compaction in rank order.

@@ -8,33 +8,37 @@ namespace xsk {
 // Per-query search of the selection stage (see xformers_sparsek/_selection.py for the
 // algorithm; the tables are built there, in PyTorch).
 struct SelectParams {
-  // Wavelet matrix over the head-major score ranks (N = S * NK elements).
-  const int* zeros;      // [L, N + 1]: zero bits among the first p elements of each level
-  const double* wsum;    // [L, N + 1]: score sum of those
-  const int* nzeros;     // [L]
-  int nbits, N;
+  // One wavelet matrix per head over the key ranks (ranks order keys by (score, index)).
+  const int* zeros;      // [S, L, NK + 1]: zero bits among the first p elements of a level
+  const double* wsum;    // [S, L, NK + 1]: score sum of those
+  const int* nzeros;     // [S, L]
+  int nbits;             // L
   // Per head: breakpoints of f(t) = sum clip(u - t, 0, 1) and the rank thresholds at the
   // midpoint of each piece.
-  const double* cb;      // [S, NB], NB = 2 * NK
-  const int* th_mid;     // [S, NB - 1]  global rank threshold of "u <= mid"
-  const int* th_mid1;    // [S, NB - 1]  ... of "u <= mid + 1"
+  const double* cb;      // [S, 2 NK]
+  const int* th_mid;     // [S, 2 NK - 1]  rank threshold of "u <= mid"
+  const int* th_mid1;    // [S, 2 NK - 1]  ... of "u <= mid + 1"
   const double* sv;      // [S, NK] sorted scores
-  const int* perm;       // [S, NK] key index of each sorted position
+  const int* perm;       // [S, NK] key index of each rank
   const int64_t* pool_lo;  // [NQ]
   const int64_t* win_lo;   // [NQ]
   int S, NQ, NK, topk;
+  // Two passes: pass 0 solves every 32nd query (and the last) with a full search and
+  // records its piece; pass 1 searches the others between their neighbours' pieces.
+  int pass;
+  int* piece;            // [S, NQ] scratch
   // Outputs [S, NQ]
   double* tau;
   double* ub;
   int64_t* jb;
   int64_t* nF;
-  int64_t* rb;  // global rank of the boundary key, -1 when the whole pool is selected
+  int64_t* rb;  // rank of the boundary key in its head, -1 when the whole pool is selected
 };
 
 // Per (query tile, head): the pool keys any query of the tile may select.
 struct ListParams {
-  const int* perm;          // [S * NK] key index of each head-major global rank
-  const int64_t* rb;        // [S, NQ]
+  const int* perm;          // [S, NK] key index of each rank
+  const int64_t* rb;        // [S, NQ] boundary rank (-1: whole pool selected)
   const int64_t* pool_lo;   // [NQ]
   const int64_t* win_lo;    // [NQ]
   const int* tile_q0;       // [ntiles] first query of the tile
@@ -55,8 +59,8 @@ struct FwdParams {
   float* lse;          // [S, R, NQ]
   const float* u;      // [S, NK] scores; nullptr = exact mode
   const double* tau;   // [S, NQ]
-  const double* ub;    // [S, NQ]
-  const int64_t* jb;   // [S, NQ]
+  const int64_t* rb;   // [S, NQ] boundary rank (-1: whole pool selected)
+  const int* ranks;    // [S, NK] rank of each key in its head (order by (score, index))
   const int64_t* pool_lo;
   const int64_t* win_lo;
   const int64_t* win_hi;

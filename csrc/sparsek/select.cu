@@ -1,7 +1,11 @@
 // Selection stage, per (head, query): the capped-simplex threshold tau, the top-k boundary
 // and |F|, by binary search over the breakpoint pieces with O(log N) wavelet-matrix range
-// queries.  A line-by-line port of the vectorised PyTorch version in _selection.py (the
-// tables are built there); one thread per (head, query).
+// queries.  A port of the vectorised PyTorch version in _selection.py (the tables are built
+// there); one thread per (head, query).
+//
+// Along a causal sequence pools only grow, so tau and its piece index are non-decreasing:
+// pass 0 solves every 32nd query with a full search, pass 1 searches each other query only
+// between its two solved neighbours (verifying the bracket, so any layout stays exact).
 #include <cmath>
 
 #include "launch.h"
@@ -9,80 +13,87 @@
 namespace xsk {
 namespace {
 
-struct Range {
-  int lo, hi;
-};
+constexpr int kStride = 32;
 
-// Count and score sum of the elements of [lo, hi) whose rank is below theta.
-__device__ __forceinline__ void count_sum_below(const SelectParams& p, Range r, int theta,
-                                                int& cnt, double& sum) {
-  cnt = 0;
-  sum = 0.0;
-  int lo = r.lo, hi = r.hi;
-  for (int li = 0; li < p.nbits; ++li) {
-    const int level = p.nbits - 1 - li;
-    const int* z = p.zeros + (size_t)li * (p.N + 1);
-    const int zlo = __ldg(z + lo), zhi = __ldg(z + hi);
-    if ((theta >> level) & 1) {
-      const double* ws = p.wsum + (size_t)li * (p.N + 1);
-      cnt += zhi - zlo;
-      sum += __ldg(ws + hi) - __ldg(ws + lo);
-      const int nz = __ldg(p.nzeros + li);
-      lo = nz + lo - zlo;
-      hi = nz + hi - zhi;
-    } else {
-      lo = zlo;
-      hi = zhi;
+struct Query {
+  const SelectParams& p;
+  int s, lo, hi;  // head and pool [lo, hi)
+  double n;
+
+  __device__ const int* zeros(int li) const {
+    return p.zeros + ((size_t)s * p.nbits + li) * (p.NK + 1);
+  }
+  __device__ const double* wsum(int li) const {
+    return p.wsum + ((size_t)s * p.nbits + li) * (p.NK + 1);
+  }
+  __device__ int nzeros(int li) const { return __ldg(p.nzeros + s * p.nbits + li); }
+
+  // Count and score sum of the pool keys whose rank is below theta.
+  __device__ void count_sum_below(int theta, int& cnt, double& sum) const {
+    cnt = 0;
+    sum = 0.0;
+    int a = lo, b = hi;
+    for (int li = 0; li < p.nbits; ++li) {
+      const int* z = zeros(li);
+      const int za = __ldg(z + a), zb = __ldg(z + b);
+      if ((theta >> (p.nbits - 1 - li)) & 1) {
+        const double* ws = wsum(li);
+        cnt += zb - za;
+        sum += __ldg(ws + b) - __ldg(ws + a);
+        const int nz = nzeros(li);
+        a = nz + a - za;
+        b = nz + b - zb;
+      } else {
+        a = za;
+        b = zb;
+      }
     }
   }
-}
 
-__device__ __forceinline__ int kth_smallest(const SelectParams& p, Range r, int k) {
-  int rank = 0, lo = r.lo, hi = r.hi;
-  for (int li = 0; li < p.nbits; ++li) {
-    const int level = p.nbits - 1 - li;
-    const int* z = p.zeros + (size_t)li * (p.N + 1);
-    const int zlo = __ldg(z + lo), zhi = __ldg(z + hi);
-    const int nzero_here = zhi - zlo;
-    if (k >= nzero_here) {
-      k -= nzero_here;
-      rank |= 1 << level;
-      const int nz = __ldg(p.nzeros + li);
-      lo = nz + lo - zlo;
-      hi = nz + hi - zhi;
-    } else {
-      lo = zlo;
-      hi = zhi;
+  __device__ int kth_smallest(int k) const {
+    int rank = 0, a = lo, b = hi;
+    for (int li = 0; li < p.nbits; ++li) {
+      const int* z = zeros(li);
+      const int za = __ldg(z + a), zb = __ldg(z + b);
+      if (k >= zb - za) {
+        k -= zb - za;
+        rank |= 1 << (p.nbits - 1 - li);
+        const int nz = nzeros(li);
+        a = nz + a - za;
+        b = nz + b - zb;
+      } else {
+        a = za;
+        b = zb;
+      }
     }
+    return rank;
   }
-  return rank;
-}
 
-struct Piece {
-  double a, nf, sf, f_right;
+  // Piece m: saturated count a, |F|, sum_F u, and f at the piece's right end.
+  __device__ void piece(int m, double& a, double& nf, double& sf, double& f_right) const {
+    const size_t g = (size_t)s * (2 * p.NK - 1) + m;
+    int c0, c1;
+    double s0, s1;
+    count_sum_below(__ldg(p.th_mid + g), c0, s0);
+    count_sum_below(__ldg(p.th_mid1 + g), c1, s1);
+    a = n - c1;
+    nf = c1 - c0;
+    sf = s1 - s0;
+    f_right = a + sf - nf * __ldg(p.cb + (size_t)s * (2 * p.NK) + m + 1);
+  }
+  __device__ bool right_end_at_most_k(int m) const {
+    double a, nf, sf, f;
+    piece(m, a, nf, sf, f);
+    return f <= p.topk;
+  }
 };
-
-__device__ __forceinline__ Piece eval_piece(const SelectParams& p, Range r, int s, int m,
-                                            double n) {
-  const int npieces = 2 * p.NK - 1;
-  const size_t g = (size_t)s * npieces + m;
-  int c0, c1;
-  double s0, s1;
-  count_sum_below(p, r, __ldg(p.th_mid + g), c0, s0);
-  count_sum_below(p, r, __ldg(p.th_mid1 + g), c1, s1);
-  Piece pc;
-  pc.a = n - c1;
-  pc.nf = c1 - c0;
-  pc.sf = s1 - s0;
-  const double right = __ldg(p.cb + (size_t)s * (2 * p.NK) + m + 1);
-  pc.f_right = pc.a + pc.sf - pc.nf * right;
-  return pc;
-}
 
 __global__ void select_kernel(SelectParams p) {
   const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= (int64_t)p.S * p.NQ) return;
   const int s = t / p.NQ, i = t % p.NQ;
+  const bool anchor = (i % kStride == 0) || i == p.NQ - 1;
+  if ((p.pass == 0) != anchor) return;
   const int plo = (int)p.pool_lo[i], wlo = (int)p.win_lo[i];
   const int n = wlo - plo;
   if (n <= p.topk) {  // the whole pool is selected with gate 1
@@ -91,43 +102,59 @@ __global__ void select_kernel(SelectParams p) {
     p.jb[t] = 0;
     p.nF[t] = 0;
     p.rb[t] = -1;
+    p.piece[t] = -1;
     return;
   }
-  const Range r{s * p.NK + plo, s * p.NK + wlo};
-  const double k = p.topk;
+  const Query qr{p, s, plo, wlo, (double)n};
   const int npieces = 2 * p.NK - 1;
-  // First piece whose right end has f <= k (the last piece ends at max(u), f = 0).
+  // Invariant: piece p_lo (or -1) has f(right end) > k, piece p_hi has f(right end) <= k.
   int p_lo = -1, p_hi = npieces - 1;
+  if (p.pass == 1) {
+    const int i0 = i - i % kStride, i1 = min(i0 + kStride, p.NQ - 1);
+    const int lo_guess = p.piece[(size_t)s * p.NQ + i0] - 1;
+    const int hi_guess = p.piece[(size_t)s * p.NQ + i1];
+    if (hi_guess >= 0 && hi_guess < npieces - 1 && qr.right_end_at_most_k(hi_guess))
+      p_hi = hi_guess;
+    if (lo_guess >= 0 && lo_guess < p_hi && !qr.right_end_at_most_k(lo_guess)) p_lo = lo_guess;
+  }
   while (p_hi - p_lo > 1) {
     const int m = (p_lo + p_hi) / 2;
-    if (eval_piece(p, r, s, m, n).f_right <= k) p_hi = m; else p_lo = m;
+    if (qr.right_end_at_most_k(m)) p_hi = m; else p_lo = m;
   }
-  const Piece pc = eval_piece(p, r, s, p_hi, n);
+  double a, nf, sf, f;
+  qr.piece(p_hi, a, nf, sf, f);
   const double left = p.cb[(size_t)s * (2 * p.NK) + p_hi];
   const double right = p.cb[(size_t)s * (2 * p.NK) + p_hi + 1];
   double tau;
-  if (pc.nf > 0) {
-    tau = (pc.a + pc.sf - k) / pc.nf;
-    tau = fmin(fmax(tau, left), right);
+  if (nf > 0) {
+    tau = fmin(fmax((a + sf - p.topk) / nf, left), right);
   } else {
     tau = 0.5 * (left + right);  // f == k on the whole piece: take its midpoint
   }
-  const int rb = kth_smallest(p, r, n - p.topk);
+  const int rb = qr.kth_smallest(n - p.topk);
   p.tau[t] = tau;
-  p.nF[t] = (int64_t)pc.nf;
+  p.nF[t] = (int64_t)nf;
   p.rb[t] = rb;
-  p.ub[t] = p.sv[rb];  // sv and perm are [S, NK]: flat index = global rank
-  p.jb[t] = p.perm[rb];
+  p.ub[t] = p.sv[(size_t)s * p.NK + rb];
+  p.jb[t] = p.perm[(size_t)s * p.NK + rb];
+  p.piece[t] = p_hi;
 }
 
 }  // namespace
 
-cudaError_t launch_select(const SelectParams& p, cudaStream_t stream) {
-  const int64_t total = (int64_t)p.S * p.NQ;
+cudaError_t launch_select(const SelectParams& p_in, cudaStream_t stream) {
+  const int64_t total = (int64_t)p_in.S * p_in.NQ;
   if (total == 0) return cudaSuccess;
   const int threads = 128;
-  select_kernel<<<(unsigned)((total + threads - 1) / threads), threads, 0, stream>>>(p);
-  return cudaGetLastError();
+  const unsigned blocks = (unsigned)((total + threads - 1) / threads);
+  SelectParams p = p_in;
+  for (int pass = 0; pass < 2; ++pass) {
+    p.pass = pass;
+    select_kernel<<<blocks, threads, 0, stream>>>(p);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace xsk

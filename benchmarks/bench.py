@@ -1,0 +1,210 @@
+"""DESIGN.md section 5 benchmark: SparseK vs dense SDPA (cuDNN, FlashAttention-2) on one GPU.
+
+    python benchmarks/bench.py --out OUTDIR [--lengths 16384 32768 65536 131072] [--no-bwd]
+
+Anchors are measured in the same run as the op.  Times are medians of CUDA-event timings
+after warm-up, on random inputs.  Writes OUTDIR/results.json, appends a dated section to
+benchmarks/RESULTS.md (if --results is given) and draws OUTDIR/speedup.png.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from xformers.ops.fmha import attn_bias as xab
+
+import xformers_sparsek as xs
+from xformers_sparsek import _cuda
+from xformers_sparsek._problem import make_problem
+
+
+def median_ms(fn, iters=10, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+
+
+def sdpa_ms(backend, q, k, v, causal, gqa, backward, iters):
+    def run():
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+        if backward:
+            o.backward(torch.ones_like(o))
+
+    try:
+        with sdpa_kernel(backend):
+            return median_ms(run, iters=iters, warmup=2)
+    except Exception as e:  # backend refuses the shape/dtype
+        print(f"  {backend.name} failed: {str(e).splitlines()[0][:120]}", flush=True)
+        return float("nan")
+
+
+def attended_pairs(layout, topk, heads):
+    pool = layout.pool_size
+    sel = pool if topk is None else torch.clamp(pool, max=topk)
+    return int((sel + (layout.win_hi - layout.win_lo)).sum()) * heads
+
+
+def seed_config(iters):
+    """B=16, H=96, S=512, D=64, fp16, no mask: exact and sparse topk=128; us per head."""
+    B, H, S, D = 16, 96, 512, 64
+    dt = torch.float16
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=dt) for _ in range(3))
+    sc = torch.randn(B, S, H, device="cuda")
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    heads = B * H
+    rows = []
+    t_exact = median_ms(lambda: xs.sparsek_attention(q, k, v, None, None), iters)
+    t_sparse = median_ms(lambda: xs.sparsek_attention(q, k, v, sc, 128), iters)
+    t_cudnn = sdpa_ms(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, False, False, False, iters)
+    t_flash = sdpa_ms(SDPBackend.FLASH_ATTENTION, qt, kt, vt, False, False, False, iters)
+    for mode, t in (("exact", t_exact), ("sparse topk=128", t_sparse)):
+        rows.append(dict(config="seed", mode=mode, S=S, ms=t, us_per_head=1e3 * t / heads,
+                         cudnn_ms=t_cudnn, flash_ms=t_flash,
+                         speedup_cudnn=t_cudnn / t, speedup_flash=t_flash / t))
+    return rows
+
+
+def long_config(S, backward, iters):
+    """B=1, Hq=32, Hkv=8, D=128, bf16, causal, topk=2048, window=512."""
+    Hq, Hkv, D, topk, window = 32, 8, 128, 2048, 512
+    G, H = Hkv, Hq // Hkv
+    dt = torch.bfloat16
+    q = torch.randn(1, S, G, H, D, device="cuda", dtype=dt)
+    k = torch.randn(1, S, G, 1, D, device="cuda", dtype=dt)
+    v = torch.randn(1, S, G, 1, D, device="cuda", dtype=dt)
+    sc = torch.randn(1, S, G, 1, device="cuda")
+    ke, ve, se = k.expand(1, S, G, H, D), v.expand(1, S, G, H, D), sc.expand(1, S, G, H)
+    bias = xab.LowerTriangularMask()
+    prob = make_problem(q, ke, ve, se, bias, topk, window, None)
+    pairs = attended_pairs(prob.layout, topk, Hq)
+    t_fwd = median_ms(lambda: xs.sparsek_attention(q, ke, ve, se, topk, window, bias), iters)
+    t_sel = median_ms(lambda: _cuda.select(prob.scores, prob.layout, topk), iters)
+    qt = q.reshape(1, S, Hq, D).transpose(1, 2)
+    kt = k.reshape(1, S, Hkv, D).transpose(1, 2)
+    vt = v.reshape(1, S, Hkv, D).transpose(1, 2)
+    a_iters = max(2, iters // 2)
+    t_cudnn = sdpa_ms(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, True, True, False, a_iters)
+    t_flash = sdpa_ms(SDPBackend.FLASH_ATTENTION, qt, kt, vt, True, True, False, a_iters)
+    dense_flops = 4 * (S * (S + 1) / 2) * D * Hq
+    row = dict(config=f"long-{S // 1024}K", mode="fwd", S=S, ms=t_fwd, select_ms=t_sel,
+               select_frac=t_sel / t_fwd, cudnn_ms=t_cudnn, flash_ms=t_flash,
+               speedup_cudnn=t_cudnn / t_fwd, speedup_flash=t_flash / t_fwd,
+               attended_tflops=4 * pairs * D / t_fwd / 1e9,
+               cudnn_tflops=dense_flops / t_cudnn / 1e9)
+    rows = [row]
+    if backward:
+        qg, kg, vg, sg = (x.detach().requires_grad_() for x in (q, k, v, sc))
+
+        def fb():
+            o = xs.sparsek_attention(qg, kg.expand(1, S, G, H, D), vg.expand(1, S, G, H, D),
+                                     sg.expand(1, S, G, H), topk, window, bias)
+            o.backward(torch.ones_like(o))
+
+        t_fb = median_ms(fb, max(2, iters // 3), warmup=1)
+        qt2, kt2, vt2 = (x.detach().requires_grad_() for x in (qt, kt, vt))
+        c_fb = sdpa_ms(SDPBackend.CUDNN_ATTENTION, qt2, kt2, vt2, True, True, True, a_iters)
+        f_fb = sdpa_ms(SDPBackend.FLASH_ATTENTION, qt2, kt2, vt2, True, True, True, a_iters)
+        rows.append(dict(config=f"long-{S // 1024}K", mode="fwd+bwd", S=S, ms=t_fb,
+                         cudnn_ms=c_fb, flash_ms=f_fb, speedup_cudnn=c_fb / t_fb,
+                         speedup_flash=f_fb / t_fb,
+                         attended_tflops=4 * 3.5 * pairs * D / t_fb / 1e9))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    for r in rows:
+        r["peak_gib"] = peak
+    return rows
+
+
+def commit():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        return os.environ.get("XSK_COMMIT", "unknown")
+
+
+def table(rows):
+    head = "| config | mode | time (ms) | select | cuDNN (ms) | FA2 (ms) | vs cuDNN | vs FA2 | attended TFLOP/s |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        sel = f"{r['select_ms']:.2f} ms ({100 * r['select_frac']:.1f}%)" if "select_ms" in r else ""
+        extra = f" ({r['us_per_head']:.2f} us/head)" if "us_per_head" in r else ""
+        tf = f"{r['attended_tflops']:.0f}" if "attended_tflops" in r else ""
+        lines.append(
+            f"| {r['config']} | {r['mode']} | {r['ms']:.3f}{extra} | {sel} | {r['cudnn_ms']:.3f} | "
+            f"{r['flash_ms']:.3f} | {r['speedup_cudnn']:.2f}x | {r['speedup_flash']:.2f}x | {tf} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", flush=True)
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in ("fwd", "fwd+bwd"):
+        pts = [(r["S"], r["speedup_cudnn"]) for r in rows if r["config"].startswith("long") and r["mode"] == mode]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{mode} vs cuDNN")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("speedup over dense causal SDPA (x)")
+    ax.set_title("SparseK (topk=2048, window=512) vs dense, H100 bf16")
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="out")
+    ap.add_argument("--lengths", type=int, nargs="*", default=[16384, 32768, 65536, 131072])
+    ap.add_argument("--no-bwd", action="store_true")
+    ap.add_argument("--bwd-max", type=int, default=131072, help="longest S timed with backward")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--results", default=None, help="append a section to this RESULTS.md")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.cuda.get_device_name()
+    rows = seed_config(args.iters)
+    print(table(rows), flush=True)
+    for S in args.lengths:
+        rows += long_config(S, not args.no_bwd and S <= args.bwd_max, args.iters)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        print(table(rows[-2:]), flush=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta = dict(date=stamp, device=dev, commit=commit(), torch=torch.__version__)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    plot(rows, os.path.join(args.out, "speedup.png"))
+    text = (f"\n## {stamp} — {dev}, commit {meta['commit']}, torch {meta['torch']}\n\n"
+            + table(rows) + "\n")
+    print(text, flush=True)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
