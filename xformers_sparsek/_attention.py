@@ -63,8 +63,18 @@ class _Chunk:
 
 
 def _chunk_size(nq: int, r: int, budget_keys: int) -> int:
-    c = _TARGET_TILE // max(1, r * max(1, budget_keys))
-    return int(max(16, min(nq, c, 4096)))
+    """Queries per chunk.  A chunk of C causal queries gathers about budget + 2C keys (its
+    windows and the keys entering its pools), so C ~ budget / 2 keeps that overhead at
+    most 2x, and the [C, R, keys] tile stays under _TARGET_TILE elements."""
+    c = min(_TARGET_TILE // max(1, r * 2 * budget_keys), max(64, budget_keys // 2))
+    return int(max(16, min(nq, c)))
+
+
+def _budget(layout: QueryLayout, topk: Optional[int]) -> int:
+    """Keys a query attends at most (pool part + window)."""
+    longest_window = int((layout.win_hi - layout.win_lo).max()) if layout.num_queries else 0
+    pool = topk if topk is not None else int(layout.pool_size.max()) if layout.num_queries else 0
+    return max(1, pool + longest_window)
 
 
 def _scores_and_probs(qc, kc, ch: _Chunk, scale: float):
@@ -88,8 +98,7 @@ def forward(
     u = scores.to(torch.float64) if scores is not None else None
     out = torch.zeros(NQ, S, R, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((S, R, NQ), float("-inf"), dtype=cdt, device=q.device)
-    budget = (topk or layout.num_keys) + layout.window
-    C = _chunk_size(NQ, R, min(layout.num_keys, budget + 64))
+    C = _chunk_size(NQ, R, _budget(layout, topk))
     for s in range(S):
         for c0 in range(0, NQ, C):
             c1 = min(NQ, c0 + C)
@@ -127,8 +136,7 @@ def backward(
     want_du = scores is not None and need_dscores
     du_direct = torch.zeros(S, layout.num_keys, dtype=torch.float64, device=q.device)
     g_row = torch.zeros(S, NQ, dtype=torch.float64, device=q.device)
-    budget = (topk or layout.num_keys) + layout.window
-    C = _chunk_size(NQ, R, min(layout.num_keys, budget + 64))
+    C = _chunk_size(NQ, R, _budget(layout, topk))
     for s in range(S):
         for c0 in range(0, NQ, C):
             c1 = min(NQ, c0 + C)

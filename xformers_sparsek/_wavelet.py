@@ -23,6 +23,11 @@ from typing import Tuple
 import torch
 
 
+def _take(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    # index_select is several times faster than advanced indexing for 1-D gathers on CPU
+    return table.index_select(0, idx.reshape(-1)).view(idx.shape)
+
+
 class WaveletMatrix:
     def __init__(self, ranks: torch.Tensor, weights: torch.Tensor):
         """ranks: int64 [B, N], each row a permutation of 0..N-1; weights: float64 [B, N]."""
@@ -59,12 +64,12 @@ class WaveletMatrix:
         acc = torch.zeros(lo.shape, dtype=self.wsum.dtype, device=lo.device)
         for li in range(self.nbits):
             base = self._level(row, li)
-            zlo, zhi = z[base + lo], z[base + hi]
+            zlo, zhi = _take(z, base + lo), _take(z, base + hi)
             take = ((theta >> (self.nbits - 1 - li)) & 1) == 1
             # bit of theta is 1: every element with bit 0 here is below theta
             cnt = cnt + torch.where(take, zhi - zlo, 0)
-            acc = acc + torch.where(take, ws[base + hi] - ws[base + lo], 0.0)
-            nz = nzs[row * self.nbits + li]
+            acc = acc + torch.where(take, _take(ws, base + hi) - _take(ws, base + lo), 0.0)
+            nz = _take(nzs, row * self.nbits + li)
             lo = torch.where(take, nz + lo - zlo, zlo)
             hi = torch.where(take, nz + hi - zhi, zhi)
         return cnt, acc
@@ -77,12 +82,12 @@ class WaveletMatrix:
         rank = torch.zeros_like(lo)
         for li in range(self.nbits):
             base = self._level(row, li)
-            zlo, zhi = z[base + lo], z[base + hi]
+            zlo, zhi = _take(z, base + lo), _take(z, base + hi)
             nzero_here = zhi - zlo
             go1 = k >= nzero_here
             k = torch.where(go1, k - nzero_here, k)
             rank = rank | (go1.to(rank.dtype) << (self.nbits - 1 - li))
-            nz = nzs[row * self.nbits + li]
+            nz = _take(nzs, row * self.nbits + li)
             lo = torch.where(go1, nz + lo - zlo, zlo)
             hi = torch.where(go1, nz + hi - zhi, zhi)
         return rank
