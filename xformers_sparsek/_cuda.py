@@ -16,7 +16,7 @@ from . import _ext
 from ._layout import QueryLayout
 from ._selection import Selection, build_tables
 
-_TILE_ROWS = 64  # rows (query x packed head) of one forward CTA
+_TILE_ROWS = 128  # rows (query x packed head) of one forward CTA (FwdTraits::kBM)
 
 
 def unsupported_reason(q, k, v, scores, layout: QueryLayout) -> Optional[str]:

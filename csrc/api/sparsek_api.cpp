@@ -179,7 +179,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
       TORCH_CHECK(t->stride(d) % 8 == 0, "q/k/v strides must be multiples of 8 elements");
   const at::cuda::OptionalCUDAGuard guard(q.device());
   const int NQ = q.size(0), S = q.size(1), R = q.size(2), NK = k.size(0);
-  TORCH_CHECK(R % rp == 0 && 64 % rp == 0, "rp must divide R and 64");
+  TORCH_CHECK(R % rp == 0 && 128 % rp == 0, "rp must divide R and 128");
   at::Tensor o = at::empty({NQ, S, R, D}, q.options());
   at::Tensor lse = at::empty({S, R, NQ}, q.options().dtype(at::kFloat));
   xsk::FwdParams p{};

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# GPU check, run from the repo root on the remote H100 (Python 3.12, torch 2.11+cu130,
+# nvcc 13.0 at the default location, no internet, no xformers). Carry `.whl/` (made by
+# scripts/fetch_xformers_wheel.sh) to get xformers there.
+#   OUT=/some/dir SANITIZE=1 bash scripts/gpu_check.sh
+# The full suite alone takes minutes on an H100; to fit a 10-minute device call, pick steps
+# with STEPS (default "build info tests bench") and narrow pytest with PYTEST_ARGS, e.g.
+#   STEPS="build tests" PYTEST_ARGS="-k cuda" bash scripts/gpu_check.sh
+# Every step runs even if an earlier one failed; the exit code is non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+
+names=() statuses=() secs=()
+step() {  # step NAME FUNC: run FUNC, record status and seconds
+  local name=$1 t0 st; shift
+  t0=$(date +%s)
+  echo "=== $name" >&2
+  if "$@"; then st=ok; else st="FAIL($?)"; fi
+  names+=("$name") statuses+=("$st") secs+=($(( $(date +%s) - t0 )))
+}
+
+install_wheels() {
+  # --target + PYTHONPATH: leaves the machine's site-packages (and its torch) alone.
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || return
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  # a carried ninja wheel puts its launcher here; torch finds ninja on PATH
+  if [ -d /tmp/site/bin ]; then export PATH=/tmp/site/bin:$PATH; fi
+}
+
+build() {
+  MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a python3 setup.py build_ext --inplace \
+    > "$OUT/build.log" 2>&1 || { local rc=$?; tail -n 60 "$OUT/build.log"; return $rc; }
+}
+
+info() { python3 -m xformers_sparsek info 2>&1 | tee "$OUT/info.log"; }
+# shellcheck disable=SC2086  # PYTEST_ARGS is split on purpose
+tests() { python3 -m pytest -q tests -x ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"; }
+
+sanitize() {  # sanitize TOOL
+  local cs
+  cs=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  # No caching allocator: otherwise out-of-bounds accesses inside cached blocks go unseen.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool "$1" --error-exitcode 99 \
+    python3 -m pytest -q tests -k "cuda and small" > "$OUT/$1.log" 2>&1
+  local rc=$?
+  tail -n 15 "$OUT/$1.log"
+  return $rc
+}
+
+bench() { python3 benchmarks/bench.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"; }
+
+want() { [[ " ${STEPS:-build info tests bench} " == *" $1 "* ]]; }
+
+nvidia-smi > "$OUT/nvidia-smi.log" 2>&1 || true
+if compgen -G ".whl/*.whl" > /dev/null; then step "install wheels" install_wheels; fi
+if want build; then step "build (sm_90a)" build; fi
+if want info; then step "info" info; fi
+if want tests; then step "tests" tests; fi
+if [ "${SANITIZE:-0}" = 1 ]; then
+  step "memcheck" sanitize memcheck
+  step "racecheck" sanitize racecheck
+fi
+if want bench && [ -f benchmarks/bench.py ]; then step "bench" bench; fi
+
+failed=0
+printf '\n%-16s %-10s %6s\n' step status seconds
+for i in "${!names[@]}"; do
+  printf '%-16s %-10s %6s\n' "${names[$i]}" "${statuses[$i]}" "${secs[$i]}"
+  [ "${statuses[$i]}" = ok ] || failed=1
+done
+exit $failed
