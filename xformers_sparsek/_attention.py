@@ -77,15 +77,36 @@ def _budget(layout: QueryLayout, topk: Optional[int]) -> int:
     return max(1, pool + longest_window)
 
 
-def _scores_and_probs(qc, kc, ch: _Chunk, scale: float):
+def _scores_and_probs(qc, kc, ch: _Chunk, scale: float, keep_qk: bool = False):
+    """(q.k, gate [C,1,K] or None, softmax probabilities [C,R,K], lse [C,R]).
+
+    Written with in-place ops: on the CPU these memory passes dominate the chunk's cost.
+    """
     qk = torch.einsum("crd,krd->crk", qc, kc)
     gate = ch.gate.unsqueeze(1).to(qc.dtype) if ch.gate is not None else None
-    s = qk * scale if gate is None else qk * (gate * scale)
-    att = ch.attended.unsqueeze(1)
-    s = s.masked_fill(~att, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [C, R]; -inf for empty rows
-    a = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
-    return qk, gate, a, lse
+    s = qk.clone() if keep_qk else qk
+    s.mul_(scale if gate is None else gate * scale)
+    s.masked_fill_(~ch.attended.unsqueeze(1), float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m.masked_fill_(torch.isinf(m), 0.0)  # empty rows: avoid -inf - -inf
+    a = s.sub_(m).exp_()
+    total = a.sum(dim=-1, keepdim=True)
+    lse = (total.log() + m).squeeze(-1)  # [C, R]; -inf for empty rows
+    a.div_(total.clamp_(min=torch.finfo(total.dtype).tiny))
+    return (qk if keep_qk else None), gate, a, lse
+
+
+def _exact_chunk_cpu(qc, kc, vc, ch: _Chunk, scale: float):
+    """Exact mode on the CPU: PyTorch's fused flash-attention CPU kernel with the chunk's
+    mask.  Returns (out [C,R,Dv], lse [C,R])."""
+    bias = torch.zeros(ch.attended.shape, dtype=qc.dtype).masked_fill_(~ch.attended, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qc.transpose(0, 1).unsqueeze(0), kc.transpose(0, 1).unsqueeze(0).contiguous(),
+        vc.transpose(0, 1).unsqueeze(0).contiguous(), 0.0, False, attn_mask=bias, scale=scale,
+    )
+    lse = lse[0].transpose(0, 1)
+    empty = ~ch.attended.any(dim=1, keepdim=True)  # the kernel reports lse 0 for those
+    return out[0].transpose(0, 1), lse.masked_fill(empty, float("-inf"))
 
 
 def forward(
@@ -108,9 +129,12 @@ def forward(
             qc = q[c0:c1, s].to(cdt)
             kc = k[ch.keys, s].to(cdt)
             vc = v[ch.keys, s].to(cdt)
-            _, gate, a, lse_c = _scores_and_probs(qc, kc, ch, scale)
-            w = a if gate is None else a * gate
-            out[c0:c1, s] = torch.einsum("crk,krd->crd", w, vc).to(q.dtype)
+            if ch.gate is None and q.device.type == "cpu" and cdt == torch.float32:
+                o_c, lse_c = _exact_chunk_cpu(qc, kc, vc, ch, scale)
+            else:
+                _, gate, a, lse_c = _scores_and_probs(qc, kc, ch, scale)
+                o_c = torch.einsum("crk,krd->crd", a if gate is None else a.mul_(gate), vc)
+            out[c0:c1, s] = o_c.to(q.dtype)
             lse[s, :, c0:c1] = lse_c.transpose(0, 1)
     return out, lse, sel
 
@@ -147,7 +171,7 @@ def backward(
             kc = k[ch.keys, s].to(cdt)
             vc = v[ch.keys, s].to(cdt)
             doc = dout[c0:c1, s].to(cdt)
-            qk, gate, a, _ = _scores_and_probs(qc, kc, ch, scale)
+            qk, gate, a, _ = _scores_and_probs(qc, kc, ch, scale, keep_qk=True)
             vv = torch.einsum("crd,krd->crk", doc, vc)  # do_i . v_j
             dp = vv if gate is None else vv * gate
             di = (a * dp).sum(-1, keepdim=True)  # = do_i . o_i
