@@ -134,13 +134,25 @@ def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
     a, nf, sf, _ = piece(p_hi)
     left = flat_cb[head * (npieces + 1) + p_hi]
     right = flat_cb[head * (npieces + 1) + p_hi + 1]
-    # a + sum_F u - |F| tau = k on this piece.  If F is empty, f == k on the whole piece
-    # and tau is not unique (the gates are 0/1 either way): take the midpoint, which keeps
-    # every key away from the gate's kinks.
-    tau_piece = (a + sf - k) / nf.clamp(min=1).to(torch.float64)
-    tau_sel = torch.where(nf > 0, torch.minimum(torch.maximum(tau_piece, left), right),
-                          0.5 * (left + right))
-    nF_sel = nf
+    # tau lies in (left, right]: a + sum_F u - |F| tau = k there.
+    tau_sel = torch.minimum(torch.maximum((a + sf - k) / nf.clamp(min=1).double(), left), right)
+    # If f == k on the whole next piece of positive width (all its keys saturated or zero),
+    # tau is not unique; the gates are the same for any choice, and we take that piece's
+    # midpoint, which keeps every key away from the gate's kinks.
+    nxt = torch.searchsorted(cb, right.view(S, nq_sel), right=True).reshape(-1) - 1
+    has_next = nxt < npieces
+    nxt = torch.clamp(nxt, max=npieces - 1)
+    a2, nf2, _, _ = piece(nxt)
+    flat = has_next & (nf2 == 0) & (a2 == k)
+    mid_next = 0.5 * (flat_cb[head * (npieces + 1) + nxt] + flat_cb[head * (npieces + 1) + nxt + 1])
+    tau_sel = torch.where(flat, mid_next, tau_sel)
+    # |F|: pool keys with tau < u < tau + 1, counted at tau itself so that the backward's
+    # sums over F (which test 0 < gate < 1) use the same set even at a kink.
+    r_le = torch.searchsorted(sv, tau_sel.view(S, nq_sel), right=True).reshape(-1)
+    r_lt1 = torch.searchsorted(sv, (tau_sel + 1.0).view(S, nq_sel), right=False).reshape(-1)
+    nF_sel = (
+        wm.count_sum_below(head, lo, hi, r_lt1)[0] - wm.count_sum_below(head, lo, hi, r_le)[0]
+    )
 
     # Top-k boundary: the (n - k)-th smallest rank in the pool (0-based).
     kk = (hi - lo) - topk

@@ -7,8 +7,9 @@ xFormers has no plugin registry: ``memory_efficient_attention`` looks ``_dispatc
 Two levels, by design:
   * **Always (on import):** inputs whose ``attn_bias`` is a ``SparseKMask`` go to
     SparseKOp.  Nothing else can run them, so existing models are unaffected.  If the mask's
-    scores require grad, the call is routed through ``sparsek_attention`` so that the
-    scores receive gradients (xFormers' autograd function only returns dq/dk/dv).
+    scores require grad, or 5-D (BMGHK) inputs need a backward with SparseKOp, the call is
+    routed through ``sparsek_attention`` (xFormers' autograd function only returns
+    dq/dk/dv, and its backward handles BMK/BMHK only).
   * **``enable()``:** SparseKOp is also appended *after* xFormers' own ops for standard
     biases, so it is used only where no built-in op supports the inputs (e.g. CPU tensors,
     or a machine where xFormers' binary did not load).  ``disable()`` undoes it.
@@ -62,21 +63,35 @@ def _dispatch_bw(inp, varlen_lse_packed):
         raise e
 
 
-def _memory_efficient_attention(inp, op=None):
+def _needs_functional_path(inp, op) -> bool:
+    """Cases xFormers' autograd function can't serve but sparsek_attention can: score
+    gradients, and any backward of 5-D (BMGHK) inputs (xFormers' backward reshapes the
+    gradient as BMK/BMHK only)."""
+    if not torch.is_grad_enabled() or inp.p != 0.0:
+        return False
+    if inp.output_dtype not in (None, inp.query.dtype):
+        return False
     b = inp.attn_bias
-    if (
-        isinstance(b, SparseKMask)
-        and b.scores.requires_grad
-        and torch.is_grad_enabled()
-        and (op is None or op[0] is FwOp)
-        and inp.p == 0.0
-        and inp.output_dtype in (None, inp.query.dtype)
-    ):
+    ours = isinstance(b, SparseKMask)
+    # SparseKMask inputs run on SparseKOp unless another op is forced; plain biases only
+    # when SparseKOp is asked for explicitly.
+    uses_sparsek = (op is None or op[0] is FwOp) if ours else (op is not None and op[0] is FwOp)
+    if not uses_sparsek:
+        return False
+    qkv_grad = any(t.requires_grad for t in (inp.query, inp.key, inp.value))
+    return (ours and b.scores.requires_grad) or (inp.query.ndim == 5 and qkv_grad)
+
+
+def _memory_efficient_attention(inp, op=None):
+    if _needs_functional_path(inp, op):
         from .functional import sparsek_attention
 
-        return sparsek_attention(
-            inp.query, inp.key, inp.value, b.scores, b.topk, b.window, b.base, inp.scale
-        )
+        b = inp.attn_bias
+        if isinstance(b, SparseKMask):
+            return sparsek_attention(
+                inp.query, inp.key, inp.value, b.scores, b.topk, b.window, b.base, inp.scale
+            )
+        return sparsek_attention(inp.query, inp.key, inp.value, None, None, 0, b, inp.scale)
     return _ORIGINAL["_memory_efficient_attention"](inp, op)
 
 

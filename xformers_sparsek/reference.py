@@ -16,24 +16,36 @@ def capped_simplex_tau(u: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Ten
     """tau with sum clip(u - tau, 0, 1) = k (needs u.numel() > k); returns (tau, F mask).
 
     Scans every piece between consecutive breakpoints {u} U {u - 1}; on the piece holding
-    tau, tau = (a + sum_F u - k) / |F| (differentiable in u).  Where that piece has no
-    fractional key, f == k on all of it and tau is its midpoint (the gates are 0/1 anyway).
+    tau, tau = (a + sum_F u - k) / |F| (differentiable in u).  Where f == k on a whole piece
+    (no fractional key: every key saturated or zero) tau is not unique; we take that
+    piece's midpoint (the gates are the same for any choice).
     """
     with torch.no_grad():
         v = u.detach()
         bp = torch.cat([v, v - 1]).sort().values
-        for m in range(bp.numel() - 1):
-            t = 0.5 * (bp[m] + bp[m + 1])
+
+        def counts(t):
             frac = (v > t) & (v < t + 1)
-            a = int((v >= t + 1).sum())
-            f_right = a + float((v[frac] - bp[m + 1]).sum())
-            if f_right <= k:
+            return int((v >= t + 1).sum()), frac
+
+        for m in range(bp.numel() - 1):
+            a, frac = counts(0.5 * (bp[m] + bp[m + 1]))
+            if a + float((v[frac] - bp[m + 1]).sum()) <= k:
+                break  # first piece whose right end has f <= k: tau is in (bp[m], bp[m+1]]
+        flat_mid = None
+        for m2 in range(m + 1, bp.numel() - 1):  # next piece of positive width
+            if bp[m2 + 1] > bp[m2]:
+                t2 = 0.5 * (bp[m2] + bp[m2 + 1])
+                a2, frac2 = counts(t2)
+                if a2 == k and not frac2.any():
+                    flat_mid = t2
                 break
-    if frac.any():
-        tau = (a + u[frac].sum() - k) / frac.sum()
-        tau = tau.clamp(float(bp[m]), float(bp[m + 1]))
+    if flat_mid is not None:
+        tau = (u * 0).sum() + flat_mid
     else:
-        tau = (u * 0).sum() + t
+        tau = ((a + u[frac].sum() - k) / frac.sum()).clamp(float(bp[m]), float(bp[m + 1]))
+    with torch.no_grad():
+        frac = (v > tau) & (v < tau + 1)  # F at tau itself (strict), as the fast paths use
     return tau, frac
 
 

@@ -123,17 +123,40 @@ __global__ void select_kernel(SelectParams p) {
   }
   double a, nf, sf, f;
   qr.piece(p_hi, a, nf, sf, f);
-  const double left = p.cb[(size_t)s * (2 * p.NK) + p_hi];
-  const double right = p.cb[(size_t)s * (2 * p.NK) + p_hi + 1];
-  double tau;
-  if (nf > 0) {
-    tau = fmin(fmax((a + sf - p.topk) / nf, left), right);
-  } else {
-    tau = 0.5 * (left + right);  // f == k on the whole piece: take its midpoint
+  const double* cb = p.cb + (size_t)s * (2 * p.NK);
+  const double left = cb[p_hi], right = cb[p_hi + 1];
+  // tau lies in (left, right]: a + sum_F u - |F| tau = k there.
+  double tau = fmin(fmax((a + sf - p.topk) / fmax(nf, 1.0), left), right);
+  // If f == k on the whole next piece of positive width, tau is not unique: take that
+  // piece's midpoint (same gates, every key away from the gate's kinks).
+  int nxt = p_hi + 1, hi_b = 2 * p.NK;  // last index with cb == right: upper bound - 1
+  while (nxt < hi_b) {
+    const int m = (nxt + hi_b) / 2;
+    if (cb[m] <= right) nxt = m + 1; else hi_b = m;
   }
+  nxt -= 1;
+  if (nxt < npieces) {
+    double a2, nf2, sf2, f2;
+    qr.piece(nxt, a2, nf2, sf2, f2);
+    if (nf2 == 0 && a2 == p.topk) tau = 0.5 * (cb[nxt] + cb[nxt + 1]);
+  }
+  // |F| at tau itself (keys with tau < u < tau + 1), the set the backward sums over.
+  const double* sv = p.sv + (size_t)s * p.NK;
+  auto upper = [&](double x, bool inclusive) {  // #sorted scores <= x (or < x)
+    int lo = 0, hi = p.NK;
+    while (lo < hi) {
+      const int m = (lo + hi) / 2;
+      if (inclusive ? sv[m] <= x : sv[m] < x) lo = m + 1; else hi = m;
+    }
+    return lo;
+  };
+  int c_le, c_lt1;
+  double unused;
+  qr.count_sum_below(upper(tau, true), c_le, unused);
+  qr.count_sum_below(upper(tau + 1.0, false), c_lt1, unused);
   const int rb = qr.kth_smallest(n - p.topk);
   p.tau[t] = tau;
-  p.nF[t] = (int64_t)nf;
+  p.nF[t] = c_lt1 - c_le;
   p.rb[t] = rb;
   p.ub[t] = p.sv[(size_t)s * p.NK + rb];
   p.jb[t] = p.perm[(size_t)s * p.NK + rb];

@@ -1,0 +1,246 @@
+"""The SparseK selection stage (DESIGN.md section 1) against hand-worked and brute-force answers.
+
+* the worked example of DESIGN.md through the reference, the fast selection and the public API;
+* ``_layout.build_layout`` (pool / window intervals) against xFormers' ``materialize``;
+* ``_selection.select`` (tau, top-k boundary, nF) against the numpy brute force of conftest
+  on many score distributions and every base bias;
+* ``_wavelet.WaveletMatrix`` against brute force.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    BIAS_TYPES,
+    allowed_matrix,
+    brute_row,
+    brute_tau,
+    kind_id,
+    make_bias,
+    query_positions,
+)
+from xformers.ops.fmha import attn_bias as xab
+
+import xformers_sparsek
+from xformers_sparsek import _layout, _selection, _wavelet, reference
+
+CPU = torch.device("cpu")
+EX_U = [0.9, 0.1, 0.5, 1.4, 0.15]  # DESIGN.md worked example, topk = 2
+EX_P = [0.7, 0.0, 0.3, 1.0, 0.0]
+
+
+def select_rows(u, base, B, Mq, Mk, window, topk):
+    """Run the fast selection; u: float64 [S, B*Mk] -> (layout, Selection)."""
+    lay = _layout.build_layout(base, B, Mq, Mk, window, CPU)
+    return lay, _selection.select(u, lay, topk)
+
+
+def selected_set(u_row, lay, sel, s, i):
+    """Pool keys of query i that the Selection marks as selected (by the (ub, jb) rule)."""
+    lo, wlo = int(lay.pool_lo[i]), int(lay.win_lo[i])
+    ub, jb = float(sel.ub[s, i]), int(sel.jb[s, i])
+    return [j for j in range(lo, wlo) if (u_row[j], j) >= (ub, jb)]
+
+
+# ------------------------------------------------------------------------------------------
+# worked example
+
+
+def test_worked_example_reference_tau():
+    u = torch.tensor(EX_U, dtype=torch.float64)
+    tau, frac = reference.capped_simplex_tau(u, 2)
+    assert abs(float(tau) - 0.2) < 1e-12
+    p = (u - tau).clamp(0, 1)
+    torch.testing.assert_close(p, torch.tensor(EX_P, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert frac.tolist() == [True, False, True, False, False]
+    lo, hi = brute_tau(np.array(EX_U), 2)  # the test's own brute force agrees
+    assert abs(lo - 0.2) < 1e-12 and abs(hi - 0.2) < 1e-12
+
+
+@pytest.mark.parametrize("window", [0, 1])
+def test_worked_example_fast_selection(window):
+    # keys 0..4 carry the example scores; with window=1 a sixth key (position 5) is the
+    # window of the query at position 5, whatever its score.
+    u = torch.tensor([EX_U + [7.0] * window], dtype=torch.float64)
+    base = xab.LowerTriangularMask() if window else None
+    Mq = 6 if window else 1
+    lay, sel = select_rows(u, base, 1, Mq, u.shape[1], window, 2)
+    i = Mq - 1
+    assert (int(lay.pool_lo[i]), int(lay.win_lo[i])) == (0, 5)
+    assert int(lay.win_hi[i]) == (6 if window else 5)
+    assert abs(float(sel.tau[0, i]) - 0.2) < 1e-12
+    assert (float(sel.ub[0, i]), int(sel.jb[0, i])) == (0.9, 0)
+    assert int(sel.nF[0, i]) == 2  # keys 0 and 2 are fractional
+    assert selected_set(u[0].tolist(), lay, sel, 0, i) == [0, 3]
+    gates = (u[0, [3, 0]] - sel.tau[0, i]).clamp(0, 1)
+    torch.testing.assert_close(gates, torch.tensor([1.0, 0.7], dtype=torch.float64),
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [0, 1])
+def test_worked_example_end_to_end(window):
+    """Value vectors are one-hot, so the output row is a_ij * m_ij: the gates can be read."""
+    Mk = 6 if window else 5
+    D = 8
+    q = torch.randn(1, Mk, 1, D, dtype=torch.float64)
+    k = torch.randn(1, Mk, 1, D, dtype=torch.float64)
+    v = torch.eye(Mk, dtype=torch.float64).reshape(1, Mk, 1, Mk)
+    scores = torch.tensor(EX_U + [7.0][: Mk - 5], dtype=torch.float64).reshape(1, Mk, 1)
+    base = xab.LowerTriangularMask() if window else None
+    out, lse = xformers_sparsek.sparsek_attention(q, k, v, scores, 2, window, base,
+                                                  return_lse=True)
+    i = Mk - 1 if window else 0  # the query at position 5 (window) / any query (no mask)
+    gate = {3: 1.0, 0: 0.7}
+    if window:
+        gate[5] = 1.0
+    keys = sorted(gate)
+    m = torch.tensor([gate[j] for j in keys], dtype=torch.float64)
+    logits = D ** -0.5 * m * (k[0, keys, 0] @ q[0, i, 0])
+    a = torch.softmax(logits, 0)
+    expect = torch.zeros(Mk, dtype=torch.float64)
+    expect[keys] = a * m
+    torch.testing.assert_close(out[0, i, 0], expect, rtol=0, atol=1e-12)
+    assert out[0, i, 0, 2] == 0  # p_2 = 0.3 > 0, but key 2 is outside the top-2
+    assert abs(float(lse[0, 0, i]) - float(torch.logsumexp(logits, 0))) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------
+# layouts
+
+
+@pytest.mark.parametrize("kind", BIAS_TYPES, ids=kind_id)
+def test_layout_intervals_match_materialize(kind):
+    for _ in range(4):
+        base, B, Mq, Mk, causal = make_bias(kind, max_len=13, allow_empty=True)
+        allowed = allowed_matrix(base, B, Mq, Mk)
+        pos = query_positions(base, Mq, Mk)
+        for window in ([0, 1, 3] if causal else [0]):
+            lay = _layout.build_layout(base, B, Mq, Mk, window, CPU)
+            for b in range(B):
+                for i in range(Mq):
+                    r = brute_row(np.zeros(Mk), allowed[b, i], int(pos[i]), window, 10**9)
+                    n = b * Mq + i
+                    lo, wlo, whi = (int(t[n]) - b * Mk for t in (lay.pool_lo, lay.win_lo,
+                                                                  lay.win_hi))
+                    assert list(range(lo, wlo)) == r.pool, (base, window, b, i)
+                    assert list(range(wlo, whi)) == r.window, (base, window, b, i)
+
+
+# ------------------------------------------------------------------------------------------
+# fast selection vs brute force
+
+
+def draw_scores(dist, shape):
+    if dist == "random":
+        return torch.randn(shape, dtype=torch.float64)
+    if dist == "ties":
+        return torch.randint(0, 5, shape).to(torch.float64) * 0.5
+    if dist == "quantized":  # bf16-rounded scores: ties and dyadic gaps
+        return torch.randn(shape).to(torch.bfloat16).to(torch.float64)
+    if dist == "near_equal":
+        return 1.0 + 1e-7 * torch.randn(shape, dtype=torch.float64)
+    if dist == "spread":
+        return 100.0 * torch.randn(shape, dtype=torch.float64)
+    if dist == "all_equal":
+        return torch.full(shape, float(torch.randn(())), dtype=torch.float64)
+    raise AssertionError(dist)
+
+
+def check_selection(u, base, B, Mq, Mk, window, topk):
+    """Compare _selection.select on u [S, B*Mk] with the brute force, row by row."""
+    lay, sel = select_rows(u, base, B, Mq, Mk, window, topk)
+    allowed = allowed_matrix(base, B, Mq, Mk)
+    pos = query_positions(base, Mq, Mk)
+    S = u.shape[0]
+    scale = max(1.0, float(u.abs().max()))
+    tol = 1e-12 * scale
+    for s in range(S):
+        for b in range(B):
+            ub = u[s, b * Mk:(b + 1) * Mk].numpy()
+            for i in range(Mq):
+                n = b * Mq + i
+                ctx = dict(s=s, b=b, i=i, window=window, topk=topk, base=base)
+                r = brute_row(ub, allowed[b, i], int(pos[i]), window, topk)
+                tau = float(sel.tau[s, n])
+                if r.tau is None:  # the whole pool is selected with gate 1
+                    assert tau == -math.inf and float(sel.ub[s, n]) == -math.inf, ctx
+                    assert int(sel.nF[s, n]) == 0, ctx
+                    continue
+                got = [j - b * Mk for j in selected_set(u[s].tolist(), lay, sel, s, n)]
+                assert sorted(got) == sorted(r.selected), ctx
+                assert r.tau[0] - tol <= tau <= r.tau[1] + tol, (ctx, tau, r.tau)
+                gates = np.clip(ub[r.selected] - tau, 0.0, 1.0)
+                np.testing.assert_allclose(gates, r.gates, rtol=0, atol=tol, err_msg=str(ctx))
+                if r.nF is not None and r.margin > 1e-9 * scale:
+                    assert int(sel.nF[s, n]) == r.nF, (ctx, int(sel.nF[s, n]), r.nF)
+
+
+DISTS = ["random", "ties", "quantized", "near_equal", "spread", "all_equal"]
+
+
+@pytest.mark.parametrize("kind", BIAS_TYPES, ids=kind_id)
+@pytest.mark.parametrize("dist", DISTS)
+def test_select_matches_brute_force(dist, kind):
+    base, B, Mq, Mk, causal = make_bias(kind, max_len=15, allow_empty=True)
+    S = 2
+    u = draw_scores(dist, (S, B * Mk))
+    for window in ([0, 1, 5] if causal else [0]):
+        for topk in (1, int(torch.randint(2, 6, ())), Mk + 1):
+            check_selection(u, base, B, Mq, Mk, window, topk)
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_select_long_pools(dist):
+    """One longer causal sequence: pools up to 300 keys, many fractional keys."""
+    M = 300
+    u = draw_scores(dist, (1, M))
+    for window, topk in ((0, 1), (5, 17), (1, 64)):
+        check_selection(u, xab.LowerTriangularMask(), 1, M, M, window, topk)
+
+
+def test_select_flat_threshold_gates():
+    """Scores far apart (gap > 1 at the top-k boundary): tau is not unique, gates are 0/1."""
+    u = torch.tensor([[5.0, 5.0, 0.0, -3.0]], dtype=torch.float64)
+    lay, sel = select_rows(u, None, 1, 1, 4, 0, 2)
+    tau = float(sel.tau[0, 0])
+    assert 0.0 <= tau <= 4.0
+    assert selected_set(u[0].tolist(), lay, sel, 0, 0) == [0, 1]
+    assert (u[0, :2] - tau).clamp(0, 1).tolist() == [1.0, 1.0]
+
+
+def test_select_flat_threshold_convention():
+    u = torch.tensor([[5.0, 5.0, 0.0]], dtype=torch.float64)
+    _, sel = select_rows(u, None, 1, 1, 3, 0, 2)
+    # f(t) = 2 on [0, 4]: documented convention -> tau = 2, no fractional key
+    assert (float(sel.tau[0, 0]), int(sel.nF[0, 0])) == (2.0, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# wavelet matrix
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 33, 64, 65])
+def test_wavelet_matrix_brute_force(n):
+    """Two rows (independent permutations) per matrix, queried together."""
+    ranks = torch.stack([torch.randperm(n) for _ in range(2)])
+    w = torch.randn(2, n, dtype=torch.float64)
+    wm = _wavelet.WaveletMatrix(ranks, w)
+    lo, hi = torch.triu_indices(n + 1, n + 1, offset=1)  # every range lo < hi
+    if lo.numel() > 300:
+        pick = torch.randperm(lo.numel())[:300]
+        lo, hi = lo[pick], hi[pick]
+    row = torch.randint(0, 2, lo.shape)
+    for theta in sorted({0, 1, n // 2, n - 1, n, int(torch.randint(0, n + 1, ()))}):
+        cnt, acc = wm.count_sum_below(row, lo, hi, torch.full_like(lo, theta))
+        below = ranks < theta
+        for t in range(lo.numel()):
+            b, seg = int(row[t]), slice(int(lo[t]), int(hi[t]))
+            assert int(cnt[t]) == int(below[b, seg].sum())
+            assert abs(float(acc[t]) - float(w[b, seg][below[b, seg]].sum())) < 1e-12
+    kk = ((hi - lo).to(torch.float64) * torch.rand(lo.shape)).long()  # 0 <= k < hi - lo
+    got = wm.kth_smallest(row, lo, hi, kk)
+    for t in range(lo.numel()):
+        expect = ranks[int(row[t]), int(lo[t]):int(hi[t])].sort().values[int(kk[t])]
+        assert int(got[t]) == int(expect)
