@@ -25,6 +25,11 @@ def forward(q, k, v, scores, layout, topk, scale):
 
 
 def backward(dout, q, k, v, scores, out, lse, layout, topk, scale, sel, need_dscores):
+    if _use_cuda(q, k, v, scores, layout):
+        res = _cuda.backward(dout, q, k, v, scores, out, lse, layout, topk, scale, sel)
+        if res is not None:
+            dq, dk, dv, ds = res
+            return dq, dk, dv, (ds if need_dscores else None)
     return _attention.backward(
         dout, q, k, v, scores, layout, topk, scale, sel=sel, need_dscores=need_dscores
     )

@@ -121,3 +121,91 @@ def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: fl
             tile_q0, tile_q1, empty, empty, rp, scale,
         )
     return out, lse, sel
+
+
+_BWD_DQ_ROWS = 64  # BwdDqTraits::kBM
+_BWD_SUPER_ROWS = 1024  # rows per dk/dv super-tile: (1024 / RP) queries x RP heads
+
+
+def _pad64(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
+def _tile_extents(layout: QueryLayout, q0: torch.Tensor, q1: torch.Tensor):
+    """min win_lo and max win_hi over each tile's queries (as the kernels compute them)."""
+    nq = layout.num_queries
+    qpt = int(q1[0] - q0[0])
+    pad = (-nq) % qpt
+    wlo = torch.nn.functional.pad(layout.win_lo, (0, pad), value=2**62).view(-1, qpt)
+    whi = torch.nn.functional.pad(layout.win_hi, (0, pad), value=-1).view(-1, qpt)
+    return wlo.min(1).values, whi.max(1).values
+
+
+def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, sel):
+    """CUDA backward (sparse mode): (dq, dk, dv, dscores float64) or None when the inputs
+    need the PyTorch path (exact mode, or no forward statistics to reuse)."""
+    if scores is None or lse is None or out is None or lse.dtype != torch.float32:
+        return None
+    C = _ext.load_extension()
+    NQ, S, R, D = q.shape
+    NK = k.shape[0]
+    rp = _rows_per_kv(k, v, R)
+    q, k, v, dout = _aligned(q), _aligned(k), _aligned(v), _aligned(dout.to(q.dtype))
+    if rp > 1 and (k.stride(2) != 0 or v.stride(2) != 0):
+        rp = 1
+    if sel is None or getattr(sel, "ranks32", None) is None:
+        sel = select(scores, layout, topk)
+    u = scores.float().contiguous()
+    delta = (dout.float() * out.float()).sum(-1).permute(1, 2, 0).contiguous()  # [S, R, NQ]
+    lse = lse.contiguous()
+    # pass 1 tiling (64 rows) and pass 2 super-tiles, each with its key lists
+    t0, t1 = _tiles(NQ, _BWD_DQ_ROWS // rp, q.device)
+    lists, counts, ovf1 = C.build_lists(sel.perm32, sel.rb, layout.pool_lo, layout.win_lo,
+                                        t0, t1, NK, int(topk) + _BWD_DQ_ROWS // rp)
+    qs = _BWD_SUPER_ROWS // rp
+    s0, s1 = _tiles(NQ, qs, q.device)
+    cap_s = int(topk) + qs
+    slists, scounts, ovf2 = C.build_lists(sel.perm32, sel.rb, layout.pool_lo, layout.win_lo,
+                                          s0, s1, NK, cap_s)
+    if int(ovf1.item()) or int(ovf2.item()):
+        return None
+    wlo_min, whi_max = _tile_extents(layout, s0, s1)
+    n_win = torch.clamp(whi_max - wlo_min, min=0)
+    list_slots = _pad64(cap_s)
+    slots = list_slots + _pad64(int(n_win.max()) if n_win.numel() else 0)
+    dq, grow, part_kv, part_u = C.bwd(
+        dout, q, k, v, u, sel.tau, sel.rb, sel.ranks32, layout.pool_lo, layout.win_lo,
+        layout.win_hi, lse, delta, t0, t1, lists, counts, s0, s1, slists, scounts, rp, scale,
+        slots, list_slots,
+    )
+    # Where each key's partials are: its list slots and its window slots, per head.
+    nsup = s0.numel()
+    valid = torch.arange(cap_s, device=q.device) < scounts.unsqueeze(-1)  # [S, nsup, cap]
+    hs, ts, ps = valid.nonzero(as_tuple=True)
+    keys = [slists[hs, ts, ps].long() + hs * NK]
+    flats = [ts * slots + ps]
+    t_rep = torch.repeat_interleave(torch.arange(nsup, device=q.device), n_win)
+    i_win = torch.arange(t_rep.numel(), device=q.device) - (torch.cumsum(n_win, 0) - n_win)[t_rep]
+    for h in range(S):
+        keys.append(wlo_min[t_rep] + i_win + h * NK)
+        flats.append(t_rep * slots + list_slots + i_win)
+    keys, flats = torch.cat(keys), torch.cat(flats)
+    order = torch.argsort(keys, stable=True)
+    off = torch.zeros(S * NK + 1, dtype=torch.int64, device=q.device)
+    off[1:] = torch.cumsum(torch.bincount(keys, minlength=S * NK), 0)
+    rg = R // rp
+    dk_g, dv_g, du_g = C.bwd_reduce(part_kv, part_u, off, flats[order].contiguous(), rg, NK)
+    # Group (s, rgroup) holds the gradient of the K/V its rp heads share; put it on the
+    # group's first head (autograd of the stride-0 expansion sums over the heads).
+    dk = torch.zeros(NK, S, R, D, dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    dk[:, :, ::rp] = dk_g.view(S, rg, NK, D).permute(2, 0, 1, 3)
+    dv[:, :, ::rp] = dv_g.view(S, rg, NK, D).permute(2, 0, 1, 3)
+    from ._selection import fractional_mean_sum
+
+    du_direct = du_g.view(S, rg, NK).sum(1).double()
+    g_row = grow.view(S, R, NQ).sum(1).double()
+    nF = sel.nF.double()
+    mean = torch.where(sel.nF > 0, g_row / nF.clamp(min=1.0), 0.0)
+    dscores = du_direct - fractional_mean_sum(scores, layout, sel, mean)
+    return dq, dk.to(q.dtype), dv.to(q.dtype), dscores

@@ -71,6 +71,8 @@ def sparsek_bwd(
     )
     if ds is None:
         ds = q.new_empty(0, dtype=torch.float32)
+    else:
+        ds = ds.to(scores.dtype)
     return dq, dk, dv, ds
 
 

@@ -156,14 +156,15 @@ std::vector<at::Tensor> build_lists(const at::Tensor& perm, const at::Tensor& rb
   return {lists, counts, overflow};
 }
 
-// Attention forward. q/k/v: [N, S, R, D] with a contiguous last dim. u == None: exact mode.
-std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const c10::optional<at::Tensor>& u, const at::Tensor& tau,
-                            const at::Tensor& rb, const at::Tensor& ranks,
-                            const at::Tensor& pool_lo, const at::Tensor& win_lo,
-                            const at::Tensor& win_hi, const at::Tensor& tile_q0,
-                            const at::Tensor& tile_q1, const at::Tensor& lists,
-                            const at::Tensor& counts, int64_t rp, double scale) {
+// Fills the parameters shared by the forward and backward kernels.  q/k/v: [N, S, R, D]
+// with a contiguous last dim; u == None: exact mode.
+xsk::FwdParams fill_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const c10::optional<at::Tensor>& u, const at::Tensor& tau,
+                           const at::Tensor& rb, const at::Tensor& ranks,
+                           const at::Tensor& pool_lo, const at::Tensor& win_lo,
+                           const at::Tensor& win_hi, const at::Tensor& tile_q0,
+                           const at::Tensor& tile_q1, const at::Tensor& lists,
+                           const at::Tensor& counts, int64_t rp, double scale) {
   TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "q, k, v must be CUDA tensors");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be [N, S, R, D]");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
@@ -172,26 +173,20 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
               "q, k, v must be float16 or bfloat16");
   const int D = q.size(3);
   TORCH_CHECK(k.size(3) == D && v.size(3) == D, "head dims of q, k, v must match");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
-              "q, k, v need a contiguous last dim");
-  for (const at::Tensor* t : {&q, &k, &v})
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->stride(3) == 1, "q, k, v need a contiguous last dim");
     for (int d = 0; d < 3; ++d)
       TORCH_CHECK(t->stride(d) % 8 == 0, "q/k/v strides must be multiples of 8 elements");
-  const at::cuda::OptionalCUDAGuard guard(q.device());
-  const int NQ = q.size(0), S = q.size(1), R = q.size(2), NK = k.size(0);
+  }
+  const int R = q.size(2);
   TORCH_CHECK(R % rp == 0 && 128 % rp == 0, "rp must divide R and 128");
-  at::Tensor o = at::empty({NQ, S, R, D}, q.options());
-  at::Tensor lse = at::empty({S, R, NQ}, q.options().dtype(at::kFloat));
   xsk::FwdParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.o = o.data_ptr();
   p.q_sn = q.stride(0); p.q_ss = q.stride(1); p.q_sr = q.stride(2);
   p.k_sn = k.stride(0); p.k_ss = k.stride(1); p.k_sr = k.stride(2);
   p.v_sn = v.stride(0); p.v_ss = v.stride(1); p.v_sr = v.stride(2);
-  p.o_sn = o.stride(0); p.o_ss = o.stride(1); p.o_sr = o.stride(2);
-  p.lse = lse.data_ptr<float>();
   if (u.has_value()) {
     check(*u, "u", at::kFloat);
     check(tau, "tau", at::kDouble);
@@ -217,16 +212,107 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
   p.win_hi = win_hi.data_ptr<int64_t>();
   p.tile_q0 = tile_q0.data_ptr<int>();
   p.tile_q1 = tile_q1.data_ptr<int>();
-  p.S = S;
+  p.S = q.size(1);
   p.R = R;
   p.RP = rp;
-  p.NQ = NQ;
-  p.NK = NK;
+  p.NQ = q.size(0);
+  p.NK = k.size(0);
   p.ntiles = tile_q0.size(0);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  const int dtype = q.scalar_type() == at::kBFloat16 ? 1 : 0;
-  CHECK_CUDA_OK(xsk::launch_fwd(p, dtype, D, at::cuda::getCurrentCUDAStream()));
+  return p;
+}
+
+int dtype_code(const at::Tensor& q) { return q.scalar_type() == at::kBFloat16 ? 1 : 0; }
+
+// Attention forward -> (out, lse [S, R, NQ] float32).
+std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& u, const at::Tensor& tau,
+                            const at::Tensor& rb, const at::Tensor& ranks,
+                            const at::Tensor& pool_lo, const at::Tensor& win_lo,
+                            const at::Tensor& win_hi, const at::Tensor& tile_q0,
+                            const at::Tensor& tile_q1, const at::Tensor& lists,
+                            const at::Tensor& counts, int64_t rp, double scale) {
+  const at::cuda::OptionalCUDAGuard guard(q.device());
+  xsk::FwdParams p = fill_params(q, k, v, u, tau, rb, ranks, pool_lo, win_lo, win_hi, tile_q0,
+                                 tile_q1, lists, counts, rp, scale);
+  at::Tensor o = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({p.S, p.R, p.NQ}, q.options().dtype(at::kFloat));
+  p.o = o.data_ptr();
+  p.o_sn = o.stride(0); p.o_ss = o.stride(1); p.o_sr = o.stride(2);
+  p.lse = lse.data_ptr<float>();
+  CHECK_CUDA_OK(xsk::launch_fwd(p, dtype_code(q), q.size(3), at::cuda::getCurrentCUDAStream()));
   return {o, lse};
+}
+
+// Backward passes 1 and 2 (sparse mode).  The dq pass runs on the (tile_q0, tile_q1, lists,
+// counts) tiling, the dk/dv pass on the super-tiles (sup_q0, sup_q1, sup_lists, sup_counts).
+// Returns (dq, grow [S, R, NQ], part_kv [G, ntiles_sup, slots, 2, D], part_u [G, ntiles_sup, slots]).
+std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& u, const at::Tensor& tau,
+                            const at::Tensor& rb, const at::Tensor& ranks,
+                            const at::Tensor& pool_lo, const at::Tensor& win_lo,
+                            const at::Tensor& win_hi, const at::Tensor& lse,
+                            const at::Tensor& delta, const at::Tensor& tile_q0,
+                            const at::Tensor& tile_q1, const at::Tensor& lists,
+                            const at::Tensor& counts, const at::Tensor& sup_q0,
+                            const at::Tensor& sup_q1, const at::Tensor& sup_lists,
+                            const at::Tensor& sup_counts, int64_t rp, double scale,
+                            int64_t slots, int64_t list_slots) {
+  const at::cuda::OptionalCUDAGuard guard(q.device());
+  TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
+                  dout.stride(3) == 1,
+              "dout must match q");
+  check(lse, "lse", at::kFloat);
+  check(delta, "delta", at::kFloat);
+  xsk::BwdDqParams b{};
+  b.f = fill_params(q, k, v, u, tau, rb, ranks, pool_lo, win_lo, win_hi, tile_q0, tile_q1, lists,
+                    counts, rp, scale);
+  b.dout = dout.data_ptr();
+  b.do_sn = dout.stride(0); b.do_ss = dout.stride(1); b.do_sr = dout.stride(2);
+  b.lse = lse.data_ptr<float>();
+  b.delta = delta.data_ptr<float>();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  b.dq = dq.data_ptr();
+  b.dq_sn = dq.stride(0); b.dq_ss = dq.stride(1); b.dq_sr = dq.stride(2);
+  at::Tensor grow = at::empty({b.f.S, b.f.R, b.f.NQ}, q.options().dtype(at::kFloat));
+  b.grow = grow.data_ptr<float>();
+  b.scale = static_cast<float>(scale);
+
+  xsk::BwdDkvParams kp{};
+  kp.b = b;
+  kp.b.f = fill_params(q, k, v, u, tau, rb, ranks, pool_lo, win_lo, win_hi, sup_q0, sup_q1,
+                       sup_lists, sup_counts, rp, scale);
+  const int groups = b.f.S * (b.f.R / rp), nsup = sup_q0.size(0), D = q.size(3);
+  at::Tensor part_kv = at::empty({groups, nsup, slots, 2, D}, q.options().dtype(at::kFloat));
+  at::Tensor part_u = at::empty({groups, nsup, slots}, q.options().dtype(at::kFloat));
+  kp.part_kv = part_kv.data_ptr<float>();
+  kp.part_u = part_u.data_ptr<float>();
+  kp.slots = slots;
+  kp.list_slots = list_slots;
+  CHECK_CUDA_OK(xsk::launch_bwd(b, kp, dtype_code(q), D, at::cuda::getCurrentCUDAStream()));
+  return {dq, grow, part_kv, part_u};
+}
+
+// Pass 3: per (group, key) sums of the partial slots -> (dk [G, NK, D], dv, du [G, NK]).
+std::vector<at::Tensor> bwd_reduce(const at::Tensor& part_kv, const at::Tensor& part_u,
+                                   const at::Tensor& off, const at::Tensor& order,
+                                   int64_t groups_per_head, int64_t num_keys) {
+  check(part_kv, "part_kv", at::kFloat);
+  check(part_u, "part_u", at::kFloat);
+  check(off, "off", at::kLong);
+  check(order, "order", at::kLong);
+  const at::cuda::OptionalCUDAGuard guard(part_kv.device());
+  const int groups = part_kv.size(0), D = part_kv.size(4);
+  const int64_t group_slots = part_kv.size(1) * part_kv.size(2);
+  auto f32 = part_kv.options();
+  at::Tensor dk = at::empty({groups, num_keys, D}, f32), dv = at::empty({groups, num_keys, D}, f32);
+  at::Tensor du = at::empty({groups, num_keys}, f32);
+  CHECK_CUDA_OK(xsk::launch_bwd_reduce(
+      part_kv.data_ptr<float>(), part_u.data_ptr<float>(), off.data_ptr<int64_t>(),
+      order.data_ptr<int64_t>(), groups, groups_per_head, num_keys, D, group_slots,
+      dk.data_ptr<float>(), dv.data_ptr<float>(), du.data_ptr<float>(),
+      at::cuda::getCurrentCUDAStream()));
+  return {dk, dv, du};
 }
 
 }  // namespace
@@ -238,4 +324,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_queries", &select_queries, "SparseK selection: per-query tau, top-k boundary, |F|");
   m.def("build_lists", &build_lists, "gathered pool-key list per (query tile, head)");
   m.def("fwd", &fwd, "SparseK attention forward");
+  m.def("bwd", &bwd, "SparseK attention backward, passes 1 (dq) and 2 (dk/dv partials)");
+  m.def("bwd_reduce", &bwd_reduce, "SparseK backward pass 3: ordered sums of the partials");
 }

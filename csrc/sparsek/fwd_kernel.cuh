@@ -15,8 +15,7 @@
 #pragma once
 #include <cmath>
 
-#include "mma.cuh"
-#include "params.h"
+#include "tile_common.cuh"
 
 namespace xsk {
 
@@ -30,13 +29,11 @@ struct FwdTraits {
                                   kStages * kBN * (2 * sizeof(int) + sizeof(float));
 };
 
-enum class KeyRule { kPoolSelected, kWindow, kAllowed };
-
 template <typename T, int D>
 __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
     sparsek_fwd_kernel(const FwdParams p) {
   using Tr = FwdTraits<T, D>;
-  constexpr int BM = Tr::kBM, BN = Tr::kBN, CH = Tr::kChunks, MT = Tr::kMT;
+  constexpr int BM = Tr::kBM, BN = Tr::kBN, MT = Tr::kMT;
   constexpr int NST = Tr::kStages, NR = 2 * MT;  // rows owned per thread
   extern __shared__ __align__(128) char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -50,104 +47,29 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int q0 = p.tile_q0[tile], q1 = p.tile_q1[tile];
   const int RP = p.RP;
-  const bool sparse = p.u != nullptr;
 
-  // ---- key streams of this tile ------------------------------------------------------
-  // Extents over the tile's queries; [in_lo, in_hi) / [pin_lo, in_hi) are the keys inside
-  // every row's window / allowed range, where a key tile needs no per-element mask.
-  __shared__ int s_plo, s_wlo, s_whi, s_in_lo, s_in_hi, s_pin_lo;
-  if (tid == 0) {
-    s_plo = s_wlo = 0x7fffffff;
-    s_whi = s_in_lo = s_pin_lo = -1;
-    s_in_hi = 0x7fffffff;
-  }
-  __syncthreads();
-  for (int i = q0 + tid; i < q1; i += Tr::kThreads) {
-    const int a = (int)p.pool_lo[i], b = (int)p.win_lo[i], c = (int)p.win_hi[i];
-    atomicMin(&s_plo, a);
-    atomicMin(&s_wlo, b);
-    atomicMax(&s_whi, c);
-    atomicMax(&s_in_lo, b);
-    atomicMin(&s_in_hi, c);
-    atomicMax(&s_pin_lo, a);
-  }
-  __syncthreads();
-  const int* list = nullptr;
-  int nA, rangeA_lo = 0;
-  if (sparse) {
-    list = p.lists + ((size_t)s * p.ntiles + tile) * p.cap;
-    nA = p.counts[(size_t)s * p.ntiles + tile];
-  } else {
-    rangeA_lo = s_plo;
-    nA = max(0, s_whi - s_plo);
-  }
-  const int nB = sparse ? max(0, s_whi - s_wlo) : 0;
-  const int tilesA = (nA + BN - 1) / BN, tilesB = (nB + BN - 1) / BN;
-  const int ntiles_k = tilesA + tilesB;
+  const KeyStreams ks = make_key_streams<BN>(p, tile, s, q0, q1);
+  const int ntiles_k = ks.tilesA + ks.tilesB;
 
   // ---- per-row metadata: thread owns rows warp*32 + mt*16 + lane/4 (+8) ---------------
   auto row_of = [&](int x) { return warp * (16 * MT) + (x >> 1) * 16 + (lane >> 2) + 8 * (x & 1); };
-  int plo[NR], wlo[NR], whi[NR], rb[NR];
-  float tau[NR];
+  RowInfo rows[NR];
 #pragma unroll
   for (int x = 0; x < NR; ++x) {
     const int qi = q0 + row_of(x) / RP;
-    const bool valid = qi < q1;
-    plo[x] = valid ? (int)p.pool_lo[qi] : 0;
-    wlo[x] = valid ? (int)p.win_lo[qi] : 0;
-    whi[x] = valid ? (int)p.win_hi[qi] : 0;
-    tau[x] = -INFINITY;
-    rb[x] = -1;
-    if (sparse && valid) {
-      const size_t g = (size_t)s * p.NQ + qi;
-      tau[x] = (float)p.tau[g];
-      rb[x] = (int)p.rb[g];
-    }
+    rows[x] = load_row(p, s, qi, qi < q1);
   }
 
   // ---- Q tile -> shared (zero rows past the tile) -------------------------------------
-  const T* qbase = static_cast<const T*>(p.q);
-  for (int c = tid; c < BM * CH; c += Tr::kThreads) {
-    const int m = c / CH, ch = c % CH;
-    const int qi = q0 + m / RP, r = rgroup * RP + m % RP;
-    const bool valid = qi < q1;
-    const T* src = qbase + (valid ? (qi * p.q_sn + s * p.q_ss + r * p.q_sr + ch * 8) : 0);
-    cp_async16(sQ + swz<D>(m, ch), src, valid);
-  }
+  load_rows<T, D>(static_cast<const T*>(p.q), p.q_sn, p.q_ss, p.q_sr, s, q0, q1, rgroup * RP,
+                  RP, BM, sQ);
   cp_async_commit();
 
-  const T* kbase = static_cast<const T*>(p.k);
-  const T* vbase = static_cast<const T*>(p.v);
   const int r_kv = rgroup * RP;  // K/V are shared by the RP packed heads (stride 0 over R)
-  auto key_of = [&](int t, int e) -> int {
-    if (t < tilesA) {
-      const int pos = t * BN + e;
-      if (pos >= nA) return -1;
-      return sparse ? list[pos] : rangeA_lo + pos;
-    }
-    const int pos = (t - tilesA) * BN + e;
-    return pos < nB ? s_wlo + pos : -1;
-  };
   auto load_tile = [&](int t) {
     const int st = t % NST;
-    T* dK = sK + st * BN * D;
-    T* dV = sV + st * BN * D;
-    for (int c = tid; c < BN * CH; c += Tr::kThreads) {
-      const int e = c / CH, ch = c % CH;
-      const int j = key_of(t, e);
-      const bool valid = j >= 0;
-      const int64_t jj = valid ? j : 0;
-      cp_async16(dK + swz<D>(e, ch), kbase + jj * p.k_sn + s * p.k_ss + r_kv * p.k_sr + ch * 8,
-                 valid);
-      cp_async16(dV + swz<D>(e, ch), vbase + jj * p.v_sn + s * p.v_ss + r_kv * p.v_sr + ch * 8,
-                 valid);
-    }
-    for (int e = tid; e < BN; e += Tr::kThreads) {
-      const int j = key_of(t, e);
-      sIdx[st * BN + e] = j;
-      sU[st * BN + e] = (sparse && j >= 0) ? p.u[(size_t)s * p.NK + j] : 0.f;
-      sRank[st * BN + e] = (sparse && j >= 0) ? p.ranks[(size_t)s * p.NK + j] : -1;
-    }
+    load_kv_tile<T, D, BN>(p, ks, t, s, r_kv, sK + st * BN * D, sV + st * BN * D,
+                           sIdx + st * BN, sU + st * BN, sRank + st * BN);
   };
   // Prologue: stages 0 .. NST-2 in flight (one commit group per stage, empty or not).
 #pragma unroll
@@ -210,14 +132,8 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
     }
 
     // Gates, masks and the online softmax (base 2).
-    const KeyRule rule =
-        t < tilesA ? (sparse ? KeyRule::kPoolSelected : KeyRule::kAllowed) : KeyRule::kWindow;
-    // A contiguous key tile inside every row's window (or allowed range) needs no mask.
-    const int k0 = (t < tilesA) ? rangeA_lo + t * BN : s_wlo + (t - tilesA) * BN;
-    const int k_end = (t < tilesA) ? rangeA_lo + nA : s_wlo + nB;
-    const bool interior =
-        (rule == KeyRule::kWindow && k0 >= s_in_lo && k0 + BN <= min(s_in_hi, k_end)) ||
-        (rule == KeyRule::kAllowed && k0 >= s_pin_lo && k0 + BN <= min(s_in_hi, k_end));
+    const KeyRule rule = ks.rule(t);
+    const bool interior = ks.interior(t, BN);
     // Per-key data of the 2 * BN/8 keys this thread touches (shared by its rows).
     int kj[BN / 8][2], krank[BN / 8][2];
     float ku[BN / 8][2];
@@ -240,15 +156,9 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           const int x = mt * 2 + (c >> 1);
-          const int j = kj[n][c & 1];
-          float g = 1.f;
-          bool att = true;
-          if (rule == KeyRule::kPoolSelected) {
-            att = j >= plo[x] && j < wlo[x] && krank[n][c & 1] >= rb[x];
-            g = fminf(fmaxf(ku[n][c & 1] - tau[x], 0.f), 1.f);
-          } else if (!interior) {
-            att = j >= 0 && j < whi[x] && j >= (rule == KeyRule::kWindow ? wlo[x] : plo[x]);
-          }
+          float g;
+          const bool att =
+              attends(rule, interior, rows[x], kj[n][c & 1], krank[n][c & 1], ku[n][c & 1], g);
           const float v = att ? sc[mt][n][c] * (p.scale_log2 * g) : -INFINITY;
           sc[mt][n][c] = v;
           tile_max[x] = fmaxf(tile_max[x], v);
@@ -277,7 +187,7 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
           pe[c] = exp2f(sc[mt][n][c] - (row_max[x] == -INFINITY ? 0.f : row_max[x]));
           row_sum[x] += pe[c];
           if (rule == KeyRule::kPoolSelected)
-            pe[c] *= fminf(fmaxf(ku[n][c & 1] - tau[x], 0.f), 1.f);
+            pe[c] *= fminf(fmaxf(ku[n][c & 1] - rows[x].tau, 0.f), 1.f);
         }
         pf[mt][n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(pe[0], pe[1]);
         pf[mt][n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);

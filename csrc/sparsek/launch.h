@@ -16,4 +16,13 @@ cudaError_t launch_build_lists(const ListParams& p, cudaStream_t stream);
 // dtype: 0 = fp16, 1 = bf16. Returns cudaErrorInvalidValue for unsupported head dims.
 cudaError_t launch_fwd(const FwdParams& p, int dtype, int head_dim, cudaStream_t stream);
 
+// Backward passes 1 and 2 (bwd_kernel.cuh), then the deterministic reduction of pass 2's
+// partials (bwd_reduce.cu).
+cudaError_t launch_bwd(const BwdDqParams& b, const BwdDkvParams& kp, int dtype, int head_dim,
+                       cudaStream_t stream);
+cudaError_t launch_bwd_reduce(const float* part_kv, const float* part_u, const int64_t* off,
+                              const int64_t* order, int groups, int groups_per_head, int NK,
+                              int D, int64_t group_slots, float* dk, float* dv, float* du,
+                              cudaStream_t stream);
+
 }  // namespace xsk

@@ -73,4 +73,28 @@ struct FwdParams {
   float scale_log2;    // scale * log2(e)
 };
 
+// Backward, pass 1 (query-centric, like the forward): dQ and, per row, the sum G of
+// dL/dm over the row's selected fractional keys (for the score gradient's "mean" term).
+struct BwdDqParams {
+  FwdParams f;            // q, k, v, tiling, selection, lists (o: unused)
+  const void* dout;       // [NQ, S, R, D]
+  int64_t do_sn, do_ss, do_sr;
+  const float* lse;       // [S, R, NQ] natural-log lse from the forward
+  const float* delta;     // [S, R, NQ] rowsum(dout * out)
+  void* dq;               // [NQ, S, R, D] (q's dtype)
+  int64_t dq_sn, dq_ss, dq_sr;
+  float* grow;            // [S, R, NQ] G per row (sparse mode)
+  float scale;
+};
+
+// Backward, pass 2 (key-centric per super-tile of queries): partial dK, dV and direct
+// score gradient of every key the super-tile attends, written to slot (super-tile, slot).
+struct BwdDkvParams {
+  BwdDqParams b;          // same inputs; b.f.tile_q0/q1, lists, counts describe super-tiles
+  float* part_kv;         // [S * RG, ntiles, slots, 2, D] (dK then dV)
+  float* part_u;          // [S * RG, ntiles, slots]
+  int slots;              // per super-tile: pad64(cap) + pad64(max window span)
+  int list_slots;         // pad64(cap): where the window stream's slots start
+};
+
 }  // namespace xsk

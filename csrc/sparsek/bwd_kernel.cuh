@@ -1,0 +1,383 @@
+// SparseK attention backward (sm_80+ mma.sync path), deterministic: no float atomics.
+//
+// With s_ij = scale * m_ij * q_i.k_j, P = softmax, vv_ij = do_i.v_j, delta_i = do_i.o_i:
+//   dS_ij = P_ij (m_ij vv_ij - delta_i),  dq_i = sum_j dS_ij m_ij scale k_j,
+//   dk_j = sum_i dS_ij m_ij scale q_i,    dv_j = sum_i P_ij m_ij do_i,
+//   g_ij = dL/dm_ij = P_ij vv_ij + dS_ij scale q_i.k_j   (score gradient, DESIGN.md 1).
+// Pass 1 (bwd_dq_kernel) is query-centric like the forward: dq and, per row, G_i = sum of g
+// over the row's selected fractional keys.  Pass 2 (bwd_dkv_kernel) is key-centric within a
+// super-tile of queries: for every key the super-tile attends it sums over all the tile's
+// rows and writes partial dk, dv and sum_i g_ij (fractional) to its own slot; a reduction
+// (bwd_reduce.cu) adds each key's slots in a fixed order.
+#pragma once
+#include <cmath>
+
+#include "tile_common.cuh"
+
+namespace xsk {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T, int D>
+struct BwdDqTraits {
+  static constexpr int kBM = 64, kBN = 32, kWarps = 4, kThreads = kWarps * 32, kStages = 2;
+  static constexpr size_t kSmem = sizeof(T) * (2 * kBM * D + kStages * 2 * kBN * D) +
+                                  kStages * kBN * (2 * sizeof(int) + sizeof(float));
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BwdDqTraits<T, D>::kThreads) bwd_dq_kernel(const BwdDqParams b) {
+  using Tr = BwdDqTraits<T, D>;
+  constexpr int BM = Tr::kBM, BN = Tr::kBN, NST = Tr::kStages;
+  const FwdParams& p = b.f;
+  extern __shared__ __align__(128) char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sO = sQ + BM * D;  // dO rows
+  T* sK = sO + BM * D;
+  T* sV = sK + NST * BN * D;
+  int* sIdx = reinterpret_cast<int*>(sV + NST * BN * D);
+  float* sU = reinterpret_cast<float*>(sIdx + NST * BN);
+  int* sRank = reinterpret_cast<int*>(sU + NST * BN);
+
+  const int tile = blockIdx.x, s = blockIdx.y, rgroup = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int q0 = p.tile_q0[tile], q1 = p.tile_q1[tile], RP = p.RP;
+  const KeyStreams ks = make_key_streams<BN>(p, tile, s, q0, q1);
+  const int ntiles_k = ks.tilesA + ks.tilesB;
+
+  RowInfo rows[2];
+  float lse2[2], delta[2];
+  int row_q[2], row_r[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int m = warp * 16 + (lane >> 2) + 8 * h;
+    row_q[h] = q0 + m / RP;
+    row_r[h] = rgroup * RP + m % RP;
+    const bool valid = row_q[h] < q1;
+    rows[h] = load_row(p, s, row_q[h], valid);
+    const size_t g = ((size_t)s * p.R + row_r[h]) * p.NQ + row_q[h];
+    lse2[h] = valid ? b.lse[g] * kLog2e : 0.f;
+    delta[h] = valid ? b.delta[g] : 0.f;
+  }
+  load_rows<T, D>(static_cast<const T*>(p.q), p.q_sn, p.q_ss, p.q_sr, s, q0, q1, rgroup * RP,
+                  RP, BM, sQ);
+  load_rows<T, D>(static_cast<const T*>(b.dout), b.do_sn, b.do_ss, b.do_sr, s, q0, q1,
+                  rgroup * RP, RP, BM, sO);
+  cp_async_commit();
+  const int r_kv = rgroup * RP;
+  auto load_tile = [&](int t) {
+    const int st = t % NST;
+    load_kv_tile<T, D, BN>(p, ks, t, s, r_kv, sK + st * BN * D, sV + st * BN * D,
+                           sIdx + st * BN, sU + st * BN, sRank + st * BN);
+  };
+  if (ntiles_k > 0) load_tile(0);
+  cp_async_commit();
+
+  float dq_acc[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dq_acc[n][c] = 0.f;
+  float grow[2] = {0.f, 0.f};
+
+  for (int t = 0; t < ntiles_k; ++t) {
+    const int st = t % NST;
+    if (t + 1 < ntiles_k) load_tile(t + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* cK = sK + st * BN * D;
+    const T* cV = sV + st * BN * D;
+    float sc[BN / 8][4], dp[BN / 8][4];
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) sc[n][c] = dp[n][c] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int mi = lane >> 3;
+      uint32_t qa[4], oa[4];
+      const int row = warp * 16 + (mi & 1) * 8 + (lane & 7);
+      ldmatrix_x4(qa, sQ + swz<D>(row, kk * 2 + (mi >> 1)));
+      ldmatrix_x4(oa, sO + swz<D>(row, kk * 2 + (mi >> 1)));
+#pragma unroll
+      for (int n2 = 0; n2 < BN / 16; ++n2) {
+        uint32_t kb[4], vb[4];
+        const int key = n2 * 16 + (mi >> 1) * 8 + (lane & 7);
+        ldmatrix_x4(kb, cK + swz<D>(key, kk * 2 + (mi & 1)));
+        ldmatrix_x4(vb, cV + swz<D>(key, kk * 2 + (mi & 1)));
+        Mma<T>::run(sc[2 * n2], qa, kb[0], kb[1]);
+        Mma<T>::run(sc[2 * n2 + 1], qa, kb[2], kb[3]);
+        Mma<T>::run(dp[2 * n2], oa, vb[0], vb[1]);
+        Mma<T>::run(dp[2 * n2 + 1], oa, vb[2], vb[3]);
+      }
+    }
+    const KeyRule rule = ks.rule(t);
+    const bool interior = ks.interior(t, BN);
+    uint32_t dsf[BN / 16][4];
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+      float ds[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int h = c >> 1, e = st * BN + n * 8 + (lane & 3) * 2 + (c & 1);
+        float g;
+        const bool att = attends(rule, interior, rows[h], sIdx[e], sRank[e], sU[e], g);
+        const float pr = att ? exp2f(sc[n][c] * (p.scale_log2 * g) - lse2[h]) : 0.f;
+        const float dsv = pr * (g * dp[n][c] - delta[h]);
+        if (rule == KeyRule::kPoolSelected && att && g > 0.f && g < 1.f)
+          grow[h] += pr * dp[n][c] + dsv * b.scale * sc[n][c];
+        ds[c] = dsv * g * b.scale;
+      }
+      dsf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
+      dsf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
+    }
+    // dQ += dS K  (K rows as the k16 x n8 operand: transposed load)
+#pragma unroll
+    for (int kc = 0; kc < BN / 16; ++kc) {
+#pragma unroll
+      for (int n2 = 0; n2 < D / 16; ++n2) {
+        uint32_t kb[4];
+        const int mi = lane >> 3;
+        const int key = kc * 16 + (mi & 1) * 8 + (lane & 7);
+        ldmatrix_x4_trans(kb, cK + swz<D>(key, n2 * 2 + (mi >> 1)));
+        Mma<T>::run(dq_acc[2 * n2], dsf[kc], kb[0], kb[1]);
+        Mma<T>::run(dq_acc[2 * n2 + 1], dsf[kc], kb[2], kb[3]);
+      }
+    }
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  T* dqbase = static_cast<T*>(b.dq);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    grow[h] += __shfl_xor_sync(0xffffffffu, grow[h], 1);
+    grow[h] += __shfl_xor_sync(0xffffffffu, grow[h], 2);
+    if (row_q[h] >= q1) continue;
+    T* drow = dqbase + row_q[h] * b.dq_sn + s * b.dq_ss + row_r[h] * b.dq_sr;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int d = n * 8 + (lane & 3) * 2;
+      *reinterpret_cast<uint32_t*>(drow + d) = Mma<T>::pack(dq_acc[n][2 * h], dq_acc[n][2 * h + 1]);
+    }
+    if ((lane & 3) == 0 && b.grow != nullptr)
+      b.grow[((size_t)s * p.R + row_r[h]) * p.NQ + row_q[h]] = grow[h];
+  }
+}
+
+template <typename T, int D>
+struct BwdDkvTraits {
+  static constexpr int kBK = 64, kRows = 64, kWarps = 4, kThreads = kWarps * 32;
+  // K, V of one key tile; Q, dO of two row chunks; per-row metadata of two row chunks.
+  static constexpr size_t kSmem = sizeof(T) * (2 * kBK * D + 2 * 2 * kRows * D) +
+                                  kBK * (2 * sizeof(int) + sizeof(float)) +
+                                  2 * kRows * 7 * sizeof(float);
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BwdDkvTraits<T, D>::kThreads)
+    bwd_dkv_kernel(const BwdDkvParams kp) {
+  using Tr = BwdDkvTraits<T, D>;
+  constexpr int BK = Tr::kBK, RW = Tr::kRows;
+  const BwdDqParams& b = kp.b;
+  const FwdParams& p = b.f;
+  extern __shared__ __align__(128) char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + BK * D;
+  T* sQ = sV + BK * D;            // [2][RW][D]
+  T* sO = sQ + 2 * RW * D;        // [2][RW][D]
+  int* sIdx = reinterpret_cast<int*>(sO + 2 * RW * D);
+  float* sU = reinterpret_cast<float*>(sIdx + BK);
+  int* sRank = reinterpret_cast<int*>(sU + BK);
+  // per-row metadata [2][RW] each
+  int* rPlo = sRank + BK;
+  int* rWlo = rPlo + 2 * RW;
+  int* rWhi = rWlo + 2 * RW;
+  int* rRb = rWhi + 2 * RW;
+  float* rTau = reinterpret_cast<float*>(rRb + 2 * RW);
+  float* rLse2 = rTau + 2 * RW;
+  float* rDelta = rLse2 + 2 * RW;
+
+  const int tile = blockIdx.x, s = blockIdx.y, rgroup = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int q0 = p.tile_q0[tile], q1 = p.tile_q1[tile], RP = p.RP;
+  const int nrows = (q1 - q0) * RP, nchunks = (nrows + RW - 1) / RW;
+  const KeyStreams ks = make_key_streams<BK>(p, tile, s, q0, q1);
+  const int ntiles_k = ks.tilesA + ks.tilesB;
+  const int r_kv = rgroup * RP;
+  const int group = s * (p.R / RP) + rgroup;
+
+  auto load_chunk = [&](int c) {  // rows [c*RW, c*RW + RW) of the super-tile
+    const int st = c & 1;
+    const int qa = q0 + c * (RW / RP);
+    const int qb = min(q1, qa + RW / RP);
+    load_rows<T, D>(static_cast<const T*>(p.q), p.q_sn, p.q_ss, p.q_sr, s, qa, qb, rgroup * RP,
+                    RP, RW, sQ + st * RW * D);
+    load_rows<T, D>(static_cast<const T*>(b.dout), b.do_sn, b.do_ss, b.do_sr, s, qa, qb,
+                    rgroup * RP, RP, RW, sO + st * RW * D);
+    for (int m = threadIdx.x; m < RW; m += blockDim.x) {
+      const int qi = qa + m / RP, r = rgroup * RP + m % RP;
+      const bool valid = qi < qb;
+      const RowInfo ri = load_row(p, s, qi, valid);
+      rPlo[st * RW + m] = ri.plo;
+      rWlo[st * RW + m] = ri.wlo;
+      rWhi[st * RW + m] = ri.whi;
+      rRb[st * RW + m] = ri.rb;
+      rTau[st * RW + m] = ri.tau;
+      const size_t g = ((size_t)s * p.R + r) * p.NQ + qi;
+      rLse2[st * RW + m] = valid ? b.lse[g] * kLog2e : INFINITY;  // invalid rows: P = 0
+      rDelta[st * RW + m] = valid ? b.delta[g] : 0.f;
+    }
+  };
+
+  for (int t = 0; t < ntiles_k; ++t) {
+    __syncthreads();  // previous tile's smem is free
+    load_kv_tile<T, D, BK>(p, ks, t, s, r_kv, sK, sV, sIdx, sU, sRank);
+    cp_async_commit();
+    if (nchunks > 0) load_chunk(0);
+    cp_async_commit();
+    const KeyRule rule = ks.rule(t);
+    const bool interior = ks.interior(t, BK);
+
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) dk_acc[n][c] = dv_acc[n][c] = 0.f;
+    float du[2] = {0.f, 0.f};
+    int kj[2], krank[2];
+    float ku[2];
+
+    for (int c = 0; c < nchunks; ++c) {
+      const int st = c & 1;
+      if (c + 1 < nchunks) load_chunk(c + 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+      if (c == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int e = warp * 16 + (lane >> 2) + 8 * h;
+          kj[h] = sIdx[e];
+          krank[h] = sRank[e];
+          ku[h] = sU[e];
+        }
+      }
+      const T* cQ = sQ + st * RW * D;
+      const T* cO = sO + st * RW * D;
+      // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x RW rows.
+      float sct[RW / 8][4], dpt[RW / 8][4];
+#pragma unroll
+      for (int n = 0; n < RW / 8; ++n)
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) sct[n][cc] = dpt[n][cc] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int mi = lane >> 3;
+        uint32_t ka[4], va[4];
+        const int key = warp * 16 + (mi & 1) * 8 + (lane & 7);
+        ldmatrix_x4(ka, sK + swz<D>(key, kk * 2 + (mi >> 1)));
+        ldmatrix_x4(va, sV + swz<D>(key, kk * 2 + (mi >> 1)));
+#pragma unroll
+        for (int n2 = 0; n2 < RW / 16; ++n2) {
+          uint32_t qb[4], ob[4];
+          const int row = n2 * 16 + (mi >> 1) * 8 + (lane & 7);
+          ldmatrix_x4(qb, cQ + swz<D>(row, kk * 2 + (mi & 1)));
+          ldmatrix_x4(ob, cO + swz<D>(row, kk * 2 + (mi & 1)));
+          Mma<T>::run(sct[2 * n2], ka, qb[0], qb[1]);
+          Mma<T>::run(sct[2 * n2 + 1], ka, qb[2], qb[3]);
+          Mma<T>::run(dpt[2 * n2], va, ob[0], ob[1]);
+          Mma<T>::run(dpt[2 * n2 + 1], va, ob[2], ob[3]);
+        }
+      }
+      uint32_t pf[RW / 16][4], dsf[RW / 16][4];
+#pragma unroll
+      for (int n = 0; n < RW / 8; ++n) {
+        float pv[4], ds[4];
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          const int h = cc >> 1;  // which of the thread's two keys
+          const int m = st * RW + n * 8 + (lane & 3) * 2 + (cc & 1);
+          const RowInfo ri{rPlo[m], rWlo[m], rWhi[m], rRb[m], rTau[m]};
+          float g;
+          const bool att = kj[h] >= 0 && attends(rule, interior, ri, kj[h], krank[h], ku[h], g);
+          const float pr = att ? exp2f(sct[n][cc] * (p.scale_log2 * g) - rLse2[m]) : 0.f;
+          const float dsv = pr * (g * dpt[n][cc] - rDelta[m]);
+          if (rule == KeyRule::kPoolSelected && att && g > 0.f && g < 1.f)
+            du[h] += pr * dpt[n][cc] + dsv * b.scale * sct[n][cc];
+          pv[cc] = pr * g;
+          ds[cc] = dsv * g * b.scale;
+        }
+        pf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(pv[0], pv[1]);
+        pf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pv[2], pv[3]);
+        dsf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
+        dsf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
+      }
+      // dV += (P g) dO and dK += (dS g scale) Q over this chunk's rows.
+#pragma unroll
+      for (int kc = 0; kc < RW / 16; ++kc) {
+#pragma unroll
+        for (int n2 = 0; n2 < D / 16; ++n2) {
+          uint32_t ob[4], qb[4];
+          const int mi = lane >> 3;
+          const int row = kc * 16 + (mi & 1) * 8 + (lane & 7);
+          ldmatrix_x4_trans(ob, cO + swz<D>(row, n2 * 2 + (mi >> 1)));
+          ldmatrix_x4_trans(qb, cQ + swz<D>(row, n2 * 2 + (mi >> 1)));
+          Mma<T>::run(dv_acc[2 * n2], pf[kc], ob[0], ob[1]);
+          Mma<T>::run(dv_acc[2 * n2 + 1], pf[kc], ob[2], ob[3]);
+          Mma<T>::run(dk_acc[2 * n2], dsf[kc], qb[0], qb[1]);
+          Mma<T>::run(dk_acc[2 * n2 + 1], dsf[kc], qb[2], qb[3]);
+        }
+      }
+      __syncthreads();  // chunk st is refilled next iteration
+    }
+    cp_async_wait<0>();
+    if (nchunks == 0) continue;
+    // Write this key tile's partials to its slots.
+    const int slot0 = t < ks.tilesA ? t * BK : kp.list_slots + (t - ks.tilesA) * BK;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      du[h] += __shfl_xor_sync(0xffffffffu, du[h], 1);
+      du[h] += __shfl_xor_sync(0xffffffffu, du[h], 2);
+      const int e = warp * 16 + (lane >> 2) + 8 * h;
+      if (kj[h] < 0) continue;
+      const size_t slot = ((size_t)group * p.ntiles + tile) * kp.slots + slot0 + e;
+      float* dst = kp.part_kv + slot * 2 * D;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const int d = n * 8 + (lane & 3) * 2;
+        *reinterpret_cast<float2*>(dst + d) = make_float2(dk_acc[n][2 * h], dk_acc[n][2 * h + 1]);
+        *reinterpret_cast<float2*>(dst + D + d) =
+            make_float2(dv_acc[n][2 * h], dv_acc[n][2 * h + 1]);
+      }
+      if ((lane & 3) == 0) kp.part_u[slot] = du[h];
+    }
+  }
+}
+
+template <typename T, int D>
+cudaError_t run_bwd(const BwdDqParams& b, const BwdDkvParams& kp, cudaStream_t stream) {
+  {
+    using Tr = BwdDqTraits<T, D>;
+    auto kernel = bwd_dq_kernel<T, D>;
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmem);
+    if (err != cudaSuccess) return err;
+    dim3 grid(b.f.ntiles, b.f.S, b.f.R / b.f.RP);
+    kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(b);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
+  {
+    using Tr = BwdDkvTraits<T, D>;
+    auto kernel = bwd_dkv_kernel<T, D>;
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmem);
+    if (err != cudaSuccess) return err;
+    dim3 grid(kp.b.f.ntiles, kp.b.f.S, kp.b.f.R / kp.b.f.RP);
+    kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(kp);
+    return cudaGetLastError();
+  }
+}
+
+}  // namespace xsk
