@@ -181,9 +181,7 @@ def main(argv=None):
     ap.add_argument("--out", default="out")
     ap.add_argument("--lengths", type=int, nargs="*", default=[16384, 32768, 65536, 131072])
     ap.add_argument("--no-bwd", action="store_true")
-    # The backward runs on the PyTorch path on the GPU until its CUDA kernel lands: slow, so
-    # by default it is timed at the shortest length only.
-    ap.add_argument("--bwd-max", type=int, default=16384, help="longest S timed with backward")
+    ap.add_argument("--bwd-max", type=int, default=131072, help="longest S timed with backward")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--results", default=None, help="also append the section to this file")
     args = ap.parse_args(argv)

@@ -376,10 +376,13 @@ def brute_sparsek(q, k, v, scores, topk, window=0, bias=None, scale=None):
     return out, lse
 
 
-def dense_exact(q, k, v, bias, scale=None):
-    """Exact attention from bias.materialize (float64 torch); rows without keys give 0."""
+def dense_exact(q, k, v, bias, scale=None, keep_graph=False):
+    """Exact attention from bias.materialize (float64 torch); rows without keys give 0.
+
+    ``keep_graph``: differentiable in q, k, v (then they must already be float64 CPU)."""
     bmhk = q.ndim == 4
-    q, k, v = (x.detach().to("cpu", torch.float64) for x in (q, k, v))
+    if not keep_graph:
+        q, k, v = (x.detach().to("cpu", torch.float64) for x in (q, k, v))
     heads = q.shape[2:-1]
     if not bmhk:  # fold G into H
         q, k, v = (x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1]) for x in (q, k, v))

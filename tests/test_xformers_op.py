@@ -177,10 +177,11 @@ def check_grads(got, ref, tol=1e-5, names="qkvs"):
 
 
 
-@pytest.mark.parametrize("G", [None, 2],
-                         ids=["bmhk", "bmghk"])
+@pytest.mark.parametrize("G", [None, 2], ids=["bmhk", "bmghk"])
 @pytest.mark.parametrize("case", ["causal", "varlen", "padded"])
 def test_backward_qkv_through_mea(case, G):
+    """dq/dk/dv through memory_efficient_attention (regression: BMGHK once crashed in
+    xFormers' backward, which reshapes the gradient as BMK/BMHK only)."""
     bias, B, Mq, Mk, window = SPARSE_BIASES[case]()
     (q, k, v, s), (ql, kl, vl, _) = leaves(*rand_inputs(B, Mq, Mk, G, 2, 16, 16, F32))
     s = s.detach()
@@ -189,6 +190,17 @@ def test_backward_qkv_through_mea(case, G):
     dout = torch.randn_like(out)
     got = torch.autograd.grad(out, (ql, kl, vl), dout)
     check_grads(got, reference_grads(q, k, v, s, 5, window, bias, dout, wrt_scores=False))
+
+
+def test_backward_bmghk_exact_mode_through_mea():
+    bias = xab.LowerTriangularMask()
+    (q, k, v), (ql, kl, vl) = leaves(*rand_inputs(2, 13, 13, 2, 3, 8, 8, F32)[:3])
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, op=SparseKOp)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (ql, kl, vl), dout)
+    (qd, kd, vd), leaves64 = leaves(q, k, v, dtype=F64)
+    ref = dense_exact(qd, kd, vd, bias, keep_graph=True)
+    check_grads(got, torch.autograd.grad(ref, leaves64, dout.double()))
 
 
 @pytest.mark.parametrize("qkv_grad", [True, False], ids=["qkv_grad", "scores_only"])

@@ -162,7 +162,8 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     t0, t1 = _tiles(NQ, _BWD_DQ_ROWS // rp, q.device)
     lists, counts, ovf1 = C.build_lists(sel.perm32, sel.rb, layout.pool_lo, layout.win_lo,
                                         t0, t1, NK, int(topk) + _BWD_DQ_ROWS // rp)
-    qs = _BWD_SUPER_ROWS // rp
+    rp_kv = rp  # heads packed per dk/dv group (they share K/V, so their sums combine)
+    qs = _BWD_SUPER_ROWS // rp_kv
     s0, s1 = _tiles(NQ, qs, q.device)
     cap_s = int(topk) + qs
     slists, scounts, ovf2 = C.build_lists(sel.perm32, sel.rb, layout.pool_lo, layout.win_lo,
@@ -175,8 +176,8 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     slots = list_slots + _pad64(int(n_win.max()) if n_win.numel() else 0)
     dq, grow, part_kv, part_u = C.bwd(
         dout, q, k, v, u, sel.tau, sel.rb, sel.ranks32, layout.pool_lo, layout.win_lo,
-        layout.win_hi, lse, delta, t0, t1, lists, counts, s0, s1, slists, scounts, rp, scale,
-        slots, list_slots,
+        layout.win_hi, lse, delta, t0, t1, lists, counts, s0, s1, slists, scounts, rp, rp_kv,
+        scale, slots, list_slots,
     )
     # Where each key's partials are: its list slots and its window slots, per head.
     nsup = s0.numel()
@@ -193,14 +194,14 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     order = torch.argsort(keys, stable=True)
     off = torch.zeros(S * NK + 1, dtype=torch.int64, device=q.device)
     off[1:] = torch.cumsum(torch.bincount(keys, minlength=S * NK), 0)
-    rg = R // rp
+    rg = R // rp_kv
     dk_g, dv_g, du_g = C.bwd_reduce(part_kv, part_u, off, flats[order].contiguous(), rg, NK)
     # Group (s, rgroup) holds the gradient of the K/V its rp heads share; put it on the
     # group's first head (autograd of the stride-0 expansion sums over the heads).
     dk = torch.zeros(NK, S, R, D, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
-    dk[:, :, ::rp] = dk_g.view(S, rg, NK, D).permute(2, 0, 1, 3)
-    dv[:, :, ::rp] = dv_g.view(S, rg, NK, D).permute(2, 0, 1, 3)
+    dk[:, :, ::rp_kv] = dk_g.view(S, rg, NK, D).permute(2, 0, 1, 3)
+    dv[:, :, ::rp_kv] = dv_g.view(S, rg, NK, D).permute(2, 0, 1, 3)
     from ._selection import fractional_mean_sum
 
     du_direct = du_g.view(S, rg, NK).sum(1).double()

@@ -245,7 +245,8 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 // Backward passes 1 and 2 (sparse mode).  The dq pass runs on the (tile_q0, tile_q1, lists,
-// counts) tiling, the dk/dv pass on the super-tiles (sup_q0, sup_q1, sup_lists, sup_counts).
+// counts) tiling with rp packed heads, the dk/dv pass on the super-tiles (sup_q0, sup_q1,
+// sup_lists, sup_counts) with rp_kv packed heads.
 // Returns (dq, grow [S, R, NQ], part_kv [G, ntiles_sup, slots, 2, D], part_u [G, ntiles_sup, slots]).
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& u, const at::Tensor& tau,
@@ -256,8 +257,8 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
                             const at::Tensor& tile_q1, const at::Tensor& lists,
                             const at::Tensor& counts, const at::Tensor& sup_q0,
                             const at::Tensor& sup_q1, const at::Tensor& sup_lists,
-                            const at::Tensor& sup_counts, int64_t rp, double scale,
-                            int64_t slots, int64_t list_slots) {
+                            const at::Tensor& sup_counts, int64_t rp, int64_t rp_kv,
+                            double scale, int64_t slots, int64_t list_slots) {
   const at::cuda::OptionalCUDAGuard guard(q.device());
   TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
                   dout.stride(3) == 1,
@@ -281,8 +282,8 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
   xsk::BwdDkvParams kp{};
   kp.b = b;
   kp.b.f = fill_params(q, k, v, u, tau, rb, ranks, pool_lo, win_lo, win_hi, sup_q0, sup_q1,
-                       sup_lists, sup_counts, rp, scale);
-  const int groups = b.f.S * (b.f.R / rp), nsup = sup_q0.size(0), D = q.size(3);
+                       sup_lists, sup_counts, rp_kv, scale);
+  const int groups = b.f.S * (b.f.R / rp_kv), nsup = sup_q0.size(0), D = q.size(3);
   at::Tensor part_kv = at::empty({groups, nsup, slots, 2, D}, q.options().dtype(at::kFloat));
   at::Tensor part_u = at::empty({groups, nsup, slots}, q.options().dtype(at::kFloat));
   kp.part_kv = part_kv.data_ptr<float>();
