@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-./out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+# scripts under benchmarks/ import the in-place build of the package
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 names=() statuses=() secs=()
 step() {  # step NAME FUNC: run FUNC, record status and seconds
