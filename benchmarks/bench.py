@@ -131,11 +131,15 @@ def long_config(S, backward, iters):
     return rows
 
 
-def commit():
+def commit(given=None):
+    """The commit benchmarked: --commit (the device's copy of the tree has no .git), else git."""
+    if given:
+        return given
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
     except Exception:
-        return os.environ.get("XSK_COMMIT", "unknown")
+        return "unknown"
 
 
 def table(rows):
@@ -184,6 +188,7 @@ def main(argv=None):
     ap.add_argument("--bwd-max", type=int, default=131072, help="longest S timed with backward")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--results", default=None, help="also append the section to this file")
+    ap.add_argument("--commit", default=None, help="commit being measured (for the record)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     dev = torch.cuda.get_device_name()
@@ -195,7 +200,7 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
         print(table(rows[-2:]), flush=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    meta = dict(date=stamp, device=dev, commit=commit(), torch=torch.__version__)
+    meta = dict(date=stamp, device=dev, commit=commit(args.commit), torch=torch.__version__)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     plot(rows, os.path.join(args.out, "speedup.png"))

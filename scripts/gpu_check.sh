@@ -6,6 +6,8 @@
 # The full suite alone takes minutes on an H100; to fit a 10-minute device call, pick steps
 # with STEPS (default "build info tests bench") and narrow pytest with PYTEST_ARGS, e.g.
 #   STEPS="build tests" PYTEST_ARGS="-k cuda" bash scripts/gpu_check.sh
+# The device's copy of the tree has no .git: pass the commit for the benchmark record with
+#   BENCH_ARGS="--commit $(git rev-parse --short HEAD)" (expanded on this machine).
 # Every step runs even if an earlier one failed; the exit code is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -74,22 +74,23 @@ def rand_inputs(B, Mq, Mk, G, H, D, Dv, dtype, device="cpu", gqa_expand=True, sc
     return q, k, v, s
 
 
-def leaves(*ts, dtype=None):
+def leaves(*ts, dtype=None, device=None):
     """Graph inputs for autograd: (views, leaves).
 
     Each tensor becomes a fresh leaf requiring grad; an expanded (stride-0) tensor becomes an
     expand() of a leaf holding one copy, as a user's GQA K/V/scores would.  Gradients are
     compared on the leaves (the expanded view's per-head split is not observable).
-    ``dtype`` converts the leaves (keeping the expansion).
+    ``dtype`` / ``device`` convert the leaves (keeping the expansion).
     """
     views, bases = [], []
     for t in ts:
         if 0 in t.stride():
             idx = tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())
-            base = t[idx].detach().to(dtype or t.dtype).clone().requires_grad_()
+            base = t[idx].detach().to(device or t.device, dtype or t.dtype)
+            base = base.clone().requires_grad_()
             views.append(base.expand(t.shape))
         else:
-            base = t.detach().to(dtype or t.dtype).clone().requires_grad_()
+            base = t.detach().to(device or t.device, dtype or t.dtype).clone().requires_grad_()
             views.append(base)
         bases.append(base)
     return views, bases

@@ -218,22 +218,16 @@ def test_select_flat_threshold_gates():
 
 FLAT_CASES = [
     pytest.param([5.0, 5.0, 0.0], 2, id="gap5"),
-    pytest.param([-8.82, -8.97, -6.52], 1, id="rounding_left", marks=pytest.mark.xfail(
-        strict=True, reason=(
-            "BUG: select returns tau = -7.52, the right end of the flat interval "
-            "[-8.82, -7.52] (on key 2's gate kink), not its midpoint -8.17 as documented "
-            "(and as reference.capped_simplex_tau returns): rounding in f at the left end "
-            "sends the search into the flat piece itself, where tau = clamp(0, left, right)"))),
-    pytest.param([8.28, 19.65, 7.68, 19.9, 7.18], 2, id="rounding_right", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: same as rounding_left; tau = 8.28, the left end")),
+    # f at the flat interval's ends is rounded; these once sent the search past it
+    pytest.param([-8.82, -8.97, -6.52], 1, id="rounding_left"),
+    pytest.param([8.28, 19.65, 7.68, 19.9, 7.18], 2, id="rounding_right"),
 ]
 
 
 @pytest.mark.parametrize("u,topk", FLAT_CASES)
 def test_select_flat_threshold_convention(u, topk):
-    """Non-unique tau (f == topk on a whole piece): the midpoint of that piece, nF = 0, in the
-    fast selection and in the reference (here the pool is the whole row, so the piece is the
-    whole flat interval)."""
+    """Non-unique tau (f == topk on a whole interval [u_(k+1), u_(k) - 1]): its midpoint,
+    nF = 0, in the fast selection and in the reference."""
     lo, hi = brute_tau(np.array(u), topk)
     assert lo < hi
     ut = torch.tensor([u], dtype=torch.float64)

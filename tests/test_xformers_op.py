@@ -6,6 +6,7 @@ import xformers.ops as xops
 from conftest import (
     BIAS_TYPES,
     DEVICES,
+    cuda_kernels,
     dense_exact,
     kind_id,
     leaves,
@@ -19,7 +20,15 @@ from xformers.ops.fmha import attn_bias as xab
 from xformers.ops.fmha.common import Inputs
 
 import xformers_sparsek
-from xformers_sparsek import BwOp, FwOp, SparseKMask, SparseKOp, reference, sparsek_attention
+from xformers_sparsek import (
+    BwOp,
+    FwOp,
+    SparseKMask,
+    SparseKOp,
+    _attention,
+    reference,
+    sparsek_attention,
+)
 
 F32, F64 = torch.float32, torch.float64
 CPU = torch.device("cpu")  # biases default to CUDA where a GPU is present
@@ -55,7 +64,7 @@ def on(bias, device):
 @pytest.mark.parametrize("case", list(SPARSE_BIASES))
 def test_sparse_forward_matches_reference(case, G, dtype, device):
     bias, B, Mq, Mk, window = SPARSE_BIASES[case]()
-    q, k, v, s = rand_inputs(B, Mq, Mk, G, 2, 16, 16, dtype, device)
+    q, k, v, s = rand_inputs(B, Mq, Mk, G, 2, 64, 64, dtype, device)  # a CUDA-kernel head dim
     topk = 6
     mask = SparseKMask(s, topk, window, on(bias, device))
     out = xops.memory_efficient_attention(q, k, v, attn_bias=mask, op=SparseKOp)
@@ -164,9 +173,13 @@ def test_enable_disable_automatic_dispatch():
 
 
 def reference_grads(q, k, v, s, topk, window, bias, dout, wrt_scores=True):
-    (qv, kv, vv, sv), inputs = leaves(q, k, v, s, dtype=F64)
+    (qv, kv, vv, sv), inputs = leaves(q, k, v, s, dtype=F64, device="cpu")
     out, _ = reference.sparsek_reference(qv, kv, vv, sv, topk, window, bias)
-    return torch.autograd.grad(out, inputs if wrt_scores else inputs[:3], dout.double())
+    return torch.autograd.grad(out, inputs if wrt_scores else inputs[:3],
+                               dout.to("cpu", F64))
+
+
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 def check_grads(got, ref, tol=1e-5, names="qkvs"):
@@ -267,10 +280,47 @@ def test_mea_backward_with_our_lse(case, sparse):
         (xformers_sparsek.enable if was else xformers_sparsek.disable)()
 
 
-def test_deterministic_forward_backward():
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("G", [None, 2], ids=["bmhk", "bmghk"])
+@pytest.mark.parametrize("case", ["causal", "varlen"])
+def test_gradients_match_reference(case, G, dtype, device):
+    """dq, dk, dv and dscores of sparsek_attention vs the float64 reference, per dtype."""
+    bias, B, Mq, Mk, window = SPARSE_BIASES[case]()
+    (q, k, v, s), inputs = leaves(*rand_inputs(B, Mq, Mk, G, 2, 64, 64, dtype, device))
+    out = sparsek_attention(q, k, v, s, 5, window, on(bias, device))
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, dout)
+    assert all(g.device == q.device and g.dtype == x.dtype for g, x in zip(got, inputs))
+    check_grads(got, reference_grads(q, k, v, s, 5, window, bias, dout), tol=GRAD_TOL[dtype])
+
+
+@cuda_kernels
+def test_cuda_kernels_used(monkeypatch):
+    """bf16, head dim 64, GQA on CUDA: forward and backward run the CUDA kernels, not the
+    PyTorch path."""
+    def no_fallback(fn):
+        def wrapped(*args, **kw):
+            raise AssertionError(f"fell back to the PyTorch path ({fn.__name__})")
+        return wrapped
+
+    monkeypatch.setattr(_attention, "forward", no_fallback(_attention.forward))
+    monkeypatch.setattr(_attention, "backward", no_fallback(_attention.backward))
+    bias, B, Mq, Mk, window = SPARSE_BIASES["causal"]()
+    (q, k, v, s), inputs = leaves(*rand_inputs(B, Mq, Mk, 2, 2, 64, 64, torch.bfloat16,
+                                               "cuda"))
+    out = sparsek_attention(q, k, v, s, 5, window, bias)
+    torch.autograd.grad(out, inputs, torch.randn_like(out))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_forward_backward(device):
     bias, B, Mq, Mk, window = SPARSE_BIASES["varlen"]()
-    q, k, v, s = rand_inputs(B, Mq, Mk, 2, 3, 16, 16, F32)
-    dout = torch.randn(*q.shape)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v, s = rand_inputs(B, Mq, Mk, 2, 3, 64, 64, dtype, device)
+    dout = torch.randn(*q.shape, dtype=dtype, device=device)
+    bias = on(bias, device)
 
     def run(api):
         (qv, kv, vv, sv), inputs = leaves(q, k, v, s)

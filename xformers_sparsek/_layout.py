@@ -115,30 +115,34 @@ def build_layout(
     local_window: Optional[int] = base._window_size if local else None
     segments = segments_of(base, batch, mq, mk)
     nq, nk = batch * mq, batch * mk
+    # Vectorised over all queries: each query's segment, position in it, and key extent.
+    seg = torch.tensor(
+        [[g.q_start, g.q_len, g.k_start, g.k_len] for g in segments], dtype=torch.int64
+    ).reshape(-1, 4)
+    q_start, q_len, k_start, k_len = seg.unbind(1)
+    which = torch.repeat_interleave(torch.arange(len(segments)), q_len)
+    r = torch.arange(which.numel()) - q_start[which]
+    ks, kl = k_start[which], k_len[which]
+    if not causal:
+        lo = torch.zeros_like(r)
+        hi = kl
+        wlo = hi
+    else:
+        pos = r + (kl - q_len[which] if bottom_right else 0)
+        hi = torch.minimum((pos + 1).clamp(min=0), kl)
+        lo = torch.zeros_like(r)
+        if local_window is not None:
+            lo = torch.minimum((pos - local_window + 1).clamp(min=0), kl)
+        lo = torch.minimum(lo, hi)
+        # window = keys with pos - j < window, i.e. j >= pos - window + 1
+        wlo = torch.maximum(torch.minimum(pos - window + 1, hi), lo)
     pool_lo = torch.zeros(nq, dtype=torch.int64)
     win_lo = torch.zeros(nq, dtype=torch.int64)
     win_hi = torch.zeros(nq, dtype=torch.int64)
-    for seg in segments:
-        if seg.q_len == 0:
-            continue
-        r = torch.arange(seg.q_len, dtype=torch.int64)
-        q = slice(seg.q_start, seg.q_start + seg.q_len)
-        if not causal:
-            lo = torch.zeros_like(r)
-            hi = torch.full_like(r, seg.k_len)
-            wlo = hi
-        else:
-            pos = r + (seg.k_len - seg.q_len if bottom_right else 0)
-            hi = (pos + 1).clamp(0, seg.k_len)
-            lo = torch.zeros_like(r)
-            if local_window is not None:
-                lo = (pos - local_window + 1).clamp(0, seg.k_len)
-            lo = torch.minimum(lo, hi)
-            # window = keys with pos - j < window, i.e. j >= pos - window + 1
-            wlo = torch.maximum(torch.minimum(pos - window + 1, hi), lo)
-        pool_lo[q] = seg.k_start + lo
-        win_lo[q] = seg.k_start + wlo
-        win_hi[q] = seg.k_start + hi
+    qi = q_start[which] + r
+    pool_lo[qi] = ks + lo
+    win_lo[qi] = ks + wlo
+    win_hi[qi] = ks + hi
     return QueryLayout(
         pool_lo.to(device),
         win_lo.to(device),

@@ -117,7 +117,10 @@ def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
         g = head * npieces + m
         c0, s0 = wm.count_sum_below(head, lo, hi, th_mid[g])
         c1, s1 = wm.count_sum_below(head, lo, hi, th_mid1[g])
-        a, nf, sf = n - c1, c1 - c0, s1 - s0
+        a, nf = n - c1, c1 - c0
+        # sum_F u as a difference of two traversals; exactly 0 when F is empty, so that a
+        # flat piece reads f == k exactly (rounding would otherwise skip it)
+        sf = torch.where(nf == 0, 0.0, s1 - s0)
         right = flat_cb[head * (npieces + 1) + m + 1]
         return a, nf, sf, a + sf - nf.to(torch.float64) * right
 
@@ -136,16 +139,16 @@ def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
     right = flat_cb[head * (npieces + 1) + p_hi + 1]
     # tau lies in (left, right]: a + sum_F u - |F| tau = k there.
     tau_sel = torch.minimum(torch.maximum((a + sf - k) / nf.clamp(min=1).double(), left), right)
-    # If f == k on the whole next piece of positive width (all its keys saturated or zero),
-    # tau is not unique; the gates are the same for any choice, and we take that piece's
-    # midpoint, which keeps every key away from the gate's kinks.
-    nxt = torch.searchsorted(cb, right.view(S, nq_sel), right=True).reshape(-1) - 1
-    has_next = nxt < npieces
-    nxt = torch.clamp(nxt, max=npieces - 1)
-    a2, nf2, _, _ = piece(nxt)
-    flat = has_next & (nf2 == 0) & (a2 == k)
-    mid_next = 0.5 * (flat_cb[head * (npieces + 1) + nxt] + flat_cb[head * (npieces + 1) + nxt + 1])
-    tau_sel = torch.where(flat, mid_next, tau_sel)
+    # f == k on a whole interval iff the k-th largest pool score is at least 1 above the
+    # (k+1)-th: then the top k are saturated and the rest zero for every t in
+    # [u_(k+1), u_(k) - 1].  tau is not unique there (the gates are the same for any
+    # choice); we take the interval's midpoint, which keeps every key off the gate's kinks.
+    kk = (hi - lo) - topk
+    rb_sel = wm.kth_smallest(head, lo, hi, kk)  # the top-k boundary: (n-k)-th smallest
+    u_k = sv[head, rb_sel]
+    u_k1 = sv[head, wm.kth_smallest(head, lo, hi, kk - 1)]
+    flat = u_k - 1.0 >= u_k1
+    tau_sel = torch.where(flat, 0.5 * (u_k1 + u_k - 1.0), tau_sel)
     # |F|: pool keys with tau < u < tau + 1, counted at tau itself so that the backward's
     # sums over F (which test 0 < gate < 1) use the same set even at a kink.
     r_le = torch.searchsorted(sv, tau_sel.view(S, nq_sel), right=True).reshape(-1)
@@ -154,10 +157,7 @@ def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
         wm.count_sum_below(head, lo, hi, r_lt1)[0] - wm.count_sum_below(head, lo, hi, r_le)[0]
     )
 
-    # Top-k boundary: the (n - k)-th smallest rank in the pool (0-based).
-    kk = (hi - lo) - topk
-    rb_sel = wm.kth_smallest(head, lo, hi, kk)
-    ub_sel = sv[head, rb_sel]
+    ub_sel = u_k
     jb_sel = perm[head, rb_sel]
 
     tau[head, qidx] = tau_sel

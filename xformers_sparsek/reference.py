@@ -40,6 +40,8 @@ def capped_simplex_tau(u: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Ten
                 if a2 == k and not frac2.any():
                     flat_mid = t2
                 break
+    if not frac.any():  # rounding stopped the scan on a flat piece itself
+        flat_mid = 0.5 * (bp[m] + bp[m + 1])
     if flat_mid is not None:
         tau = (u * 0).sum() + flat_mid
     else:

@@ -78,7 +78,8 @@ struct Query {
     count_sum_below(__ldg(p.th_mid1 + g), c1, s1);
     a = n - c1;
     nf = c1 - c0;
-    sf = s1 - s0;
+    // exactly 0 for an empty F, so a flat piece reads f == k exactly
+    sf = (c1 == c0) ? 0.0 : s1 - s0;
     f_right = a + sf - nf * __ldg(p.cb + (size_t)s * (2 * p.NK) + m + 1);
   }
   __device__ bool right_end_at_most_k(int m) const {
@@ -127,21 +128,14 @@ __global__ void select_kernel(SelectParams p) {
   const double left = cb[p_hi], right = cb[p_hi + 1];
   // tau lies in (left, right]: a + sum_F u - |F| tau = k there.
   double tau = fmin(fmax((a + sf - p.topk) / fmax(nf, 1.0), left), right);
-  // If f == k on the whole next piece of positive width, tau is not unique: take that
-  // piece's midpoint (same gates, every key away from the gate's kinks).
-  int nxt = p_hi + 1, hi_b = 2 * p.NK;  // last index with cb == right: upper bound - 1
-  while (nxt < hi_b) {
-    const int m = (nxt + hi_b) / 2;
-    if (cb[m] <= right) nxt = m + 1; else hi_b = m;
-  }
-  nxt -= 1;
-  if (nxt < npieces) {
-    double a2, nf2, sf2, f2;
-    qr.piece(nxt, a2, nf2, sf2, f2);
-    if (nf2 == 0 && a2 == p.topk) tau = 0.5 * (cb[nxt] + cb[nxt + 1]);
-  }
-  // |F| at tau itself (keys with tau < u < tau + 1), the set the backward sums over.
+  // f == k on a whole interval iff the k-th largest pool score is at least 1 above the
+  // (k+1)-th (top k saturated, the rest zero, for t in [u_(k+1), u_(k) - 1]): tau is not
+  // unique there; take the interval's midpoint (same gates, every key off the kinks).
   const double* sv = p.sv + (size_t)s * p.NK;
+  const int rb = qr.kth_smallest(n - p.topk);
+  const double u_k = sv[rb], u_k1 = sv[qr.kth_smallest(n - p.topk - 1)];
+  if (u_k - 1.0 >= u_k1) tau = 0.5 * (u_k1 + u_k - 1.0);
+  // |F| at tau itself (keys with tau < u < tau + 1), the set the backward sums over.
   auto upper = [&](double x, bool inclusive) {  // #sorted scores <= x (or < x)
     int lo = 0, hi = p.NK;
     while (lo < hi) {
@@ -154,11 +148,10 @@ __global__ void select_kernel(SelectParams p) {
   double unused;
   qr.count_sum_below(upper(tau, true), c_le, unused);
   qr.count_sum_below(upper(tau + 1.0, false), c_lt1, unused);
-  const int rb = qr.kth_smallest(n - p.topk);
   p.tau[t] = tau;
   p.nF[t] = c_lt1 - c_le;
   p.rb[t] = rb;
-  p.ub[t] = p.sv[(size_t)s * p.NK + rb];
+  p.ub[t] = u_k;
   p.jb[t] = p.perm[(size_t)s * p.NK + rb];
   p.piece[t] = p_hi;
 }
