@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._selection import Selection, fractional_mean_sum, select
+from ._selection import Selection, score_gradient, select
 from ._layout import QueryLayout
 
 _TARGET_TILE = 1 << 22  # elements of the [chunk, R, keys] score tile
@@ -109,6 +109,19 @@ def _exact_chunk_cpu(qc, kc, vc, ch: _Chunk, scale: float):
     return out[0].transpose(0, 1), lse.masked_fill(empty, float("-inf"))
 
 
+def _chunks(q, k, v, layout: QueryLayout, sel, u, topk, cdt):
+    """(s, c0, c1, chunk, q, k, v) for every non-empty query chunk of every selection head,
+    with the chunk's gathered keys, in the compute dtype."""
+    NQ, S, R, _ = q.shape
+    C = _chunk_size(NQ, R, _budget(layout, topk))
+    for s in range(S):
+        for c0 in range(0, NQ, C):
+            c1 = min(NQ, c0 + C)
+            ch = _Chunk(layout, sel, u, s, c0, c1)
+            if ch.keys.numel():
+                yield s, c0, c1, ch, q[c0:c1, s].to(cdt), k[ch.keys, s].to(cdt), v[ch.keys, s].to(cdt)
+
+
 def forward(
     q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: float
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[Selection]]:
@@ -119,23 +132,14 @@ def forward(
     u = scores.to(torch.float64) if scores is not None else None
     out = torch.zeros(NQ, S, R, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((S, R, NQ), float("-inf"), dtype=cdt, device=q.device)
-    C = _chunk_size(NQ, R, _budget(layout, topk))
-    for s in range(S):
-        for c0 in range(0, NQ, C):
-            c1 = min(NQ, c0 + C)
-            ch = _Chunk(layout, sel, u, s, c0, c1)
-            if ch.keys.numel() == 0:
-                continue
-            qc = q[c0:c1, s].to(cdt)
-            kc = k[ch.keys, s].to(cdt)
-            vc = v[ch.keys, s].to(cdt)
-            if ch.gate is None and q.device.type == "cpu" and cdt == torch.float32:
-                o_c, lse_c = _exact_chunk_cpu(qc, kc, vc, ch, scale)
-            else:
-                _, gate, a, lse_c = _scores_and_probs(qc, kc, ch, scale)
-                o_c = torch.einsum("crk,krd->crd", a if gate is None else a.mul_(gate), vc)
-            out[c0:c1, s] = o_c.to(q.dtype)
-            lse[s, :, c0:c1] = lse_c.transpose(0, 1)
+    for s, c0, c1, ch, qc, kc, vc in _chunks(q, k, v, layout, sel, u, topk, cdt):
+        if ch.gate is None and q.device.type == "cpu" and cdt == torch.float32:
+            o_c, lse_c = _exact_chunk_cpu(qc, kc, vc, ch, scale)
+        else:
+            _, gate, a, lse_c = _scores_and_probs(qc, kc, ch, scale)
+            o_c = torch.einsum("crk,krd->crd", a if gate is None else a.mul_(gate), vc)
+        out[c0:c1, s] = o_c.to(q.dtype)
+        lse[s, :, c0:c1] = lse_c.transpose(0, 1)
     return out, lse, sel
 
 
@@ -160,38 +164,25 @@ def backward(
     want_du = scores is not None and need_dscores
     du_direct = torch.zeros(S, layout.num_keys, dtype=torch.float64, device=q.device)
     g_row = torch.zeros(S, NQ, dtype=torch.float64, device=q.device)
-    C = _chunk_size(NQ, R, _budget(layout, topk))
-    for s in range(S):
-        for c0 in range(0, NQ, C):
-            c1 = min(NQ, c0 + C)
-            ch = _Chunk(layout, sel, u, s, c0, c1)
-            if ch.keys.numel() == 0:
-                continue
-            qc = q[c0:c1, s].to(cdt)
-            kc = k[ch.keys, s].to(cdt)
-            vc = v[ch.keys, s].to(cdt)
-            doc = dout[c0:c1, s].to(cdt)
-            qk, gate, a, _ = _scores_and_probs(qc, kc, ch, scale, keep_qk=True)
-            vv = torch.einsum("crd,krd->crk", doc, vc)  # do_i . v_j
-            dp = vv if gate is None else vv * gate
-            di = (a * dp).sum(-1, keepdim=True)  # = do_i . o_i
-            ds = a * (dp - di)  # dL/ds_ij
-            dsg = ds * scale if gate is None else ds * (gate * scale)
-            dq[c0:c1, s] = torch.einsum("crk,krd->crd", dsg, kc)
-            # ch.keys are unique, so these indexed adds are deterministic on every device
-            dk[ch.keys, s] += torch.einsum("crk,crd->krd", dsg, qc)
-            w = a if gate is None else a * gate
-            dv[ch.keys, s] += torch.einsum("crk,crd->krd", w, doc)
-            if want_du:
-                # dL/dm_ij = a_ij (do_i . v_j) + dL/ds_ij * scale * (q_i . k_j), summed over
-                # the R query heads that share this selection.
-                g = (a * vv + ds * (scale * qk)).sum(1)
-                g = torch.where(ch.fractional, g, 0.0).to(torch.float64)
-                g_row[s, c0:c1] = g.sum(-1)
-                du_direct[s, ch.keys] += g.sum(0)
-    dscores = None
-    if want_du:
-        nF = sel.nF.to(torch.float64)
-        mean = torch.where(sel.nF > 0, g_row / nF.clamp(min=1.0), 0.0)
-        dscores = du_direct - fractional_mean_sum(scores, layout, sel, mean)
+    for s, c0, c1, ch, qc, kc, vc in _chunks(q, k, v, layout, sel, u, topk, cdt):
+        doc = dout[c0:c1, s].to(cdt)
+        qk, gate, a, _ = _scores_and_probs(qc, kc, ch, scale, keep_qk=True)
+        vv = torch.einsum("crd,krd->crk", doc, vc)  # do_i . v_j
+        dp = vv if gate is None else vv * gate
+        di = (a * dp).sum(-1, keepdim=True)  # = do_i . o_i
+        ds = a * (dp - di)  # dL/ds_ij
+        dsg = ds * scale if gate is None else ds * (gate * scale)
+        dq[c0:c1, s] = torch.einsum("crk,krd->crd", dsg, kc)
+        # ch.keys are unique, so these indexed adds are deterministic on every device
+        dk[ch.keys, s] += torch.einsum("crk,crd->krd", dsg, qc)
+        w = a if gate is None else a * gate
+        dv[ch.keys, s] += torch.einsum("crk,crd->krd", w, doc)
+        if want_du:
+            # dL/dm_ij = a_ij (do_i . v_j) + dL/ds_ij * scale * (q_i . k_j), summed over
+            # the R query heads that share this selection.
+            g = (a * vv + ds * (scale * qk)).sum(1)
+            g = torch.where(ch.fractional, g, 0.0).to(torch.float64)
+            g_row[s, c0:c1] = g.sum(-1)
+            du_direct[s, ch.keys] += g.sum(0)
+    dscores = score_gradient(scores, layout, sel, du_direct, g_row) if want_du else None
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dscores

@@ -14,7 +14,7 @@ import torch
 
 from . import _ext
 from ._layout import QueryLayout
-from ._selection import Selection, build_tables
+from ._selection import Selection, build_tables, score_gradient
 
 _TILE_ROWS = 128  # rows (query x packed head) of one forward CTA (FwdTraits::kBM)
 
@@ -202,11 +202,7 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     dv = torch.zeros_like(dk)
     dk[:, :, ::rp_kv] = dk_g.view(S, rg, NK, D).permute(2, 0, 1, 3)
     dv[:, :, ::rp_kv] = dv_g.view(S, rg, NK, D).permute(2, 0, 1, 3)
-    from ._selection import fractional_mean_sum
-
-    du_direct = du_g.view(S, rg, NK).sum(1).double()
-    g_row = grow.view(S, R, NQ).sum(1).double()
-    nF = sel.nF.double()
-    mean = torch.where(sel.nF > 0, g_row / nF.clamp(min=1.0), 0.0)
-    dscores = du_direct - fractional_mean_sum(scores, layout, sel, mean)
+    du_direct = du_g.view(S, rg, NK).sum(1)
+    g_row = grow.view(S, R, NQ).sum(1)
+    dscores = score_gradient(scores, layout, sel, du_direct, g_row)
     return dq, dk.to(q.dtype), dv.to(q.dtype), dscores

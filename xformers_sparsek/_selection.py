@@ -194,3 +194,14 @@ def fractional_mean_sum(
     w_hi = wm.count_sum_below(row, lo, hi, th_lt_u)[1]
     w_lo = wm.count_sum_below(row, lo, hi, th_le_u1)[1]
     return (w_hi - w_lo).reshape(S, NK)
+
+
+def score_gradient(scores, layout: QueryLayout, sel: Selection, du_direct, g_row):
+    """d(scores) [S, NK] float64 from the attention backward's two sums.
+
+    du_direct[s, j] = sum_i [j in F_i] g_ij and g_row[s, i] = sum_{l in F_i} g_il, where
+    g_ij = dL/dm_ij (DESIGN.md section 1): du_j = du_direct_j - sum_{i: j in F_i} g_row_i / |F_i|.
+    """
+    nF = sel.nF.to(torch.float64)
+    mean = torch.where(sel.nF > 0, g_row.to(torch.float64) / nF.clamp(min=1.0), 0.0)
+    return du_direct.to(torch.float64) - fractional_mean_sum(scores, layout, sel, mean)
