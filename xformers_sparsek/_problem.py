@@ -92,6 +92,21 @@ class Problem:
         lse = lse_c.reshape(G, H, B, Mq).permute(2, 0, 1, 3)
         return lse.squeeze(2) if self.bmhk else lse
 
+    def lse_from_xformers(self, lse: torch.Tensor):
+        """Inverse of lse_to_xformers: [S, R, NQ], or None if `lse` has another layout
+        (e.g. the padded lse of another forward op)."""
+        B, Mq, _, G, H = self.shape5
+        want = (B, G, Mq) if self.bmhk and H == 1 else (B, G, H, Mq)
+        if tuple(lse.shape) != want or lse.dtype != torch.float32:
+            return None
+        lse5 = lse.reshape(B, G, H, Mq)
+        return lse5.permute(1, 2, 0, 3).reshape(self.q.shape[1], self.q.shape[2], B * Mq)
+
+    def to_canonical(self, x: torch.Tensor) -> torch.Tensor:
+        """A query-shaped tensor (e.g. the output or its gradient) in [NQ, S, R, D]."""
+        x5 = x if x.ndim == 5 else x.unsqueeze(3)
+        return x5.reshape(self.q.shape[:-1] + (x5.shape[-1],))
+
     def grad_to_input(self, g_c: torch.Tensor, keys: bool) -> torch.Tensor:
         B, Mq, Mk, G, H = self.shape5
         g = g_c.reshape(B, Mk if keys else Mq, G, H, g_c.shape[-1])

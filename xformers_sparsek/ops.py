@@ -114,8 +114,8 @@ class FwOp(_SupportMixin, AttentionFwOpBase):
 class BwOp(_SupportMixin, AttentionBwOpBase):
     """SparseK attention backward: dq, dk, dv (score gradients: see sparsek_attention).
 
-    It recomputes the selection and the softmax statistics, so it accepts the lse of any
-    forward op (packed or padded).
+    It reuses the forward's lse when it is in SparseKOp's layout and otherwise recomputes
+    the softmax statistics, so it accepts the lse of any forward op (packed or padded).
     """
 
     NAME = "sparsekB"
@@ -126,11 +126,13 @@ class BwOp(_SupportMixin, AttentionBwOpBase):
         if mask is not None and mask.scores.requires_grad:
             raise ValueError(_SCORE_GRAD_HINT)
         prob, _ = _problem_of(inp)
-        g = grad if grad.ndim == 5 else grad.unsqueeze(3)
-        dout = g.reshape(prob.q.shape[:-1] + (g.shape[-1],))
+        # The forward's out/lse let the CUDA backward skip a recomputation; an lse in
+        # another layout (another forward op) means the PyTorch path recomputes it.
+        lse = prob.lse_from_xformers(ctx.lse)
+        out = prob.to_canonical(ctx.out) if lse is not None else None
         dq, dk, dv, _ = _backend.backward(
-            dout, prob.q, prob.k, prob.v, prob.scores, None, None, prob.layout, prob.topk,
-            prob.scale, None, False,
+            prob.to_canonical(grad), prob.q, prob.k, prob.v, prob.scores, out, lse,
+            prob.layout, prob.topk, prob.scale, None, False,
         )
         return Gradients(
             dq=prob.grad_to_input(dq, keys=False),

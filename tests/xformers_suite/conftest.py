@@ -1,0 +1,102 @@
+"""Run xFormers' own ``tests/test_mem_eff_attention.py`` (v0.0.35) against SparseKOp.
+
+Not collected by our own suite: ``scripts/run_xformers_suite.sh`` copies this file next to
+xFormers' test module (and its ``utils.py``) in a temporary directory and runs pytest there.
+Nothing from xFormers' test directory is stored in this repository.
+
+What it does, before the test module is imported (conftests load first):
+  * appends ``xformers_sparsek.FwOp`` / ``BwOp`` to ``fmha.ALL_FW_OPS`` / ``ALL_BW_OPS``
+    (in place: the test module does ``from xformers.ops.fmha import ALL_FW_OPS``);
+  * deselects every item whose parameters do not involve our op (xFormers' own ops, and
+    tests with no op parameter), and items parametrized with ``SparseKMask``: xFormers'
+    ``create_attn_bias`` cannot build one, and its dense reference checks exact mode only.
+    Set ``SPARSEK_SUITE_ALL=1`` to keep every item (e.g. to see which op-less tests reach
+    our op through dispatch).
+
+The hooks only act when xFormers' test module sits beside this file, so the conftest is
+inert if pytest happens to load it from our own ``tests/`` tree.
+"""
+
+import os
+import sys
+import types
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+_ACTIVE = (_HERE / "test_mem_eff_attention.py").is_file()
+_OUR_NAMES = ("sparsekF", "sparsekB")
+
+if _ACTIVE:
+    try:  # the test module imports scipy.stats.binomtest (dropout tests only)
+        import scipy.stats  # noqa: F401
+    except ImportError:  # e.g. the offline GPU machine: dropout tests never involve our op
+        _stats = types.ModuleType("scipy.stats")
+
+        def binomtest(*args, **kwargs):
+            raise RuntimeError("scipy is not installed (stub from the sparsek conftest)")
+
+        _stats.binomtest = binomtest
+        _scipy = types.ModuleType("scipy")
+        _scipy.stats = _stats
+        sys.modules.setdefault("scipy", _scipy)
+        sys.modules.setdefault("scipy.stats", _stats)
+
+    import xformers_sparsek
+    from xformers.ops import fmha
+
+    _OURS = (xformers_sparsek.FwOp, xformers_sparsek.BwOp)
+    if xformers_sparsek.FwOp not in fmha.ALL_FW_OPS:
+        fmha.ALL_FW_OPS.append(xformers_sparsek.FwOp)
+    if xformers_sparsek.BwOp not in fmha.ALL_BW_OPS:
+        fmha.ALL_BW_OPS.append(xformers_sparsek.BwOp)
+
+
+def _mentions(value, targets) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_mentions(v, targets) for v in value)
+    try:
+        return value in targets
+    except Exception:  # tensors etc.
+        return False
+
+
+def _involves_our_op(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any(_mentions(v, _OURS) for v in callspec.params.values()):
+        return True
+    return any(name in item.nodeid for name in _OUR_NAMES)
+
+
+def _is_sparsek_mask_item(item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return False
+    return any(_mentions(v, (xformers_sparsek.SparseKMask,)) for v in callspec.params.values())
+
+
+def pytest_report_header(config):
+    if not _ACTIVE:
+        return None
+    import torch
+    import xformers
+
+    return (
+        f"sparsek suite: xformers {xformers.__version__} tests, torch {torch.__version__}, "
+        f"xformers_sparsek {xformers_sparsek.__version__} ({xformers_sparsek.__file__})"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _ACTIVE or os.environ.get("SPARSEK_SUITE_ALL") == "1":
+        return
+    keep, drop = [], []
+    for item in items:
+        if Path(str(item.fspath)).resolve().parent != _HERE:
+            keep.append(item)  # not xFormers' module: leave alone
+        elif _involves_our_op(item) and not _is_sparsek_mask_item(item):
+            keep.append(item)
+        else:
+            drop.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
