@@ -80,10 +80,8 @@ def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
         tb.sv.contiguous(), tb.perm.int().contiguous(),
         layout.pool_lo.contiguous(), layout.win_lo.contiguous(), int(topk),
     )
-    sel = Selection(tau, ub, jb, nF, rb)
-    sel.perm32 = tb.perm.int().contiguous()  # rank -> key, for the key lists
-    sel.ranks32 = tb.ranks.int().contiguous()  # key -> rank, for the attention masks
-    return sel
+    return Selection(tau, ub, jb, nF, rb, key_of_rank=tb.perm.int().contiguous(),
+                     rank_of_key=tb.ranks.int().contiguous())
 
 
 def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: float):
@@ -104,14 +102,14 @@ def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: fl
         sel = select(scores, layout, topk)
         cap = int(topk) + _TILE_ROWS // rp
         lists, counts, overflow = C.build_lists(
-            sel.perm32, sel.rb, layout.pool_lo, layout.win_lo, tile_q0, tile_q1,
+            sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo, tile_q0, tile_q1,
             layout.num_keys, cap,
         )
         if int(overflow.item()):
             return None
         u = scores.float().contiguous()
         out, lse = C.fwd(
-            q, k, v, u, sel.tau, sel.rb, sel.ranks32, layout.pool_lo, layout.win_lo,
+            q, k, v, u, sel.tau, sel.rb, sel.rank_of_key, layout.pool_lo, layout.win_lo,
             layout.win_hi, tile_q0, tile_q1, lists, counts, rp, scale,
         )
     else:
@@ -153,20 +151,20 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     q, k, v, dout = _aligned(q), _aligned(k), _aligned(v), _aligned(dout.to(q.dtype))
     if rp > 1 and (k.stride(2) != 0 or v.stride(2) != 0):
         rp = 1
-    if sel is None or getattr(sel, "ranks32", None) is None:
+    if sel is None or sel.rank_of_key is None:
         sel = select(scores, layout, topk)
     u = scores.float().contiguous()
     delta = (dout.float() * out.float()).sum(-1).permute(1, 2, 0).contiguous()  # [S, R, NQ]
     lse = lse.contiguous()
     # pass 1 tiling (64 rows) and pass 2 super-tiles, each with its key lists
     t0, t1 = _tiles(NQ, _BWD_DQ_ROWS // rp, q.device)
-    lists, counts, ovf1 = C.build_lists(sel.perm32, sel.rb, layout.pool_lo, layout.win_lo,
+    lists, counts, ovf1 = C.build_lists(sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo,
                                         t0, t1, NK, int(topk) + _BWD_DQ_ROWS // rp)
     rp_kv = rp  # heads packed per dk/dv group (they share K/V, so their sums combine)
     qs = _BWD_SUPER_ROWS // rp_kv
     s0, s1 = _tiles(NQ, qs, q.device)
     cap_s = int(topk) + qs
-    slists, scounts, ovf2 = C.build_lists(sel.perm32, sel.rb, layout.pool_lo, layout.win_lo,
+    slists, scounts, ovf2 = C.build_lists(sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo,
                                           s0, s1, NK, cap_s)
     if int(ovf1.item()) or int(ovf2.item()):
         return None
@@ -175,7 +173,7 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     list_slots = _pad64(cap_s)
     slots = list_slots + _pad64(int(n_win.max()) if n_win.numel() else 0)
     dq, grow, part_kv, part_u = C.bwd(
-        dout, q, k, v, u, sel.tau, sel.rb, sel.ranks32, layout.pool_lo, layout.win_lo,
+        dout, q, k, v, u, sel.tau, sel.rb, sel.rank_of_key, layout.pool_lo, layout.win_lo,
         layout.win_hi, lse, delta, t0, t1, lists, counts, s0, s1, slists, scounts, rp, rp_kv,
         scale, slots, list_slots,
     )

@@ -38,6 +38,9 @@ class Selection:
     jb: torch.Tensor  # int64 [S, NQ]; boundary key index (absolute key index)
     nF: torch.Tensor  # int64 [S, NQ]; number of fractional pool keys
     rb: Optional[torch.Tensor] = None  # int64 [S, NQ]; rank of the boundary in its head (-1: all)
+    # CUDA path only (int32, for the kernels): rank -> key and key -> rank, per head [S, NK]
+    key_of_rank: Optional[torch.Tensor] = None
+    rank_of_key: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from xformers.ops.fmha import attn_bias as xab
 
-from . import _backend, _cuda, _ext
+from . import _cuda, _ext
 from ._problem import make_problem
 from ._selection import select
 from .functional import sparsek_attention

@@ -19,6 +19,8 @@ from .mask import check_topk_window_base
 
 
 def _layout_of(pool_lo, win_lo, win_hi, num_keys: int, window: int) -> QueryLayout:
+    # The intervals are all the kernels and the PyTorch path need; the segment list and the
+    # causal flag only matter while build_layout turns a bias into intervals.
     return QueryLayout(pool_lo, win_lo, win_hi, pool_lo.numel(), num_keys, [], True, window)
 
 
