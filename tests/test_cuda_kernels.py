@@ -3,7 +3,6 @@
 They run on the device machine (scripts/gpu_check.sh); elsewhere they skip.
 """
 
-import os
 
 import pytest
 import torch
