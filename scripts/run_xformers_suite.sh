@@ -24,8 +24,11 @@
 # (as in scripts/gpu_check.sh). scipy (imported by the test module for dropout tests only)
 # is stubbed by the conftest when missing.
 #
-# Other knobs: SPARSEK_SUITE_ALL=1 keeps every test of the module (not only our op's);
-# KEEP_TMP=1 keeps the temporary run directory; PYTHON (default python3).
+# Knobs read by the conftest: SPARSEK_SUITE_SAMPLE=N runs a fixed 1/N of the big
+# parametrizations (the full CPU run takes ~12 min on 2 cores; N=4 about 3 min);
+# SPARSEK_SUITE_ENABLE=0 skips xformers_sparsek.enable(); SPARSEK_SUITE_ALL=1 keeps every test
+# of the module, not only our op's. Here: KEEP_TMP=1 keeps the temporary run directory;
+# PYTHON (default python3). Extra arguments go to pytest (e.g. -x, -k, --junitxml=...).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-python3}

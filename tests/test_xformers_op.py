@@ -84,6 +84,15 @@ def test_custom_scale_and_kv_dim():
     assert out.shape == (1, 21, 3, 24) and rel_err(out, ref) <= 1e-5
 
 
+def test_exact_mode_kv_dim_differs():
+    """Exact mode with Kv != K (the CPU path's fused kernel needs K == Kv; it must not be used)."""
+    q, k, v, _ = rand_inputs(2, 21, 29, None, 3, 16, 24, F32)
+    bias = xab.LowerTriangularFromBottomRightMask()
+    out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=0.37, op=SparseKOp)
+    ref, _ = reference_cpu(q, k, v, None, None, 0, bias, scale=0.37)
+    assert out.shape == (2, 21, 3, 24) and rel_err(out, ref) <= 1e-5
+
+
 def test_dispatch_picks_sparsek_for_sparsek_mask():
     q, k, v, s = rand_inputs(1, 16, 16, None, 2, 16, 16, F32)
     inp = Inputs(q, k, v, attn_bias=SparseKMask(s, 4, 1, xab.LowerTriangularMask()))

@@ -133,7 +133,8 @@ def forward(
     out = torch.zeros(NQ, S, R, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.full((S, R, NQ), float("-inf"), dtype=cdt, device=q.device)
     for s, c0, c1, ch, qc, kc, vc in _chunks(q, k, v, layout, sel, u, topk, cdt):
-        if ch.gate is None and q.device.type == "cpu" and cdt == torch.float32:
+        fused = q.device.type == "cpu" and cdt == torch.float32 and qc.shape[-1] == vc.shape[-1]
+        if ch.gate is None and fused:  # the CPU flash kernel needs K == Kv
             o_c, lse_c = _exact_chunk_cpu(qc, kc, vc, ch, scale)
         else:
             _, gate, a, lse_c = _scores_and_probs(qc, kc, ch, scale)
