@@ -127,7 +127,8 @@ class SparseKCache:
         self.top_u = torch.full((B, G, K), NEG_INF, dtype=torch.float64, **kw)
         self.top_pos = torch.full((B, G, K), -1, dtype=torch.int64, **kw)
         self.frac_u = torch.full((B, G, C), NEG_INF, dtype=torch.float64, **kw)
-        self.tau = torch.full((B, G), NEG_INF, dtype=torch.float64, **kw)
+        self.tau = torch.full((B, G), NEG_INF, dtype=torch.float64, **kw)  # gates' threshold
+        self.tau_min = torch.full((B, G), NEG_INF, dtype=torch.float64, **kw)  # pruning bound
         self.overflow = torch.zeros(B, G, dtype=torch.int64, **kw)
         self._len = 0
 
@@ -163,7 +164,7 @@ class SparseKCache:
     def reset(self) -> None:
         for t in (self.win_k, self.win_v, self.win_u, self.top_k, self.top_v):
             t.zero_()
-        for t in (self.top_u, self.frac_u, self.tau):
+        for t in (self.top_u, self.frac_u, self.tau, self.tau_min):
             t.fill_(NEG_INF)
         self.top_pos.fill_(-1)
         self.overflow.zero_()
@@ -218,19 +219,60 @@ class SparseKCache:
         keep, out = order[..., :K], order[..., K:]
         ck = torch.cat([self.top_k, ek.to(self.dtype)], dim=2)
         cv = torch.cat([self.top_v, ev.to(self.dtype)], dim=2)
-        self.top_k = ck.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, ck.shape[-1])).contiguous()
-        self.top_v = cv.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, cv.shape[-1])).contiguous()
-        self.top_u = cu.gather(2, keep)
-        self.top_pos = cp.gather(2, keep)
-        n_pool = self.pool_size  # already includes the entering keys
-        if n_pool <= K:
+        # in place: the buffers keep their storage (fixed memory, CUDA-graph friendly)
+        self.top_k.copy_(ck.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, ck.shape[-1])))
+        self.top_v.copy_(cv.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, cv.shape[-1])))
+        self.top_u.copy_(cu.gather(2, keep))
+        self.top_pos.copy_(cp.gather(2, keep))
+        if self.pool_size <= K:  # (already includes the entering keys)
             return  # the whole pool is selected (no key can have left it)
-        rest = torch.cat([self.frac_u, cu.gather(2, out)], dim=2)
+        self._update_tau_and_fractional(cu.gather(2, out))
+
+    def _pool_insert_one(self, ek: Tensor, ev: Tensor, eu: Tensor, pos: int) -> None:
+        """One key entering the pool (ek [B,G,D], ev [B,G,Dv], eu [B,G] float64), in place:
+        O(topk + capacity) per KV head plus the sort of the threshold solve, which is
+        skipped when the key is below every head's tau_min (it then changes nothing)."""
+        K, C = self.topk, self.capacity
+        n_pool = self.pool_size  # includes this key
+        if n_pool <= K:  # still filling the top set: slot n_pool - 1 in every head
+            s = n_pool - 1
+            self.top_k[:, :, s] = ek
+            self.top_v[:, :, s] = ev
+            self.top_u[:, :, s] = eu
+            self.top_pos[:, :, s] = pos
+            return
+        if n_pool > K + 1 and not bool((eu >= self.tau_min).any()):
+            return  # below tau_min everywhere: contributes 0 to tau now and later
+        # the smallest top key by (u, pos); the new key (the most recent) wins ties
+        umin = self.top_u.min(dim=2, keepdim=True).values
+        cand = torch.where(self.top_u == umin, self.top_pos, torch.iinfo(torch.int64).max)
+        slot = cand.argmin(dim=2, keepdim=True)  # [B, G, 1]
+        umin = umin.squeeze(2)
+        replace = eu >= umin
+        out_u = torch.where(replace, umin, eu)  # the key that leaves (or never enters) T
+
+        def put(buf, new):
+            idx = slot.unsqueeze(-1).expand(-1, -1, 1, buf.shape[-1]) if buf.ndim == 4 else slot
+            cur = buf.gather(2, idx)
+            r = replace.view(replace.shape + (1,) * (cur.ndim - 2))
+            buf.scatter_(2, idx, torch.where(r, new.view(cur.shape).to(buf.dtype), cur))
+
+        put(self.top_k, ek)
+        put(self.top_v, ev)
+        put(self.top_u, eu)
+        put(self.top_pos, torch.full_like(eu, pos, dtype=torch.int64))
+        self._update_tau_and_fractional(out_u.unsqueeze(2))
+
+    def _update_tau_and_fractional(self, rest_new: Tensor) -> None:
+        """Threshold of the current pool = top set U fractional list U rest_new (the scores
+        of the pool keys just left out of the top set); prune the list to u >= tau_min."""
+        B, G, K, C = self.batch, self.kv_heads, self.topk, self.capacity
+        rest = torch.cat([self.frac_u, rest_new], dim=2)
         tau, tau_min = _capped_simplex_tau(
             torch.cat([self.top_u, rest], dim=2).reshape(B * G, -1), K)
         self.tau = tau.view(B, G)
-        tau_min = tau_min.view(B, G, 1)
-        rest = torch.where(rest >= tau_min, rest, NEG_INF)
+        self.tau_min = tau_min.view(B, G)
+        rest = torch.where(rest >= self.tau_min.unsqueeze(2), rest, NEG_INF)
         n_keep = torch.isfinite(rest).sum(dim=2)
         self.overflow += (n_keep - C).clamp(min=0)
         if rest.shape[2] > C:
@@ -269,15 +311,12 @@ class SparseKCache:
         k_new, v_new = k[:, 0].to(self.dtype), v[:, 0].to(self.dtype)
         self._len = L + 1
         if W == 0:
-            self._pool_insert(k_new.unsqueeze(2), v_new.unsqueeze(2), u_new.unsqueeze(2),
-                              torch.tensor([L], device=self.device))
+            self._pool_insert_one(k_new, v_new, u_new, L)
         else:
             slot = L % W
             if L >= W:  # the key at position L - W leaves the window, enters the pool
-                self._pool_insert(self.win_k[:, :, slot:slot + 1].clone(),
-                                  self.win_v[:, :, slot:slot + 1].clone(),
-                                  self.win_u[:, :, slot:slot + 1].clone(),
-                                  torch.tensor([L - W], device=self.device))
+                self._pool_insert_one(self.win_k[:, :, slot].clone(), self.win_v[:, :, slot].clone(),
+                                      self.win_u[:, :, slot].clone(), L - W)
             self.win_k[:, :, slot] = k_new
             self.win_v[:, :, slot] = v_new
             self.win_u[:, :, slot] = u_new
