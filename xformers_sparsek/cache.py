@@ -36,24 +36,31 @@ def _capped_simplex_tau(u: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
 
     ``tau`` follows the convention of ``_selection.select``: where the equation holds on a
     whole interval (the k-th largest score at least 1 above the (k+1)-th) it is the interval's
-    midpoint; ``tau_min`` is then its left end, the (k+1)-th largest score.  Cost: two sorts
-    and two searchsorted passes, O(L log L) per row.
+    midpoint; ``tau_min`` is then its left end, the (k+1)-th largest score.
+
+    One stable sort of the 2L breakpoints {u} U {u - 1} and prefix sums over it: between
+    consecutive breakpoints the saturated count, the fractional count and the fractional
+    score sum are constant and read off the merged order, so f at every breakpoint costs
+    O(1).  O(L log L) per row.
     """
     N, L = u.shape
     finite = torch.isfinite(u)
     lowest = torch.where(finite, u, float("inf")).amin(dim=1, keepdim=True)
     # Padding 2 below the smallest key contributes 0 wherever tau can lie (tau > min u - 1).
     x = torch.where(finite, u, lowest - 2.0)
-    sv = torch.sort(x, dim=1).values
-    cs = torch.nn.functional.pad(torch.cumsum(sv, dim=1), (1, 0))
-    cb = torch.sort(torch.cat([sv, sv - 1.0], dim=1), dim=1).values  # breakpoints
-    left, right = cb[:, :-1], cb[:, 1:]
-    mid = 0.5 * (left + right)
-    i0 = torch.searchsorted(sv, mid, right=True)  # keys u <= mid
-    i1 = torch.searchsorted(sv, mid + 1.0, right=True)  # keys u <= mid + 1
-    a = (L - i1).to(torch.float64)  # saturated on this piece
-    nf = i1 - i0  # fractional on this piece
-    sf = torch.where(nf == 0, 0.0, cs.gather(1, i1) - cs.gather(1, i0))
+    cb, order = torch.sort(torch.cat([x, x - 1.0], dim=1), dim=1, stable=True)
+    is_u = order < L  # breakpoint u_j (else u_j - 1)
+    uval = x.gather(1, order % L)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    # after merged item m: i0 = #{u <= cb[m]}, i1 = #{u - 1 <= cb[m]}, and their score sums
+    i0 = torch.cumsum(is_u, dim=1)[:, :-1]
+    i1 = torch.cumsum(~is_u, dim=1)[:, :-1]
+    s0 = torch.cumsum(torch.where(is_u, uval, zero), dim=1)[:, :-1]
+    s1 = torch.cumsum(torch.where(is_u, zero, uval), dim=1)[:, :-1]
+    left, right = cb[:, :-1], cb[:, 1:]  # piece m = [cb[m], cb[m+1]]
+    a = (L - i1).to(torch.float64)  # saturated on the piece
+    nf = i1 - i0  # fractional on the piece
+    sf = torch.where(nf == 0, zero, s1 - s0)
     f_right = a + sf - nf.to(torch.float64) * right
     k = float(topk)
     # f is non-increasing: tau lies in the first piece whose right end has f <= k
@@ -61,6 +68,7 @@ def _capped_simplex_tau(u: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
     g = lambda t: t.gather(1, m).squeeze(1)  # noqa: E731
     tau = (g(a) + g(sf) - k) / g(nf).clamp(min=1).to(torch.float64)
     tau = torch.minimum(torch.maximum(tau, g(left)), g(right))
+    sv = cb.masked_select(is_u).view(N, L)  # the scores, ascending
     u_k = sv[:, L - topk]
     u_k1 = sv[:, L - topk - 1]
     flat = u_k - 1.0 >= u_k1
@@ -131,6 +139,7 @@ class SparseKCache:
         self.tau_min = torch.full((B, G), NEG_INF, dtype=torch.float64, **kw)  # pruning bound
         self.overflow = torch.zeros(B, G, dtype=torch.int64, **kw)
         self._len = 0
+        self._nfrac = 0  # max fractional-list length over the heads (a sorted prefix)
 
     # ------------------------------------------------------------------ state / stats
 
@@ -169,6 +178,7 @@ class SparseKCache:
         self.top_pos.fill_(-1)
         self.overflow.zero_()
         self._len = 0
+        self._nfrac = 0
 
     # ------------------------------------------------------------------ input checks
 
@@ -267,7 +277,7 @@ class SparseKCache:
         """Threshold of the current pool = top set U fractional list U rest_new (the scores
         of the pool keys just left out of the top set); prune the list to u >= tau_min."""
         B, G, K, C = self.batch, self.kv_heads, self.topk, self.capacity
-        rest = torch.cat([self.frac_u, rest_new], dim=2)
+        rest = torch.cat([self.frac_u[:, :, :self._nfrac], rest_new], dim=2)
         tau, tau_min = _capped_simplex_tau(
             torch.cat([self.top_u, rest], dim=2).reshape(B * G, -1), K)
         self.tau = tau.view(B, G)
@@ -275,9 +285,12 @@ class SparseKCache:
         rest = torch.where(rest >= self.tau_min.unsqueeze(2), rest, NEG_INF)
         n_keep = torch.isfinite(rest).sum(dim=2)
         self.overflow += (n_keep - C).clamp(min=0)
-        if rest.shape[2] > C:
-            rest = torch.topk(rest, C, dim=2).values
-        self.frac_u = rest.contiguous()
+        # keep the largest (at most C), sorted descending, as the prefix of the buffer
+        n = min(C, int(n_keep.max()))
+        if n:
+            self.frac_u[:, :, :n] = torch.topk(rest, n, dim=2).values
+        self.frac_u[:, :, n:self._nfrac] = NEG_INF
+        self._nfrac = n
 
     # ------------------------------------------------------------------ attention
 
@@ -379,8 +392,8 @@ class SparseKCache:
         tu = self.top_u.gather(2, po)
         # fractional keys: scores only (never attended again), padded per head with a score
         # below everything (contributes 0 to every tau, never selected)
-        n_frac = int(torch.isfinite(self.frac_u).sum(dim=2).max()) if n_top == K else 0
-        fu = torch.topk(self.frac_u, n_frac, dim=2).values if n_frac else self.frac_u[..., :0]
+        n_frac = self._nfrac
+        fu = self.frac_u[:, :, :n_frac]
         # [B, G, Lc] compressed context + new tokens
         new_k, new_v, new_u = (x.transpose(1, 2) for x in (k, v, u_new))
         ctx_u = torch.cat([fu, tu, wu, new_u], dim=2)
