@@ -174,17 +174,65 @@ def test_save_pretrained_round_trip(tmp_path):
 
 
 def test_generation_with_dynamic_cache_equals_recomputation():
-    m = _model("llama")
-    sk_hf.add_scorers(m, topk=3, window=4)
-    with torch.no_grad():
-        for p in sk_hf.scorer_parameters(m):
-            p.add_(torch.randn_like(p) * 0.3)
+    m = _sparse_model()
     ids = _ids(1, 6)
+    steps = 16
     with torch.no_grad():
-        m.generation_config.eos_token_id = None
-        cached = m.generate(ids, max_new_tokens=50, do_sample=False)
+        cached = m.generate(ids, max_new_tokens=steps, do_sample=False)
         seq = ids
-        for _ in range(50):
+        for _ in range(steps):
             nxt = m(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
     assert torch.equal(cached, seq)
+
+
+def _sparse_model(topk=3, window=4, seed=0):
+    m = _model("llama", seed=seed)
+    sk_hf.add_scorers(m, topk=topk, window=window)
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for p in sk_hf.scorer_parameters(m):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    m.generation_config.eos_token_id = None
+    return m
+
+
+def test_sparse_cache_generation_equals_dynamic_cache_and_memory_is_flat():
+    m = _sparse_model()
+    ids = _ids(2, 6)
+    steps = 52
+    with torch.no_grad():
+        ref = m.generate(ids, max_new_tokens=steps, do_sample=False)  # DynamicCache, full K/V
+        cache = sk_hf.SparseKHFCache(m.config)
+        out = m.generate(ids, max_new_tokens=steps, do_sample=False, cache=cache)
+    assert torch.equal(ref, out)
+    assert cache.get_seq_length() == 6 + steps - 1
+    assert cache.overflow_count() == 0
+    # memory: constant from the first step on (buffers are sized window + topk up front)
+    cache = sk_hf.SparseKHFCache(m.config)
+    sizes = []
+    with torch.no_grad():
+        nxt = ids
+        for _ in range(20):
+            logits = m(nxt, cache=cache, use_cache=True).logits
+            nxt = logits[:, -1:].argmax(-1)
+            sizes.append(cache.kv_bytes())
+    assert cache.get_seq_length() == 6 + 19
+    assert len(set(sizes)) == 1 and sizes[0] > 0
+    dyn = transformers.DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(torch.cat([ids, ids, ids, ids, ids], 1), cache=dyn, use_cache=True)
+    dyn_bytes = sum(x.numel() * x.element_size() for layer in dyn.layers for x in (layer.keys, layer.values))
+    assert sizes[0] < dyn_bytes  # 30 tokens of full K/V already cost more
+
+
+def test_sparse_cache_rejects_padding_and_missing_scorers():
+    m = _sparse_model()
+    ids = _ids(2, 6)
+    am = torch.ones_like(ids)
+    am[0, :2] = 0
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="padded"):
+        m(ids, attention_mask=am, cache=sk_hf.SparseKHFCache(m.config), use_cache=True)
+    sk_hf.remove_scorers(m)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="scorer"):
+        m(ids, cache=sk_hf.SparseKHFCache(m.config), use_cache=True)
