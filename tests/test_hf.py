@@ -236,3 +236,24 @@ def test_sparse_cache_rejects_padding_and_missing_scorers():
     sk_hf.remove_scorers(m)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="scorer"):
         m(ids, cache=sk_hf.SparseKHFCache(m.config), use_cache=True)
+
+
+def test_finetune_script_two_steps(tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "finetune_scorers.py")
+    spec = importlib.util.spec_from_file_location("finetune_scorers", path)
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)
+    res = ft.main([
+        "--model", "tiny-random", "--steps", "2", "--seq-len", "40", "--batch-size", "1",
+        "--topk", "4", "--window", "4", "--no-progress", "--output", str(tmp_path / "ft"),
+    ])
+    assert len(res["losses"]) == 2 and all(torch.isfinite(torch.tensor(res["losses"])))
+    assert all(g > 0 for g in res["scorer_grad_norms"])
+    # only the scorers moved
+    names = [n for n, p in res["model"].named_parameters() if p.requires_grad]
+    assert names and all("sparsek_scorer" in n for n in names)
+    m2 = sk_hf.from_pretrained(str(tmp_path / "ft"))
+    for (n, p1), (_, p2) in zip(res["model"].named_parameters(), m2.named_parameters()):
+        torch.testing.assert_close(p1.detach(), p2.detach(), atol=0, rtol=0)
