@@ -257,3 +257,45 @@ def test_finetune_script_two_steps(tmp_path):
     m2 = sk_hf.from_pretrained(str(tmp_path / "ft"))
     for (n, p1), (_, p2) in zip(res["model"].named_parameters(), m2.named_parameters()):
         torch.testing.assert_close(p1.detach(), p2.detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_sparse_padded_batch_equals_each_sequence_alone(side):
+    m = _sparse_model(topk=3, window=2)
+    ids = _ids(2, 21)
+    lens = [13, 21]
+    am = torch.zeros_like(ids)
+    for b, n in enumerate(lens):
+        if side == "left":
+            am[b, 21 - n:] = 1
+        else:
+            am[b, :n] = 1
+    with torch.no_grad():
+        batched = m(ids, attention_mask=am).logits
+        for b, n in enumerate(lens):
+            real = am[b].bool()
+            alone = m(ids[b:b + 1, real]).logits[0]
+            torch.testing.assert_close(batched[b, real], alone, atol=2e-5, rtol=2e-5)
+
+
+def test_bert_non_causal_with_padding():
+    from transformers import BertConfig, BertModel
+
+    sk_hf.register()
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96)
+    m = BertModel(cfg, add_pooling_layer=False).eval()
+    ids = _ids(2, 11)
+    am = torch.ones_like(ids)
+    am[1, 7:] = 0
+    with torch.no_grad():
+        m.set_attn_implementation("sdpa")
+        ref = m(ids, attention_mask=am).last_hidden_state
+        m.set_attn_implementation("sparsek")
+        out = m(ids, attention_mask=am).last_hidden_state
+        real = am.bool()
+        torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+        sk_hf.add_scorers(m, topk=3)  # non-causal SparseK (no window)
+        sparse = m(ids, attention_mask=am).last_hidden_state
+    assert torch.isfinite(sparse).all() and (sparse - ref)[real].abs().max() > 1e-4

@@ -74,13 +74,9 @@ def _analyse_mask(mask: torch.Tensor, causal: bool, sliding_window: Optional[int
     m = mask[:, 0]
     B, Q, KV = m.shape
     dev = m.device
-    if causal:
-        # Key j is a real token iff some query may attend it.  For a causal mask a real
-        # key is attended at least by the query at its own position (if that query exists);
-        # keys before the first query position are attended by the first real query.
-        key_valid = m.any(dim=1)
-    else:
-        key_valid = m.any(dim=1)
+    # Key j is a real token iff some query may attend it (causal: at least the query at
+    # its own position, or the first real query if j precedes every query).
+    key_valid = m.any(dim=1)
     k_cnt = key_valid.sum(1)
     k_start = torch.where(k_cnt > 0, key_valid.int().argmax(1), torch.zeros_like(k_cnt))
     j = torch.arange(KV, device=dev)
