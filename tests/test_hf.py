@@ -21,6 +21,8 @@ from transformers import (  # noqa: E402
 import xformers_sparsek.hf as sk_hf  # noqa: E402
 
 VOCAB = 61
+# `past_key_values=` works on every transformers 5.x (5.24 renames it `cache=` with a warning)
+pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
 
 
 def _cfg(kind="llama", **kw):
@@ -204,7 +206,7 @@ def test_sparse_cache_generation_equals_dynamic_cache_and_memory_is_flat():
     with torch.no_grad():
         ref = m.generate(ids, max_new_tokens=steps, do_sample=False)  # DynamicCache, full K/V
         cache = sk_hf.SparseKHFCache(m.config)
-        out = m.generate(ids, max_new_tokens=steps, do_sample=False, cache=cache)
+        out = m.generate(ids, max_new_tokens=steps, do_sample=False, past_key_values=cache)
     assert torch.equal(ref, out)
     assert cache.get_seq_length() == 6 + steps - 1
     assert cache.overflow_count() == 0
@@ -214,14 +216,14 @@ def test_sparse_cache_generation_equals_dynamic_cache_and_memory_is_flat():
     with torch.no_grad():
         nxt = ids
         for _ in range(20):
-            logits = m(nxt, cache=cache, use_cache=True).logits
+            logits = m(nxt, past_key_values=cache, use_cache=True).logits
             nxt = logits[:, -1:].argmax(-1)
             sizes.append(cache.kv_bytes())
     assert cache.get_seq_length() == 6 + 19
     assert len(set(sizes)) == 1 and sizes[0] > 0
     dyn = transformers.DynamicCache(config=m.config)
     with torch.no_grad():
-        m(torch.cat([ids, ids, ids, ids, ids], 1), cache=dyn, use_cache=True)
+        m(torch.cat([ids, ids, ids, ids, ids], 1), past_key_values=dyn, use_cache=True)
     dyn_bytes = sum(x.numel() * x.element_size() for layer in dyn.layers for x in (layer.keys, layer.values))
     assert sizes[0] < dyn_bytes  # 30 tokens of full K/V already cost more
 
@@ -232,10 +234,10 @@ def test_sparse_cache_rejects_padding_and_missing_scorers():
     am = torch.ones_like(ids)
     am[0, :2] = 0
     with torch.no_grad(), pytest.raises(NotImplementedError, match="padded"):
-        m(ids, attention_mask=am, cache=sk_hf.SparseKHFCache(m.config), use_cache=True)
+        m(ids, attention_mask=am, past_key_values=sk_hf.SparseKHFCache(m.config), use_cache=True)
     sk_hf.remove_scorers(m)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="scorer"):
-        m(ids, cache=sk_hf.SparseKHFCache(m.config), use_cache=True)
+        m(ids, past_key_values=sk_hf.SparseKHFCache(m.config), use_cache=True)
 
 
 def test_finetune_script_two_steps(tmp_path):
