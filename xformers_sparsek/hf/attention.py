@@ -65,8 +65,22 @@ class _Packing:
         self.q_idx, self.k_idx, self.q_lens, self.k_lens = q_idx, k_idx, q_lens, k_lens
 
 
+# transformers passes the same mask tensor to every layer of a kind in one forward: analyse it
+# once (one entry: the last mask seen, with the arguments it was analysed for).
+_MEMO = {"key": None, "mask": None, "result": None}
+
+
 def _analyse_mask(mask: torch.Tensor, causal: bool, sliding_window: Optional[int]):
     """Boolean ``[B, 1|H, Q, KV]`` mask -> None (no padding) or a ``_Packing``."""
+    key = (causal, sliding_window, mask._version, tuple(mask.shape))
+    if _MEMO["mask"] is mask and _MEMO["key"] == key:
+        return _MEMO["result"]
+    result = _analyse_mask_uncached(mask, causal, sliding_window)
+    _MEMO.update(key=key, mask=mask, result=result)
+    return result
+
+
+def _analyse_mask_uncached(mask: torch.Tensor, causal: bool, sliding_window: Optional[int]):
     if mask.dtype != torch.bool:
         mask = mask == 0  # additive float mask: 0 = attend
     if mask.dim() != 4:
