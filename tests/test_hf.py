@@ -334,3 +334,25 @@ def test_smollm2_exact_and_sparse():
         sk_hf.add_scorers(m, topk=128, window=128)
         sparse = m(ids, labels=ids).loss
     assert float(sparse) < float(dense) + 0.5
+
+
+def test_exact_mode_gradients_match_sdpa():
+    m = _model("qwen2")
+    m.train()
+    ids = _ids(2, 17)
+    am = torch.ones_like(ids)
+    am[0, 11:] = 0  # right padding, as in training
+    labels = ids.masked_fill(am == 0, -100)
+
+    def grads(impl):
+        m.set_attn_implementation(impl)
+        m.zero_grad(set_to_none=True)
+        m(ids, attention_mask=am, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref = grads("sdpa")
+    sk_hf.register()
+    out = grads("sparsek")
+    assert ref.keys() == out.keys()
+    for n in ref:
+        torch.testing.assert_close(out[n], ref[n], atol=2e-5, rtol=1e-4, msg=n)
