@@ -238,6 +238,12 @@ def test_sparse_cache_rejects_padding_and_missing_scorers():
     sk_hf.remove_scorers(m)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="scorer"):
         m(ids, past_key_values=sk_hf.SparseKHFCache(m.config), use_cache=True)
+    # with another attention implementation the cache is never consumed: the next step raises
+    m.set_attn_implementation("sdpa")
+    cache = sk_hf.SparseKHFCache(m.config)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="never attended"):
+        m(ids, past_key_values=cache, use_cache=True)
+        m(ids[:, :1], past_key_values=cache, use_cache=True)
 
 
 def test_finetune_script_two_steps(tmp_path):

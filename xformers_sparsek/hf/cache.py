@@ -40,14 +40,22 @@ class SparseKCacheLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.sparse: Optional[SparseKCache] = None
         self.cumulative_length = 0
+        self._pending = False  # update() ran, the attention function has not consumed it yet
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._pending:
+            raise RuntimeError(
+                "SparseKHFCache: the previous step's keys were never attended through the cache; "
+                "the model must run with attn_implementation='sparsek' (xformers_sparsek.hf.add_scorers) "
+                "and pass the keys returned by cache.update() to the attention function"
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._pending = True
         self.cumulative_length += key_states.shape[-2]
         k, v = key_states.view_as(key_states), value_states.view_as(value_states)
         setattr(k, CACHE_TAG, (self, self.layer_idx))
@@ -72,6 +80,7 @@ class SparseKCacheLayer(CacheLayerMixin):
         if self.sparse is not None:
             self.sparse.reset()
         self.cumulative_length = 0
+        self._pending = False
 
     def kv_bytes(self) -> int:
         return 0 if self.sparse is None else self.sparse.kv_bytes()
@@ -91,6 +100,7 @@ class SparseKCacheLayer(CacheLayerMixin):
 
     # called by sparsek_attention_forward
     def _attend(self, module, layer_idx, query, key, value, attention_mask, scaling):
+        self._pending = False
         scorer = getattr(module, SCORER_ATTR, None)
         if scorer is None or scorer.topk is None:
             raise NotImplementedError(
