@@ -228,13 +228,26 @@ def test_sparse_cache_generation_equals_dynamic_cache_and_memory_is_flat():
     assert sizes[0] < dyn_bytes  # 30 tokens of full K/V already cost more
 
 
-def test_sparse_cache_rejects_padding_and_missing_scorers():
+def test_sparse_cache_left_padded_batch_generation_equals_dynamic_cache():
+    m = _sparse_model()
+    ids = _ids(3, 9)
+    am = torch.ones_like(ids)
+    am[0, :4] = 0
+    am[2, :1] = 0
+    steps = 24
+    with torch.no_grad():
+        ref = m.generate(ids, attention_mask=am, max_new_tokens=steps, do_sample=False)
+        cache = sk_hf.SparseKHFCache(m.config)
+        out = m.generate(ids, attention_mask=am, max_new_tokens=steps, do_sample=False, past_key_values=cache)
+    assert torch.equal(ref, out)
+    # per-sequence caches hold only real tokens: row 0 saw 4 fewer
+    layer = cache.layers[0]
+    assert [c.seq_len for c in layer.rows] == [9 - 4 + steps - 1, 9 + steps - 1, 9 - 1 + steps - 1]
+
+
+def test_sparse_cache_rejects_missing_scorers_and_other_attention():
     m = _sparse_model()
     ids = _ids(2, 6)
-    am = torch.ones_like(ids)
-    am[0, :2] = 0
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="padded"):
-        m(ids, attention_mask=am, past_key_values=sk_hf.SparseKHFCache(m.config), use_cache=True)
     sk_hf.remove_scorers(m)
     with torch.no_grad(), pytest.raises(NotImplementedError, match="scorer"):
         m(ids, past_key_values=sk_hf.SparseKHFCache(m.config), use_cache=True)

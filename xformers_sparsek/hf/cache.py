@@ -13,8 +13,11 @@ tag; ``sparsek_attention_forward`` sees the tag and hands the step to the layer'
 scorer).  So this cache works with ``attn_implementation="sparsek"`` and layers that have a
 scorer with ``topk`` set (``add_scorers``).
 
-Limits: no padding (batched generation needs equal lengths, the attention mask must be all
-ones), no beam search / cropping (evicted keys are gone), no sliding-window layers beyond
+Padding (left-padded batched generation): a batch whose first step is padded gets one
+``SparseKCache`` per sequence, fed only that sequence's real tokens (a Python loop over the
+batch per layer and step); without padding one batched ``SparseKCache`` serves all sequences.
+
+Limits: no beam search / cropping (evicted keys are gone), no sliding-window layers beyond
 their window, no gradients (``update_and_attend`` runs under ``no_grad``).
 """
 
@@ -38,7 +41,8 @@ class SparseKCacheLayer(CacheLayerMixin):
         super().__init__()
         self.capacity = capacity
         self.layer_idx = layer_idx
-        self.sparse: Optional[SparseKCache] = None
+        self.sparse: Optional[SparseKCache] = None  # batched (no padding)
+        self.rows: Optional[list] = None  # one SparseKCache per sequence (padded batch)
         self.cumulative_length = 0
         self._pending = False  # update() ran, the attention function has not consumed it yet
 
@@ -77,13 +81,12 @@ class SparseKCacheLayer(CacheLayerMixin):
         pass
 
     def reset(self) -> None:
-        if self.sparse is not None:
-            self.sparse.reset()
+        self.sparse, self.rows = None, None  # re-created (and re-sized) on the next step
         self.cumulative_length = 0
         self._pending = False
 
     def kv_bytes(self) -> int:
-        return 0 if self.sparse is None else self.sparse.kv_bytes()
+        return sum(c.kv_bytes() for c in self._caches())
 
     def reorder_cache(self, beam_idx):
         raise NotImplementedError("SparseKHFCache: beam search is not supported (evicted keys are gone)")
@@ -116,25 +119,58 @@ class SparseKCacheLayer(CacheLayerMixin):
                 f"SparseKHFCache: layer {layer_idx} is a sliding-window layer (window {sw}) and the "
                 f"context ({self.cumulative_length}) exceeds it; use a DynamicCache"
             )
-        if attention_mask is not None and _analyse_mask(attention_mask, True, sw) is not None:
+        packing = _analyse_mask(attention_mask, True, sw) if attention_mask is not None else None
+        if self.sparse is None and self.rows is None:
+            if packing is None:  # no padding: one batched SparseKCache
+                self.sparse = self._new_sparse(B, Hkv, D, Dv, scorer, key)
+            else:  # padding: one SparseKCache per sequence, fed its real tokens only
+                self.rows = [None] * B
+        elif self.sparse is not None and packing is not None:
             raise NotImplementedError(
-                "SparseKHFCache: padded batches are not supported (the attention mask must be all "
-                "ones); generate sequences of equal length or use a DynamicCache"
+                "SparseKHFCache: padding appeared after a first step without padding"
             )
-        if self.sparse is None:
-            self.sparse = SparseKCache(
-                B, Hkv, D, scorer.topk, scorer.window, value_dim=Dv,
-                capacity=self.capacity, dtype=key.dtype, device=key.device,
-            )
-        start = self.sparse.seq_len
-        positions = torch.arange(start, start + M, device=key.device)
-        with torch.no_grad():
-            scores = scorer(value, positions)  # [B, M, Hkv]
-        q = query.transpose(1, 2).unflatten(2, (Hkv, R))
-        out = self.sparse.update_and_attend(
-            q, key.transpose(1, 2), value.transpose(1, 2), scores, scale=scaling
-        )
+        q = query.transpose(1, 2).unflatten(2, (Hkv, R))  # [B, M, Hkv, R, D]
+        k, v = key.transpose(1, 2), value.transpose(1, 2)
+        if self.sparse is not None:
+            start = self.sparse.seq_len
+            positions = torch.arange(start, start + M, device=key.device)
+            with torch.no_grad():
+                scores = scorer(value, positions)  # [B, M, Hkv]
+            out = self.sparse.update_and_attend(q, k, v, scores, scale=scaling)
+            return out.reshape(B, M, H, Dv)
+        # per sequence: the real new tokens of row b are the bottom-right aligned queries
+        # whose own key is real (padding is never written to the cache)
+        real = torch.ones(B * M, dtype=torch.bool, device=query.device)
+        if packing is not None:
+            real.zero_()
+            real[packing.q_idx] = True
+        real = real.view(B, M)
+        out = q.new_zeros(B, M, Hkv, R, Dv)
+        for b in range(B):
+            idx = real[b].nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+            if self.rows[b] is None:
+                self.rows[b] = self._new_sparse(1, Hkv, D, Dv, scorer, key)
+            row = self.rows[b]
+            positions = torch.arange(row.seq_len, row.seq_len + idx.numel(), device=key.device)
+            with torch.no_grad():
+                scores = scorer(value[b:b + 1, :, idx], positions)
+            out[b, idx] = row.update_and_attend(
+                q[b:b + 1, idx], k[b:b + 1, idx], v[b:b + 1, idx], scores, scale=scaling
+            )[0]
         return out.reshape(B, M, H, Dv)
+
+    def _new_sparse(self, batch, Hkv, D, Dv, scorer, key):
+        return SparseKCache(
+            batch, Hkv, D, scorer.topk, scorer.window, value_dim=Dv,
+            capacity=self.capacity, dtype=key.dtype, device=key.device,
+        )
+
+    def _caches(self):
+        if self.sparse is not None:
+            return [self.sparse]
+        return [c for c in (self.rows or []) if c is not None]
 
 
 class SparseKHFCache(Cache):
@@ -167,4 +203,4 @@ class SparseKHFCache(Cache):
 
     def overflow_count(self) -> int:
         """Fractional keys dropped because a layer's capacity was full (0 = exact)."""
-        return sum(layer.sparse.overflow_count for layer in self.layers if layer.sparse is not None)
+        return sum(c.overflow_count for layer in self.layers for c in layer._caches())
