@@ -181,6 +181,8 @@ def sparsek_attention_forward(
     packing = _analyse_mask(attention_mask, causal, sw) if attention_mask is not None else None
     if packing is None:
         base = _base_dense(causal, sw)
+    elif packing.q_idx.numel() == 0:  # every row is padding
+        return query.new_zeros(B, Q, H, Dv), None
     else:
         q = q.reshape(B * Q, Hkv, R, D)[packing.q_idx].unsqueeze(0)
         k = k.reshape(B * KV, Hkv, D)[packing.k_idx].unsqueeze(0)
