@@ -33,6 +33,10 @@ _BIAS_KINDS = {
     xab.BlockDiagonalCausalLocalAttentionFromBottomRightMask: (True, True, True),
     xab.BlockDiagonalCausalWithOffsetPaddedKeysMask: (True, True, False),
     xab.BlockDiagonalCausalLocalAttentionPaddedKeysMask: (True, True, True),
+    xab.BlockDiagonalPaddedKeysMask: (False, False, False),
+    # paged K/V: gathered into their non-paged counterpart by _paged.unpage (make_problem)
+    xab.PagedBlockDiagonalPaddedKeysMask: (False, False, False),
+    xab.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask: (True, True, False),
 }
 
 SUPPORTED_BASE_BIASES: Tuple[type, ...] = tuple(_BIAS_KINDS)
