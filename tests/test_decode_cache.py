@@ -270,4 +270,7 @@ def test_bad_inputs():
     for over, name in cases:
         with pytest.raises(ValueError, match=name):
             _bad(c, **over)
+    for valid in (torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 2), [[True] * 2] * 2):
+        with pytest.raises(ValueError, match="valid"):
+            _bad(c, valid=valid)
     assert c.seq_len == 0  # nothing was appended

@@ -16,6 +16,15 @@ from xformers.ops.fmha import attn_bias as xab
 
 from xformers_sparsek import SparseKMask, SparseKOp, sparsek_attention
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny problems: on a shared 2-core machine intra-op threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 PAGED = {
     "causal": (xab.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask,
                xab.BlockDiagonalCausalWithOffsetPaddedKeysMask),
