@@ -12,7 +12,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -21,24 +20,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from xformers.ops.fmha import attn_bias as xab
 
 import xformers_sparsek as xs
+from common import commit, median_ms, pyplot
 from xformers_sparsek import _cuda
 from xformers_sparsek._problem import make_problem
-
-
-def median_ms(fn, iters=10, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
 
 
 def sdpa_ms(backend, q, k, v, causal, gqa, backward, iters):
@@ -131,17 +115,6 @@ def long_config(S, backward, iters):
     return rows
 
 
-def commit(given=None):
-    """The commit benchmarked: --commit (the device's copy of the tree has no .git), else git."""
-    if given:
-        return given
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
 def table(rows):
     head = "| config | mode | time (ms) | select | cuDNN (ms) | FA2 (ms) | vs cuDNN | vs FA2 | attended TFLOP/s |"
     lines = [head, "|" + "---|" * 9]
@@ -157,13 +130,8 @@ def table(rows):
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot", flush=True)
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in ("fwd", "fwd+bwd"):

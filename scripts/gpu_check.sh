@@ -4,7 +4,7 @@
 # scripts/fetch_xformers_wheel.sh) to get xformers there.
 #   OUT=/some/dir SANITIZE=1 bash scripts/gpu_check.sh
 # The full suite alone takes minutes on an H100; to fit a 10-minute device call, pick steps
-# with STEPS (default "build info tests bench") and narrow pytest with PYTEST_ARGS, e.g.
+# with STEPS (default "build info tests bench"; add "decode" for the decode-C rows) and narrow pytest with PYTEST_ARGS, e.g.
 #   STEPS="build tests" PYTEST_ARGS="-k cuda" bash scripts/gpu_check.sh
 # The device's copy of the tree has no .git: pass the commit for the benchmark record with
 #   BENCH_ARGS="--commit $(git rev-parse --short HEAD)" (expanded on this machine).
@@ -57,6 +57,8 @@ sanitize() {  # sanitize TOOL
 }
 
 bench() { python3 benchmarks/bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"; }
+# DESIGN.md section 5 decode-C rows (SparseKCache vs dense SDPA decoding)
+decode() { python3 benchmarks/bench_decode.py --out "$OUT" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log"; }
 
 want() { [[ " ${STEPS:-build info tests bench} " == *" $1 "* ]]; }
 
@@ -70,6 +72,7 @@ if [ "${SANITIZE:-0}" = 1 ]; then
   step "racecheck" sanitize racecheck
 fi
 if want bench && [ -f benchmarks/bench.py ]; then step "bench" bench; fi
+if want decode; then step "decode bench" decode; fi
 
 failed=0
 printf '\n%-16s %-10s %6s\n' step status seconds

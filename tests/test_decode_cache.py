@@ -121,6 +121,68 @@ def test_flat_query_head_layout_and_reset():
     assert max_abs(o1.reshape(B, N, G * R, D), o2) == 0.0
 
 
+@pytest.mark.parametrize("window", [0, 3])
+def test_per_sequence_lengths_and_padding(window):
+    """Left-padded prompts of different lengths (valid mask), then single-token steps,
+    a multi-token step and a step where one sequence appends nothing; every sequence must
+    match its own full-sequence result."""
+    B, G, R, D, topk, steps = 3, 2, 2, 8, 5, 90
+    lens = [7, 20, 1]
+    P = max(lens)
+    seqs = [_inputs(1, n + steps, G, R, D, D, torch.float64) for n in lens]
+    refs = [_full(*x, topk, window)[0] for x in seqs]
+    cache = SparseKCache(B, G, D, topk, window, dtype=torch.float64, capacity=200)
+    pos = [0] * B  # next token of each sequence
+
+    def step(m, valid_rows):
+        """m tokens for every sequence in valid_rows (others padded) -> check outputs."""
+        take = [m if b in valid_rows else 0 for b in range(B)]
+        M = max(take)
+        batch = []
+        for i in range(4):  # q, k, v, u: left-pad with garbage
+            rows = []
+            for b in range(B):
+                t = seqs[b][i][0, pos[b]:pos[b] + take[b]]
+                pad = torch.randn((M - take[b],) + t.shape[1:], dtype=t.dtype)
+                rows.append(torch.cat([pad, t]))
+            batch.append(torch.stack(rows))
+        valid = torch.tensor([[j >= M - take[b] for j in range(M)] for b in range(B)])
+        out = cache.update_and_attend(*batch, valid=valid)
+        for b in range(B):
+            assert bool((out[b, :M - take[b]] == 0).all())
+            got = out[b, M - take[b]:]
+            assert max_abs(got, refs[b][pos[b]:pos[b] + take[b]]) < 1e-10, (b, pos[b])
+            pos[b] += take[b]
+        assert cache.seq_lens == pos
+
+    # prompt: each sequence its own length
+    take = lens
+    M = P
+    batch = []
+    for i in range(4):
+        rows = []
+        for b in range(B):
+            t = seqs[b][i][0, :take[b]]
+            rows.append(torch.cat([torch.randn((M - take[b],) + t.shape[1:], dtype=t.dtype), t]))
+        batch.append(torch.stack(rows))
+    valid = torch.tensor([[j >= M - take[b] for j in range(M)] for b in range(B)])
+    out = cache.update_and_attend(*batch, valid=valid)
+    for b in range(B):
+        assert max_abs(out[b, M - take[b]:], refs[b][:take[b]]) < 1e-10
+        assert bool((out[b, :M - take[b]] == 0).all())
+    pos[:] = lens
+    for t in range(steps - 10):
+        if t == 30:
+            step(3, {0, 1, 2})
+        elif t == 50:
+            step(1, {0, 2})
+        elif t == 60:
+            step(4, {1})
+        else:
+            step(1, {0, 1, 2})
+    assert cache.overflow_count == 0
+
+
 def test_capacity_overflow_is_reported_and_large_capacity_is_exact():
     """Near-equal scores keep every pool key fractional: a small scores-only list overflows
     (reported, small error), a list as long as the pool is exact."""
@@ -208,4 +270,7 @@ def test_bad_inputs():
     for over, name in cases:
         with pytest.raises(ValueError, match=name):
             _bad(c, **over)
+    for valid in (torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 2), [[True] * 2] * 2):
+        with pytest.raises(ValueError, match="valid"):
+            _bad(c, valid=valid)
     assert c.seq_len == 0  # nothing was appended

@@ -103,8 +103,9 @@ def test_dispatch_picks_sparsek_for_sparsek_mask():
 
 def test_bias_factory_covers_every_supported_base():
     """make_bias (conftest) must know every base bias the library lists, and only those."""
-    assert set(BIAS_TYPES) == set(xformers_sparsek.SUPPORTED_BASE_BIASES)
-    assert set(FwOp.SUPPORTED_ATTN_BIAS_TYPES) == set(BIAS_TYPES) | {SparseKMask}
+    paged = set(xformers_sparsek._paged.PAGED_BIASES)  # tests/test_paged.py covers these
+    assert set(BIAS_TYPES) | paged == set(xformers_sparsek.SUPPORTED_BASE_BIASES)
+    assert set(FwOp.SUPPORTED_ATTN_BIAS_TYPES) == set(BIAS_TYPES) | paged | {SparseKMask}
 
 
 def test_sparse_mask_basics():

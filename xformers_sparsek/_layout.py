@@ -33,9 +33,16 @@ _BIAS_KINDS = {
     xab.BlockDiagonalCausalLocalAttentionFromBottomRightMask: (True, True, True),
     xab.BlockDiagonalCausalWithOffsetPaddedKeysMask: (True, True, False),
     xab.BlockDiagonalCausalLocalAttentionPaddedKeysMask: (True, True, True),
+    # internal only (not in SUPPORTED_BASE_BIASES): the non-paged form of the paged mask below
+    xab.BlockDiagonalPaddedKeysMask: (False, False, False),
+    # paged K/V: gathered into their non-paged counterpart by _paged.unpage (make_problem)
+    xab.PagedBlockDiagonalPaddedKeysMask: (False, False, False),
+    xab.PagedBlockDiagonalCausalWithOffsetPaddedKeysMask: (True, True, False),
 }
 
-SUPPORTED_BASE_BIASES: Tuple[type, ...] = tuple(_BIAS_KINDS)
+SUPPORTED_BASE_BIASES: Tuple[type, ...] = tuple(
+    t for t in _BIAS_KINDS if t is not xab.BlockDiagonalPaddedKeysMask
+)
 _VARLEN = (xab.BlockDiagonalMask, xab.BlockDiagonalPaddedKeysMask)
 
 

@@ -13,6 +13,7 @@ from typing import List, Optional
 import torch
 
 from ._layout import QueryLayout, build_layout, is_varlen
+from ._paged import is_paged, paged_problems, unpage
 
 
 def input_problems(q, k, v, scores, base) -> List[str]:
@@ -65,6 +66,8 @@ def input_problems(q, k, v, scores, base) -> List[str]:
                 f"block-diagonal attn_bias covers {qs[-1]} queries / {ks[-1]} keys but "
                 f"query has {Mq} and key has {Mk}"
             )
+    if is_paged(base):
+        r += paged_problems(base, B, Mq, Mk)
     return r
 
 
@@ -114,6 +117,8 @@ class Problem:
 
 
 def make_problem(q, k, v, scores, base, topk, window, scale) -> Problem:
+    if is_paged(base):
+        k, v, scores, base = unpage(k, v, scores, base)
     bmhk = q.ndim == 4
     if bmhk:
         q, k, v = q.unsqueeze(3), k.unsqueeze(3), v.unsqueeze(3)

@@ -21,7 +21,7 @@ too).  The fractional list is what ``tau`` still needs; it is exact while it fit
 ``capacity`` (``overflow`` counts the keys dropped because it did not).
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -138,25 +138,30 @@ class SparseKCache:
         self.tau = torch.full((B, G), NEG_INF, dtype=torch.float64, **kw)  # gates' threshold
         self.tau_min = torch.full((B, G), NEG_INF, dtype=torch.float64, **kw)  # pruning bound
         self.overflow = torch.zeros(B, G, dtype=torch.int64, **kw)
-        self._len = 0
+        self._lens = [0] * batch  # tokens seen per sequence
         self._nfrac = 0  # max fractional-list length over the heads (a sorted prefix)
 
     # ------------------------------------------------------------------ state / stats
 
     @property
     def seq_len(self) -> int:
-        """Tokens seen (the context length of the next query is seq_len + 1)."""
-        return self._len
+        """Tokens seen (the longest sequence's, if they differ: see seq_lens)."""
+        return max(self._lens)
+
+    @property
+    def seq_lens(self) -> List[int]:
+        """Tokens seen by each sequence of the batch."""
+        return list(self._lens)
 
     @property
     def pool_size(self) -> int:
-        """Pool size of the last query (keys older than the window)."""
-        return max(0, self._len - self.window)
+        """Pool size of the last query (keys older than the window; longest sequence)."""
+        return max(0, self.seq_len - self.window)
 
     @property
     def kv_entries(self) -> int:
-        """K/V entries per KV head that hold data now (<= window + topk)."""
-        return min(self._len, self.window) + min(self.pool_size, self.topk)
+        """K/V entries per KV head that hold data now (<= window + topk; longest sequence)."""
+        return min(self.seq_len, self.window) + min(self.pool_size, self.topk)
 
     def kv_bytes(self) -> int:
         """Bytes held by the cache's tensors (K/V, scores, positions): fixed at construction,
@@ -177,7 +182,7 @@ class SparseKCache:
             t.fill_(NEG_INF)
         self.top_pos.fill_(-1)
         self.overflow.zero_()
-        self._len = 0
+        self._lens = [0] * self.batch
         self._nfrac = 0
 
     # ------------------------------------------------------------------ input checks
@@ -238,51 +243,61 @@ class SparseKCache:
             return  # the whole pool is selected (no key can have left it)
         self._update_tau_and_fractional(cu.gather(2, out))
 
-    def _pool_insert_one(self, ek: Tensor, ev: Tensor, eu: Tensor, pos: int) -> None:
-        """One key entering the pool (ek [B,G,D], ev [B,G,Dv], eu [B,G] float64), in place:
-        O(topk + capacity) per KV head plus the sort of the threshold solve, which is
-        skipped when the key is below every head's tau_min (it then changes nothing)."""
-        K, C = self.topk, self.capacity
-        n_pool = self.pool_size  # includes this key
-        if n_pool <= K:  # still filling the top set: slot n_pool - 1 in every head
-            s = n_pool - 1
-            self.top_k[:, :, s] = ek
-            self.top_v[:, :, s] = ev
-            self.top_u[:, :, s] = eu
-            self.top_pos[:, :, s] = pos
+    def _insert_rows(self, ek: Tensor, ev: Tensor, eu: Tensor, epos: Tensor, ent: Tensor,
+                     n_pool: Tensor) -> None:
+        """At most one key per sequence entering its pool, in place: ek [B,G,D], ev [B,G,Dv],
+        eu [B,G] float64, epos [B] positions, ent [B] bool (a key enters), n_pool [B] pool
+        sizes including it.  O(topk + capacity) per KV head plus the sort of the threshold
+        solve, which is skipped for heads where the key is below tau_min (there it changes
+        nothing)."""
+        K = self.topk
+        B, G = eu.shape
+        filling = ent & (n_pool <= K)  # the whole pool is selected: next free slot
+        if bool(filling.any()):
+            fslot = (n_pool - 1).clamp(0, K - 1).view(B, 1, 1).expand(B, G, 1)
+            self._put(fslot, filling.view(B, 1).expand(B, G), ek, ev, eu, epos)
+        full = ent & (n_pool > K)
+        need = full.view(B, 1) & (eu >= self.tau_min)  # tau_min = -inf until the pool > topk
+        if not bool(need.any()):
             return
-        if n_pool > K + 1 and not bool((eu >= self.tau_min).any()):
-            return  # below tau_min everywhere: contributes 0 to tau now and later
-        # the smallest top key by (u, pos); the new key (the most recent) wins ties
+        # the smallest top key by (u, pos); the entering key (the most recent) wins ties
         umin = self.top_u.min(dim=2, keepdim=True).values
         cand = torch.where(self.top_u == umin, self.top_pos, torch.iinfo(torch.int64).max)
         slot = cand.argmin(dim=2, keepdim=True)  # [B, G, 1]
         umin = umin.squeeze(2)
-        replace = eu >= umin
+        replace = need & (eu >= umin)
+        self._put(slot, replace, ek, ev, eu, epos)
         out_u = torch.where(replace, umin, eu)  # the key that leaves (or never enters) T
+        self._update_tau_and_fractional(out_u.unsqueeze(2), rows=need)
 
-        def put(buf, new):
+    def _put(self, slot, mask, ek, ev, eu, epos) -> None:
+        """Top-set slot `slot` [B,G,1] := the entering key where mask [B,G]."""
+        B, G = mask.shape
+        pos = epos.view(B, 1).expand(B, G)
+        for buf, new in ((self.top_k, ek), (self.top_v, ev), (self.top_u, eu), (self.top_pos, pos)):
             idx = slot.unsqueeze(-1).expand(-1, -1, 1, buf.shape[-1]) if buf.ndim == 4 else slot
             cur = buf.gather(2, idx)
-            r = replace.view(replace.shape + (1,) * (cur.ndim - 2))
-            buf.scatter_(2, idx, torch.where(r, new.view(cur.shape).to(buf.dtype), cur))
+            m = mask.view(B, G, *(1,) * (cur.ndim - 2))
+            buf.scatter_(2, idx, torch.where(m, new.reshape(cur.shape).to(buf.dtype), cur))
 
-        put(self.top_k, ek)
-        put(self.top_v, ev)
-        put(self.top_u, eu)
-        put(self.top_pos, torch.full_like(eu, pos, dtype=torch.int64))
-        self._update_tau_and_fractional(out_u.unsqueeze(2))
-
-    def _update_tau_and_fractional(self, rest_new: Tensor) -> None:
+    def _update_tau_and_fractional(self, rest_new: Tensor, rows: Optional[Tensor] = None) -> None:
         """Threshold of the current pool = top set U fractional list U rest_new (the scores
-        of the pool keys just left out of the top set); prune the list to u >= tau_min."""
+        of the pool keys just left out of the top set); prune the list to u >= tau_min.
+        rows [B, G] bool: update only these heads (the others keep their state)."""
         B, G, K, C = self.batch, self.kv_heads, self.topk, self.capacity
-        rest = torch.cat([self.frac_u[:, :, :self._nfrac], rest_new], dim=2)
+        old = self.frac_u[:, :, :self._nfrac]
+        rest = torch.cat([old, rest_new], dim=2)
         tau, tau_min = _capped_simplex_tau(
             torch.cat([self.top_u, rest], dim=2).reshape(B * G, -1), K)
-        self.tau = tau.view(B, G)
-        self.tau_min = tau_min.view(B, G)
+        tau, tau_min = tau.view(B, G), tau_min.view(B, G)
+        if rows is not None:
+            tau = torch.where(rows, tau, self.tau)
+            tau_min = torch.where(rows, tau_min, self.tau_min)
+        self.tau, self.tau_min = tau, tau_min
         rest = torch.where(rest >= self.tau_min.unsqueeze(2), rest, NEG_INF)
+        if rows is not None:
+            rest = torch.where(rows.unsqueeze(2), rest, torch.nn.functional.pad(
+                old, (0, rest_new.shape[2]), value=NEG_INF))
         n_keep = torch.isfinite(rest).sum(dim=2)
         self.overflow += (n_keep - C).clamp(min=0)
         # keep the largest (at most C), sorted descending, as the prefix of the buffer
@@ -295,7 +310,8 @@ class SparseKCache:
     # ------------------------------------------------------------------ attention
 
     def update_and_attend(self, q: Tensor, k: Tensor, v: Tensor, scores: Tensor,
-                          scale: Optional[float] = None) -> Tensor:
+                          scale: Optional[float] = None, *,
+                          valid: Optional[Tensor] = None) -> Tensor:
         """Append M >= 1 new tokens per sequence and return the attention output of their M
         queries over the whole context so far (causal, bottom-right aligned), equal to
         ``sparsek_attention`` over the full context for those queries.
@@ -303,67 +319,118 @@ class SparseKCache:
         q [B, M, Hkv, R, D] (R query heads per KV head) or [B, M, Hkv*R, D];
         k [B, M, Hkv, D], v [B, M, Hkv, Dv], scores [B, M, Hkv]
         -> out [B, M, Hkv, R, Dv] (or [B, M, Hkv*R, Dv]) in q's dtype.
+
+        valid [B, M] bool (optional): False marks padding (e.g. a left-padded prompt): that
+        token is not appended and its output row is 0.  Sequences may then have different
+        lengths (``seq_lens``); each is attended as its own causal sequence.
         """
         self._check(q, k, v, scores)
-        flat = q.ndim == 4
         B, M, G = scores.shape
+        if valid is not None:
+            if (not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool
+                    or tuple(valid.shape) != (B, M) or valid.device != self.device):
+                raise ValueError(f"valid must be a bool tensor [{B}, {M}] on {self.device}, got "
+                                 + (f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor)
+                                    else type(valid).__name__))
+            if bool(valid.all()):
+                valid = None
+        flat = q.ndim == 4
         q5 = q.view(B, M, G, q.shape[2] // G, q.shape[3]) if flat else q
         scale = self.head_dim ** -0.5 if scale is None else float(scale)
         with torch.no_grad():
             if M == 1:
-                out = self._decode(q5, k, v, scores, scale)
-            else:
+                out = self._decode(q5, k, v, scores, scale, valid)
+            elif valid is None and len(set(self._lens)) == 1:
                 out = self._prefill(q5, k, v, scores, scale)
+            else:
+                out = self._prefill_rows(q5, k, v, scores, scale, valid)
         return out.reshape(B, M, -1, out.shape[-1]) if flat else out
 
-    def _decode(self, q, k, v, scores, scale):
-        """One new token: O(window + topk + capacity) per KV head (plus a sort for tau)."""
+    _STATE = ("win_k", "win_v", "win_u", "top_k", "top_v", "top_u", "top_pos", "frac_u",
+              "tau", "tau_min", "overflow")
+
+    def _prefill_rows(self, q, k, v, scores, scale, valid):
+        """M > 1 tokens with per-sequence lengths or padding: each sequence's valid tokens
+        go through the equal-length path on a one-row view of the state."""
+        B, M, G, R, _ = q.shape
+        out = q.new_zeros(B, M, G, R, self.value_dim)
+        for b in range(B):
+            rows = torch.arange(M, device=self.device) if valid is None else valid[b].nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            r = SparseKCache.__new__(SparseKCache)
+            r.__dict__.update(self.__dict__)
+            for name in self._STATE:
+                setattr(r, name, getattr(self, name)[b:b + 1])
+            r.batch, r._lens = 1, [self._lens[b]]
+            sel = lambda t: t[b:b + 1, rows]  # noqa: E731
+            if rows.numel() == 1:
+                o = r._decode(sel(q), sel(k), sel(v), sel(scores), scale, None)
+            else:
+                o = r._prefill(sel(q), sel(k), sel(v), sel(scores), scale)
+            out[b, rows] = o[0]
+            self.tau[b], self.tau_min[b] = r.tau[0], r.tau_min[0]  # reassigned, not in place
+            self._lens[b] = r._lens[0]
+            self._nfrac = max(self._nfrac, r._nfrac)
+        return out
+
+    def _decode(self, q, k, v, scores, scale, valid: Optional[Tensor]):
+        """One new token per sequence (sequences may have different lengths; rows with
+        valid False append nothing and get a zero output): O(window + topk + capacity) per
+        KV head plus the threshold solve, vectorised over batch and heads."""
         B, _, G = scores.shape
-        W, L = self.window, self._len
+        W, K, dev = self.window, self.topk, self.device
+        L = torch.tensor(self._lens, dtype=torch.int64, device=dev)
+        vb = torch.ones(B, dtype=torch.bool, device=dev) if valid is None else valid[:, 0]
         u_new = scores[:, 0].to(torch.float64)  # [B, G]
         k_new, v_new = k[:, 0].to(self.dtype), v[:, 0].to(self.dtype)
-        self._len = L + 1
         if W == 0:
-            self._pool_insert_one(k_new, v_new, u_new, L)
+            ent, ek, ev, eu, epos = vb, k_new, v_new, u_new, L
         else:
-            slot = L % W
-            if L >= W:  # the key at position L - W leaves the window, enters the pool
-                self._pool_insert_one(self.win_k[:, :, slot].clone(), self.win_v[:, :, slot].clone(),
-                                      self.win_u[:, :, slot].clone(), L - W)
-            self.win_k[:, :, slot] = k_new
-            self.win_v[:, :, slot] = v_new
-            self.win_u[:, :, slot] = u_new
-        return self._attend_cached(q[:, 0], scale).unsqueeze(1)
+            # the key at position L - W leaves the window (its ring slot gets the new token)
+            # and enters the pool
+            slot = (L % W).view(B, 1, 1).expand(B, G, 1)
+            ik = slot.unsqueeze(-1).expand(B, G, 1, self.head_dim)
+            iv = slot.unsqueeze(-1).expand(B, G, 1, self.value_dim)
+            ek = self.win_k.gather(2, ik).squeeze(2)
+            ev = self.win_v.gather(2, iv).squeeze(2)
+            eu = self.win_u.gather(2, slot).squeeze(2)
+            ent, epos = vb & (L >= W), L - W
+            vk = vb.view(B, 1, 1)
+            self.win_k.scatter_(2, ik, torch.where(vk, k_new, ek).unsqueeze(2))
+            self.win_v.scatter_(2, iv, torch.where(vk, v_new, ev).unsqueeze(2))
+            self.win_u.scatter_(2, slot, torch.where(vb.view(B, 1), u_new, eu).unsqueeze(2))
+        L = L + vb.to(torch.int64)
+        self._lens = L.tolist()
+        n_pool = (L - W).clamp(min=0)
+        self._insert_rows(ek, ev, eu, epos, ent, n_pool)
+        out = self._attend(q[:, 0], scale, L, n_pool)
+        return torch.where(vb.view(B, 1, 1, 1), out, 0.0).unsqueeze(1)
 
-    def _attend_cached(self, q, scale):
-        """q [B, G, R, D] for the query at position seq_len - 1 -> out [B, G, R, Dv]."""
-        W, L, K = self.window, self._len, self.topk
+    def _attend(self, q, scale, L, n_pool):
+        """q [B, G, R, D]: the query at position L[b] - 1 of each sequence -> [B, G, R, Dv]
+        over its window (ring) and top set."""
+        W, K, dev = self.window, self.topk, self.device
+        B = q.shape[0]
         cdt = torch.float64 if q.dtype == torch.float64 or self.dtype == torch.float64 else torch.float32
         qc = q.to(cdt)
-        logits, vals = [], []
+        logits = []
         if W > 0:
             s_w = torch.einsum("bgrd,bgkd->bgrk", qc, self.win_k.to(cdt)) * scale
-            valid_w = torch.arange(W, device=self.device) < min(L, W)  # ring slots written
-            logits.append(s_w.masked_fill(~valid_w, NEG_INF))
-            vals.append(self.win_v.to(cdt))
-        n_top = min(self.pool_size, K)
-        gate = None
-        if n_top > 0:
-            valid_t = torch.arange(K, device=self.device) < n_top
-            gate = (self.top_u - self.tau.unsqueeze(-1)).clamp(0.0, 1.0)  # [B,G,K]
-            gate = torch.where(valid_t, gate, 0.0).to(cdt).unsqueeze(2)
-            s_t = torch.einsum("bgrd,bgkd->bgrk", qc, self.top_k.to(cdt)) * (scale * gate)
-            logits.append(s_t.masked_fill(~valid_t, NEG_INF))
-            vals.append(self.top_v.to(cdt))
+            valid_w = torch.arange(W, device=dev) < L.clamp(max=W).view(B, 1)  # slots written
+            logits.append(s_w.masked_fill(~valid_w.view(B, 1, 1, W), NEG_INF))
+        valid_t = torch.arange(K, device=dev) < n_pool.clamp(max=K).view(B, 1)
+        gate = (self.top_u - self.tau.unsqueeze(-1)).clamp(0.0, 1.0)  # [B, G, K]
+        gate = torch.where(valid_t.view(B, 1, K), gate, 0.0).to(cdt).unsqueeze(2)
+        s_t = torch.einsum("bgrd,bgkd->bgrk", qc, self.top_k.to(cdt)) * (scale * gate)
+        logits.append(s_t.masked_fill(~valid_t.view(B, 1, 1, K), NEG_INF))
         s = torch.cat(logits, dim=-1)
         mx = s.amax(dim=-1, keepdim=True)
         a = torch.exp(s - torch.where(torch.isinf(mx), 0.0, mx))
         a = a / a.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(cdt).tiny)
-        out = 0
+        out = torch.einsum("bgrk,bgkd->bgrd", a[..., W:] * gate, self.top_v.to(cdt))
         if W > 0:
-            out = torch.einsum("bgrk,bgkd->bgrd", a[..., :W], vals[0])
-        if gate is not None:
-            out = out + torch.einsum("bgrk,bgkd->bgrd", a[..., W:] * gate, vals[-1])
+            out = out + torch.einsum("bgrk,bgkd->bgrd", a[..., :W], self.win_v.to(cdt))
         return out.to(q.dtype)
 
     def _prefill(self, q, k, v, scores, scale):
@@ -374,7 +441,7 @@ class SparseKCache:
 
         B, M, G = scores.shape
         R = q.shape[3]
-        W, L, K = self.window, self._len, self.topk
+        W, L, K = self.window, self._lens[0], self.topk  # all sequences at length L
         dt = self.dtype
         k, v, u_new = k.to(dt), v.to(dt), scores.to(torch.float64)
         # cached window keys in position order: positions [L - nw, L)
@@ -392,7 +459,9 @@ class SparseKCache:
         tu = self.top_u.gather(2, po)
         # fractional keys: scores only (never attended again), padded per head with a score
         # below everything (contributes 0 to every tau, never selected)
-        n_frac = self._nfrac
+        n_frac = self._nfrac if n_top == K else 0  # (a one-row view may see a longer prefix)
+        if n_frac:
+            n_frac = int(torch.isfinite(self.frac_u[:, :, :n_frac]).sum(dim=2).max())
         fu = self.frac_u[:, :, :n_frac]
         # [B, G, Lc] compressed context + new tokens
         new_k, new_v, new_u = (x.transpose(1, 2) for x in (k, v, u_new))
@@ -416,7 +485,7 @@ class SparseKCache:
         seq_u = torch.cat([wu, new_u], dim=2)
         first = L - nw  # position of seq_*[:, :, 0]
         n_ent = max(0, nw + M - W)
-        self._len = L + M
+        self._lens = [L + M] * B
         if n_ent:
             epos = torch.arange(first, first + n_ent, device=self.device)
             self._pool_insert(seq_k[:, :, :n_ent], seq_v[:, :, :n_ent], seq_u[:, :, :n_ent], epos)

@@ -17,6 +17,7 @@ from xformers.ops.fmha.common import (
 
 from . import _attention, _backend
 from ._layout import SUPPORTED_BASE_BIASES
+from ._paged import FORWARD_ONLY, is_paged
 from ._problem import input_problems, make_problem
 from .functional import _check_scores_finite, sparsek_attention
 from .mask import SparseKMask
@@ -101,6 +102,8 @@ class FwOp(_SupportMixin, AttentionFwOpBase):
                 base, inp.scale,
             )
             return out, None
+        if needs_gradient and is_paged(base):
+            raise ValueError(FORWARD_ONLY.format(type(base).__name__))
         prob, window = _problem_of(inp)
         _check_scores_finite(prob.scores)
         out_c, lse_c, _ = _backend.forward(
@@ -119,6 +122,14 @@ class BwOp(_SupportMixin, AttentionBwOpBase):
     """
 
     NAME = "sparsekB"
+
+    @classmethod
+    def not_supported_reasons(cls, d: Inputs) -> List[str]:
+        reasons = super().not_supported_reasons(d)
+        base = _split_bias(d.attn_bias)[0]
+        if is_paged(base):
+            reasons.append(FORWARD_ONLY.format(type(base).__name__))
+        return reasons
 
     @classmethod
     def apply(cls, ctx: Context, inp: Inputs, grad: torch.Tensor) -> Gradients:

@@ -1,0 +1,135 @@
+"""DESIGN.md section 5, decode-C rows: one new token per step with a ``SparseKCache`` against
+dense SDPA decoding over the full KV cache, measured in the same run.
+
+    python benchmarks/bench_decode.py --out OUTDIR [--contexts 8192 32768 131072]
+    python benchmarks/bench_decode.py --smoke          # tiny shapes, any device (CPU here)
+
+Config: B=16, Hq=32, Hkv=8, D=128, bf16, topk=2048, window=512.  For each context length C
+the cache is filled by one prefill of C tokens (random K/V/scores), then ``--steps`` decode
+steps are timed one by one (CUDA events, median).  The dense anchor is
+``F.scaled_dot_product_attention`` of one query over the C-token cache (GQA, no mask).
+"KV bytes" is what each side holds for the layer: the dense cache grows as C, the SparseK
+cache is fixed at construction (window + topk K/V entries per KV head, plus scores).
+Writes OUTDIR/decode.json and OUTDIR/decode_section.md (a dated section for
+benchmarks/RESULTS.md) and OUTDIR/decode.png (step latency vs context).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from common import commit, median_ms, pyplot
+from xformers_sparsek import SparseKCache
+
+
+def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chunk):
+    R = Hq // Hkv
+    g = torch.Generator(device=device).manual_seed(C)
+
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dt)
+
+    cache = SparseKCache(B, Hkv, D, topk, window, dtype=dtype, device=device)
+    # Prefill in chunks (each chunk is a multi-token step over the compressed context), so
+    # memory stays bounded by the chunk, never by C.
+    for c0 in range(0, C, prefill_chunk):
+        m = min(prefill_chunk, C - c0)
+        cache.update_and_attend(rnd(B, m, Hkv, R, D), rnd(B, m, Hkv, D), rnd(B, m, Hkv, D),
+                                rnd(B, m, Hkv, dt=torch.float32))
+    q1, k1, v1 = rnd(B, 1, Hkv, R, D), rnd(B, 1, Hkv, D), rnd(B, 1, Hkv, D)
+    u1 = rnd(B, 1, Hkv, dt=torch.float32)
+    cuda = device.type == "cuda"
+    t_sparse = median_ms(lambda: cache.update_and_attend(q1, k1, v1, u1), steps, 2, cuda)
+    sparse_bytes = cache.kv_bytes()
+    del cache
+
+    # Dense anchor: one query against the full C-token cache (what a dense model holds).
+    kd, vd = rnd(B, Hkv, C, D), rnd(B, Hkv, C, D)
+    qd = rnd(B, Hq, 1, D)
+    t_dense = median_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True),
+                        steps, 2, cuda)
+    dense_bytes = (kd.numel() + vd.numel()) * kd.element_size()
+    del kd, vd
+    return dict(context=C, sparse_ms=t_sparse, dense_ms=t_dense, speedup=t_dense / t_sparse,
+                sparse_kv_bytes=sparse_bytes, dense_kv_bytes=dense_bytes)
+
+
+def table(rows):
+    lines = ["| context | SparseK step (ms) | dense SDPA step (ms) | speedup | SparseK KV (MiB) "
+             "| dense KV (MiB) |", "|" + "---|" * 6]
+    for r in rows:
+        lines.append(f"| {r['context']} | {r['sparse_ms']:.3f} | {r['dense_ms']:.3f} | "
+                     f"{r['speedup']:.2f}x | {r['sparse_kv_bytes'] / 2**20:.1f} | "
+                     f"{r['dense_kv_bytes'] / 2**20:.1f} |")
+    if len(rows) > 1:
+        lines.append(f"\nStep latency at the longest context / the shortest: "
+                     f"{rows[-1]['sparse_ms'] / rows[0]['sparse_ms']:.2f}x (SparseK), "
+                     f"{rows[-1]['dense_ms'] / rows[0]['dense_ms']:.2f}x (dense).")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["context"] for r in rows]
+    ax.plot(xs, [r["sparse_ms"] for r in rows], "o-", label="SparseK + SparseKCache")
+    ax.plot(xs, [r["dense_ms"] for r in rows], "s-", label="dense SDPA, full cache")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length")
+    ax.set_ylabel("decode step latency (ms)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="out")
+    ap.add_argument("--contexts", type=int, nargs="*", default=[8192, 32768, 131072])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prefill-chunk", type=int, default=8192)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device")
+    ap.add_argument("--commit", default=None)
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.smoke:
+        device = torch.device("cpu")
+        cfg = dict(B=2, Hq=4, Hkv=2, D=16, topk=16, window=8, dtype=torch.float32)
+        contexts, chunk = [64, 256], 64
+    else:
+        device = torch.device("cuda")
+        cfg = dict(B=16, Hq=32, Hkv=8, D=128, topk=2048, window=512, dtype=torch.bfloat16)
+        contexts, chunk = args.contexts, args.prefill_chunk
+    rows = []
+    for C in contexts:
+        rows.append(decode_row(C, steps=args.steps, device=device, prefill_chunk=chunk, **cfg))
+        print(table(rows[-1:]), flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta = dict(date=stamp, device=dev, commit=commit(args.commit), torch=torch.__version__,
+                config={k: str(v) for k, v in cfg.items()})
+    with open(os.path.join(args.out, "decode.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    plot(rows, os.path.join(args.out, "decode.png"))
+    text = (f"\n## decode — {stamp} — {dev}, commit {meta['commit']}, torch {meta['torch']}\n\n"
+            f"B={cfg['B']}, Hq={cfg['Hq']}, Hkv={cfg['Hkv']}, D={cfg['D']}, {cfg['dtype']}, "
+            f"topk={cfg['topk']}, window={cfg['window']}; median of {args.steps} steps.\n\n"
+            + table(rows) + "\n")
+    print(text, flush=True)
+    with open(os.path.join(args.out, "decode_section.md"), "w") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
