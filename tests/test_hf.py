@@ -240,9 +240,8 @@ def test_sparse_cache_left_padded_batch_generation_equals_dynamic_cache():
         cache = sk_hf.SparseKHFCache(m.config)
         out = m.generate(ids, attention_mask=am, max_new_tokens=steps, do_sample=False, past_key_values=cache)
     assert torch.equal(ref, out)
-    # per-sequence caches hold only real tokens: row 0 saw 4 fewer
-    layer = cache.layers[0]
-    assert [c.seq_len for c in layer.rows] == [9 - 4 + steps - 1, 9 + steps - 1, 9 - 1 + steps - 1]
+    # padding never enters the cache: each sequence holds its real tokens only
+    assert cache.layers[0].sparse.seq_lens == [9 - 4 + steps - 1, 9 + steps - 1, 9 - 1 + steps - 1]
 
 
 def test_sparse_cache_rejects_missing_scorers_and_other_attention():

@@ -13,9 +13,9 @@ tag; ``sparsek_attention_forward`` sees the tag and hands the step to the layer'
 scorer).  So this cache works with ``attn_implementation="sparsek"`` and layers that have a
 scorer with ``topk`` set (``add_scorers``).
 
-Padding (left-padded batched generation): a batch whose first step is padded gets one
-``SparseKCache`` per sequence, fed only that sequence's real tokens (a Python loop over the
-batch per layer and step); without padding one batched ``SparseKCache`` serves all sequences.
+Padding (left-padded batched generation): the padding tokens are passed to
+``SparseKCache.update_and_attend`` as ``valid=False`` (never stored; each sequence keeps its
+own length).
 
 Limits: no beam search / cropping (evicted keys are gone), no sliding-window layers beyond
 their window, no gradients (``update_and_attend`` runs under ``no_grad``).
@@ -41,8 +41,7 @@ class SparseKCacheLayer(CacheLayerMixin):
         super().__init__()
         self.capacity = capacity
         self.layer_idx = layer_idx
-        self.sparse: Optional[SparseKCache] = None  # batched (no padding)
-        self.rows: Optional[list] = None  # one SparseKCache per sequence (padded batch)
+        self.sparse: Optional[SparseKCache] = None
         self.cumulative_length = 0
         self._pending = False  # update() ran, the attention function has not consumed it yet
 
@@ -81,7 +80,7 @@ class SparseKCacheLayer(CacheLayerMixin):
         pass
 
     def reset(self) -> None:
-        self.sparse, self.rows = None, None  # re-created (and re-sized) on the next step
+        self.sparse = None  # re-created (and re-sized) on the next step
         self.cumulative_length = 0
         self._pending = False
 
@@ -120,57 +119,32 @@ class SparseKCacheLayer(CacheLayerMixin):
                 f"context ({self.cumulative_length}) exceeds it; use a DynamicCache"
             )
         packing = _analyse_mask(attention_mask, True, sw) if attention_mask is not None else None
-        if self.sparse is None and self.rows is None:
-            if packing is None:  # no padding: one batched SparseKCache
-                self.sparse = self._new_sparse(B, Hkv, D, Dv, scorer, key)
-            else:  # padding: one SparseKCache per sequence, fed its real tokens only
-                self.rows = [None] * B
-        elif self.sparse is not None and packing is not None:
-            raise NotImplementedError(
-                "SparseKHFCache: padding appeared after a first step without padding"
+        if self.sparse is None:
+            self.sparse = SparseKCache(
+                B, Hkv, D, scorer.topk, scorer.window, value_dim=Dv,
+                capacity=self.capacity, dtype=key.dtype, device=key.device,
             )
-        q = query.transpose(1, 2).unflatten(2, (Hkv, R))  # [B, M, Hkv, R, D]
-        k, v = key.transpose(1, 2), value.transpose(1, 2)
-        if self.sparse is not None:
-            start = self.sparse.seq_len
-            positions = torch.arange(start, start + M, device=key.device)
-            with torch.no_grad():
-                scores = scorer(value, positions)  # [B, M, Hkv]
-            out = self.sparse.update_and_attend(q, k, v, scores, scale=scaling)
-            return out.reshape(B, M, H, Dv)
-        # per sequence: the real new tokens of row b are the bottom-right aligned queries
-        # whose own key is real (padding is never written to the cache)
-        real = torch.ones(B * M, dtype=torch.bool, device=query.device)
+        valid = None
         if packing is not None:
-            real.zero_()
-            real[packing.q_idx] = True
-        real = real.view(B, M)
-        out = q.new_zeros(B, M, Hkv, R, Dv)
-        for b in range(B):
-            idx = real[b].nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
-            if self.rows[b] is None:
-                self.rows[b] = self._new_sparse(1, Hkv, D, Dv, scorer, key)
-            row = self.rows[b]
-            positions = torch.arange(row.seq_len, row.seq_len + idx.numel(), device=key.device)
-            with torch.no_grad():
-                scores = scorer(value[b:b + 1, :, idx], positions)
-            out[b, idx] = row.update_and_attend(
-                q[b:b + 1, idx], k[b:b + 1, idx], v[b:b + 1, idx], scores, scale=scaling
-            )[0]
+            # the real new tokens: bottom-right aligned queries whose own key is real
+            valid = torch.zeros(B * M, dtype=torch.bool, device=query.device)
+            valid[packing.q_idx] = True
+            valid = valid.view(B, M)
+        # Positions: the step's index in the (padded) batch sequence.  Within a sequence they
+        # differ from its own token count by a constant (its left padding), which the
+        # capped-simplex selection ignores; same positions as the DynamicCache path.
+        start = self.cumulative_length - M
+        positions = torch.arange(start, start + M, device=key.device)
+        with torch.no_grad():
+            scores = scorer(value, positions)  # [B, M, Hkv]
+        q = query.transpose(1, 2).unflatten(2, (Hkv, R))  # [B, M, Hkv, R, D]
+        out = self.sparse.update_and_attend(
+            q, key.transpose(1, 2), value.transpose(1, 2), scores, scale=scaling, valid=valid
+        )
         return out.reshape(B, M, H, Dv)
 
-    def _new_sparse(self, batch, Hkv, D, Dv, scorer, key):
-        return SparseKCache(
-            batch, Hkv, D, scorer.topk, scorer.window, value_dim=Dv,
-            capacity=self.capacity, dtype=key.dtype, device=key.device,
-        )
-
     def _caches(self):
-        if self.sparse is not None:
-            return [self.sparse]
-        return [c for c in (self.rows or []) if c is not None]
+        return [] if self.sparse is None else [self.sparse]
 
 
 class SparseKHFCache(Cache):
