@@ -374,3 +374,21 @@ def test_exact_mode_gradients_match_sdpa():
     assert ref.keys() == out.keys()
     for n in ref:
         torch.testing.assert_close(out[n], ref[n], atol=2e-5, rtol=1e-4, msg=n)
+
+
+def test_package_imports_without_transformers():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"  # makes `import transformers` fail
+        "import xformers_sparsek, xformers_sparsek.hf as h\n"
+        "s = xformers_sparsek.SparseKScorer(2, 4, topk=2)\n"
+        "assert xformers_sparsek.add_scorers is h.add_scorers\n"
+        "try:\n    h.register()\nexcept ImportError:\n    print('ok')\n"
+    )
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(root))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("ok")
