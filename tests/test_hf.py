@@ -99,13 +99,23 @@ def test_unsupported_mask_pattern_raises():
 
 
 def test_scorer_init_is_sliding_window_with_fractional_boundary():
-    from xformers_sparsek.reference import sparsek_reference  # noqa: F401  (API presence)
-
     sc = sk_hf.SparseKScorer(2, 8, topk=3, window=2)
     v = torch.randn(1, 2, 10, 8)
-    s = sc(v, torch.arange(10))
-    assert s.shape == (1, 10, 2)
-    torch.testing.assert_close(s[0, :, 0], 0.5 * torch.arange(10.0))
+    u = sc(v, torch.arange(10))
+    assert u.shape == (1, 10, 2)
+    torch.testing.assert_close(u[0, :, 0], 0.5 * torch.arange(10.0))
+    # capped-simplex gates of that pool (bisection on tau): the 3 most recent keys get
+    # 1, 1, 0.75 and the next one 0.25 (outside the top 3): a sliding window with gradients
+    pool = u[0, :, 0].detach().double()
+    lo, hi = float(pool.min()) - 2, float(pool.max())
+    for _ in range(200):
+        tau = (lo + hi) / 2
+        if float((pool - tau).clamp(0, 1).sum()) > 3:
+            lo = tau
+        else:
+            hi = tau
+    p = (pool - tau).clamp(0, 1)
+    torch.testing.assert_close(p[-4:], torch.tensor([0.25, 0.75, 1.0, 1.0], dtype=torch.float64))
 
 
 def test_sparse_training_step_gives_scorer_gradients_and_padding_is_finite():

@@ -5,7 +5,6 @@ import os
 import warnings
 from typing import Iterable, List, Optional
 
-import torch
 from torch import nn
 
 from .attention import NAME, SCORER_ATTR
