@@ -41,35 +41,43 @@ _BMM_OUT_DTYPE = True
 
 def _tau_sorted(w: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
     """Capped-simplex threshold per row of ``w`` [..., n] (float64, ascending, ``-inf``
-    padding first; rows that matter hold > topk finite values): ``tau`` with
+    padding first, no ``+inf``/NaN; rows that matter hold > topk finite values): ``tau`` with
     ``sum clip(w - tau, 0, 1) = topk`` and ``tau_min``, the least such value.
 
     No sort and no data-dependent shapes (CUDA-graph safe): f(t) = sum clip(w - t, 0, 1) is
-    evaluated at all 2n breakpoints {w} U {w - 1} with two ``searchsorted`` and prefix sums,
-    then tau is interpolated between the last breakpoint with f >= topk and the first one
-    with f <= topk (f is linear in between).  Conventions of ``_selection.select``: where the
-    equation holds on a whole interval (the k-th largest score at least 1 above the (k+1)-th)
-    tau is the interval's midpoint and ``tau_min`` its left end, the (k+1)-th largest score.
-    Rows with <= topk finite values give meaningless values (callers mask them).
+    evaluated at all 2n breakpoints {w_j} U {w_j - 1} with prefix sums and one
+    ``searchsorted`` per half (the other count is the breakpoint's own index), then tau is
+    interpolated between the last breakpoint with f >= topk and the first one with
+    f <= topk (f is linear in between).  Conventions of ``_selection.select``: where the
+    equation holds on a whole interval (the k-th largest score at least 1 above the
+    (k+1)-th) tau is the interval's midpoint and ``tau_min`` its left end, the (k+1)-th
+    largest score.  Rows with <= topk finite values give meaningless values (callers mask
+    them).
     """
     n = w.shape[-1]
-    fin = torch.isfinite(w)
-    z = torch.where(fin, w, 0.0)
-    P = torch.nn.functional.pad(torch.cumsum(z, dim=-1), (1, 0))  # P[i] = sum of the first i
-    b = torch.cat([w, w - 1.0], dim=-1).contiguous()  # breakpoints (-inf for padding)
-    wc = w.contiguous()
-    lo = torch.searchsorted(wc, b, right=True)  # #{w <= b}
-    hi = torch.searchsorted(wc, b + 1.0)  # #{w < b + 1}
-    # f(b) = #{w >= b + 1} + sum_{b < w < b + 1} (w - b)   (f is continuous, so rounding at
-    # the piece boundaries only moves f by an ulp)
-    f = (n - hi).to(w.dtype) + (P.gather(-1, hi) - P.gather(-1, lo)) - (hi - lo).to(w.dtype) * b
-    f = torch.where(torch.isfinite(b), f, POS_INF)
+    w = w.contiguous()
+    real = w > NEG_INF
+    P = torch.nn.functional.pad(torch.cumsum(torch.where(real, w, 0.0), dim=-1), (1, 0))
+    j = torch.arange(n, device=w.device)
+    # f(b) = #{w >= b + 1} + sum_{b < w < b + 1} (w - b), i.e. with lo = #{w <= b},
+    # hi = #{w < b + 1}: (n - hi) + P[hi] - P[lo] - (hi - lo) b.  Keys equal to b (or to
+    # b + 1) contribute 0 (or 1) on either side of the boundary, so the breakpoint's own
+    # index can stand for the count there: lo = j + 1 at b = w_j, hi = j at b = w_j - 1.
+    # (f is continuous: rounding at piece boundaries only moves it by an ulp.)
+    hi1 = torch.searchsorted(w, w + 1.0)
+    f1 = (n - hi1) + (P.gather(-1, hi1) - P[..., 1:]) - (hi1 - (j + 1)) * w
+    b2 = w - 1.0
+    lo2 = torch.searchsorted(w, b2, right=True)
+    f2 = (n - j) + (P[..., :-1] - P.gather(-1, lo2)) - (j - lo2) * b2
     k = float(topk)
+    f = torch.stack([f1, f2])  # [2, ..., n]
+    b = torch.stack([w, b2])
+    f = torch.where(real, f, POS_INF)  # padding breakpoints: below every real one
     ge, le = f >= k, f <= k
-    t_a = torch.where(ge, b, NEG_INF).amax(dim=-1)
-    f_a = torch.where(ge, f, POS_INF).amin(dim=-1)
-    t_b = torch.where(le, b, POS_INF).amin(dim=-1)
-    f_b = torch.where(le, f, NEG_INF).amax(dim=-1)
+    t_a = torch.where(ge, b, NEG_INF).amax(dim=-1).amax(dim=0)
+    f_a = torch.where(ge, f, POS_INF).amin(dim=-1).amin(dim=0)
+    t_b = torch.where(le, b, POS_INF).amin(dim=-1).amin(dim=0)
+    f_b = torch.where(le, f, NEG_INF).amax(dim=-1).amax(dim=0)
     inside = t_a < t_b  # then f_a > k > f_b: tau inside the piece (t_a, t_b)
     den = torch.where(inside, f_a - f_b, 1.0)
     tau = torch.where(inside, t_a + (f_a - k) * (t_b - t_a) / den, t_b)
@@ -294,7 +302,7 @@ class SparseKCache:
             self.tau_min.copy_(tau_min)
             w = torch.where(w >= self.tau_min.unsqueeze(2), w, NEG_INF)  # stays ascending
         drop = w.shape[2] - N
-        self.overflow += torch.isfinite(w[..., :drop]).sum(dim=2)
+        self.overflow += (w[..., :drop] > NEG_INF).sum(dim=2)
         self.pool_u.copy_(w[..., drop:])
 
     def _insert_rows(self, ek: Tensor, ev: Tensor, eu: Tensor, epos: Tensor, ent: Tensor,
@@ -309,20 +317,21 @@ class SparseKCache:
         B, G = eu.shape
         cpu = not self._sync_free
         filling = ent & (n_pool <= K)  # the whole pool is selected: next free slot
-        if not cpu or bool(filling.any()):
-            fslot = (n_pool - 1).clamp(0, K - 1).view(B, 1, 1).expand(B, G, 1)
-            self._put(fslot, filling.view(B, 1).expand(B, G), ek, ev, eu, epos)
         full = ent & (n_pool > K)
         need = full.view(B, 1) & (eu >= self.tau_min)  # tau_min = -inf until the pool > topk
         ins = ent.view(B, 1) & (eu >= self.tau_min)  # the pool scores gain eu
         if cpu and not bool(ins.any()):
-            return
-        # the smallest top key by (u, pos); the entering key (the most recent) wins ties
+            return  # (filling rows always insert)
+        # full rows: the smallest top key by (u, pos) leaves if eu >= its score (the
+        # entering key, the most recent, wins ties); filling rows: the next free slot.
+        # One masked one-slot update of the top set for both.
         umin = self.top_u.min(dim=2, keepdim=True).values
         cand = torch.where(self.top_u == umin, self.top_pos, torch.iinfo(torch.int64).max)
         slot = cand.argmin(dim=2, keepdim=True)  # [B, G, 1]
+        fslot = (n_pool - 1).clamp(0, K - 1).view(B, 1, 1)
+        slot = torch.where(filling.view(B, 1, 1), fslot, slot)
         replace = need & (eu >= umin.squeeze(2))
-        self._put(slot, replace, ek, ev, eu, epos)
+        self._put(slot, replace | filling.view(B, 1), ek, ev, eu, epos)
         # insert eu into the ascending pool scores, one slot longer in front (w[0] = -inf)
         x = torch.where(ins, eu, NEG_INF).unsqueeze(2)  # [B, G, 1]
         s = self.pool_u
@@ -450,10 +459,13 @@ class SparseKCache:
             ev = self.win_v.gather(2, iv).squeeze(2)
             eu = self.win_u.gather(2, slot).squeeze(2)
             ent, epos = vb & (L >= W), L - W
-            vk = vb.view(B, 1, 1)
-            self.win_k.scatter_(2, ik, torch.where(vk, k_new, ek).unsqueeze(2))
-            self.win_v.scatter_(2, iv, torch.where(vk, v_new, ev).unsqueeze(2))
-            self.win_u.scatter_(2, slot, torch.where(vb.view(B, 1), u_new, eu).unsqueeze(2))
+            if valid is not None:
+                vk = vb.view(B, 1, 1)
+                k_new, v_new = torch.where(vk, k_new, ek), torch.where(vk, v_new, ev)
+                u_new = torch.where(vb.view(B, 1), u_new, eu)
+            self.win_k.scatter_(2, ik, k_new.unsqueeze(2))
+            self.win_v.scatter_(2, iv, v_new.unsqueeze(2))
+            self.win_u.scatter_(2, slot, u_new.unsqueeze(2))
         L = L + vb.to(torch.int64)
         self.lens.copy_(L)
         if self._lens_host is not None:
