@@ -1,13 +1,15 @@
 """SparseKCache (constant-memory generation cache) against the full-sequence SparseK result.
 
 The reference for step t is row t of ``sparsek_attention`` over the whole sequence with a
-causal ``LowerTriangularMask`` (prefill mode), and for a short case the independent numpy
-brute force of conftest.
+causal ``LowerTriangularMask`` (prefill mode), in float64 on the CPU, and for a short case the
+independent numpy brute force of conftest.  The core tests also run on CUDA (DEVICES): fp16 /
+bf16 with D = 64 there use the CUDA kernels for the multi-token steps and the half-precision
+decode matmuls; float32 / float64 run the PyTorch path on the GPU.
 """
 
 import pytest
 import torch
-from conftest import brute_sparsek, max_abs
+from conftest import brute_sparsek, max_abs, rel_err, requires_cuda
 from xformers.ops.fmha import attn_bias as xab
 
 import xformers_sparsek as xs
@@ -25,7 +27,22 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+F64, F32, BF16, F16 = torch.float64, torch.float32, torch.bfloat16, torch.float16
+REL_TOL = {F16: 3e-3, BF16: 1e-2}  # per step, against the float64 CPU reference
+
+
+def cuda(*values):
+    return pytest.param(*values, marks=requires_cuda, id="-".join(
+        ["cuda"] + [{F64: "f64", F32: "f32", BF16: "bf16", F16: "f16"}.get(x, str(x)) for x in values[1:]]))
+
+
+def to(device, *ts):
+    return [t.to(device) for t in ts]
+
+
 def _inputs(B, N, G, R, D, Dv, dtype, scores="normal"):
+    """On the CPU (the reference runs there); half dtypes: values rounded to the dtype,
+    scores float32."""
     q = torch.randn(B, N, G, R, D, dtype=dtype)
     k = torch.randn(B, N, G, D, dtype=dtype)
     v = torch.randn(B, N, G, Dv, dtype=dtype)
@@ -42,6 +59,9 @@ def _inputs(B, N, G, R, D, Dv, dtype, scores="normal"):
 
 
 def _full(q, k, v, u, topk, window):
+    """Full-sequence reference on the CPU (half inputs: in float64)."""
+    if q.dtype in (F16, BF16):
+        q, k, v, u = (t.cpu().double() for t in (q, k, v, u))
     B, N, G, R, D = q.shape
     kk = k.unsqueeze(3).expand(B, N, G, R, D)
     vv = v.unsqueeze(3).expand(B, N, G, R, v.shape[-1])
@@ -69,27 +89,52 @@ def _tol(dtype):
     return 1e-10 if dtype == torch.float64 else 2e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def _check_steps(out, ref, dtype):
+    """Every step (row t of the outputs) against the reference: max abs error for float32 /
+    float64, relative error (per step, norm over batch and heads) for half precision."""
+    out, ref = out.cpu().double(), ref.cpu().double()
+    assert torch.isfinite(out).all()
+    if dtype in REL_TOL:
+        err = ((out - ref).norm(dim=(0, 2, 3, 4)) / ref.norm(dim=(0, 2, 3, 4)).clamp(min=1e-30))
+        tol = REL_TOL[dtype]
+    else:
+        err = (out - ref).abs().amax(dim=(0, 2, 3, 4))
+        tol = _tol(dtype)
+    assert float(err.max()) < tol, f"first bad step {int((err >= tol).nonzero()[0])}: {float(err.max())}"
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", F64), ("cpu", F32), ("cpu-sync-free", F64),
+                                          cuda("cuda", F32), cuda("cuda", BF16),
+                                          cuda("cuda", F16)],
+                         ids=["f64", "f32", "sync-free-f64", "cuda-f32", "cuda-bf16", "cuda-f16"])
 @pytest.mark.parametrize("window", [0, 7])
 @pytest.mark.parametrize("topk", [5, 400], ids=["topk5", "topk_gt_pool"])
-def test_every_step_matches_full_sequence(dtype, window, topk):
-    B, N, G, R, D = 2, 300, 2, 4, 8
+def test_every_step_matches_full_sequence(device, dtype, window, topk):
+    """("cpu-sync-free": the CPU running the static single-token step that CUDA runs.)"""
+    B, N, G, R = 2, 300, 2, 4
+    sync_free = device == "cpu-sync-free"
+    device = "cpu" if sync_free else device
+    D = 8 if device == "cpu" else 64  # a CUDA-kernel head dim on the GPU
     q, k, v, u = _inputs(B, N, G, R, D, D, dtype)
-    cache = SparseKCache(B, G, D, topk, window, dtype=dtype, capacity=N)
-    out = _run(cache, q, k, v, u, prompt=40, multi={100: 3, 150: 17, 151: 2, 260: 2})
-    ref = _full(q, k, v, u, topk, window)
-    err = (out - ref).abs().amax(dim=(0, 2, 3, 4))
-    assert float(err.max()) < _tol(dtype), f"first bad step {int((err >= _tol(dtype)).nonzero()[0])}"
+    cache = SparseKCache(B, G, D, topk, window, dtype=dtype, capacity=N, device=device)
+    cache._sync_free = cache._sync_free or sync_free
+    out = _run(cache, *to(device, q, k, v, u), prompt=40, multi={100: 3, 150: 17, 151: 2, 260: 2})
+    assert out.device.type == device and out.dtype == dtype
+    _check_steps(out, _full(q, k, v, u, topk, window), dtype)
     assert cache.overflow_count == 0
 
 
+@pytest.mark.parametrize("device", ["cpu", cuda("cuda")])
 @pytest.mark.parametrize("scores", ["ties", "near_equal"])
 @pytest.mark.parametrize("window", [0, 3])
-def test_ties_and_fractional_gates(scores, window):
+def test_ties_and_fractional_gates(scores, window, device):
+    """float64 (on CUDA: the sort-free threshold solve and the static decode step on the GPU,
+    to 1e-10)."""
     B, N, G, R, D, topk = 1, 300, 2, 4, 8, 6
     q, k, v, u = _inputs(B, N, G, R, D, 5, torch.float64, scores)
-    cache = SparseKCache(B, G, D, topk, window, value_dim=5, dtype=torch.float64, capacity=N)
-    out = _run(cache, q, k, v, u, prompt=1, multi={50: 4, 200: 9})
+    cache = SparseKCache(B, G, D, topk, window, value_dim=5, dtype=torch.float64, capacity=N,
+                         device=device)
+    out = _run(cache, *to(device, q, k, v, u), prompt=1, multi={50: 4, 200: 9})
     ref = _full(q, k, v, u, topk, window)
     assert max_abs(out, ref) < 1e-10
     assert cache.overflow_count == 0
@@ -121,8 +166,9 @@ def test_flat_query_head_layout_and_reset():
     assert max_abs(o1.reshape(B, N, G * R, D), o2) == 0.0
 
 
+@pytest.mark.parametrize("device", ["cpu", "cpu-sync-free", cuda("cuda")])
 @pytest.mark.parametrize("window", [0, 3])
-def test_per_sequence_lengths_and_padding(window):
+def test_per_sequence_lengths_and_padding(window, device):
     """Left-padded prompts of different lengths (valid mask), then single-token steps,
     a multi-token step and a step where one sequence appends nothing; every sequence must
     match its own full-sequence result."""
@@ -131,7 +177,10 @@ def test_per_sequence_lengths_and_padding(window):
     P = max(lens)
     seqs = [_inputs(1, n + steps, G, R, D, D, torch.float64) for n in lens]
     refs = [_full(*x, topk, window)[0] for x in seqs]
-    cache = SparseKCache(B, G, D, topk, window, dtype=torch.float64, capacity=200)
+    sync_free = device == "cpu-sync-free"
+    device = "cpu" if sync_free else device
+    cache = SparseKCache(B, G, D, topk, window, dtype=torch.float64, capacity=200, device=device)
+    cache._sync_free = cache._sync_free or sync_free
     pos = [0] * B  # next token of each sequence
 
     def step(m, valid_rows):
@@ -147,7 +196,7 @@ def test_per_sequence_lengths_and_padding(window):
                 rows.append(torch.cat([pad, t]))
             batch.append(torch.stack(rows))
         valid = torch.tensor([[j >= M - take[b] for j in range(M)] for b in range(B)])
-        out = cache.update_and_attend(*batch, valid=valid)
+        out = cache.update_and_attend(*to(device, *batch), valid=valid.to(device)).cpu()
         for b in range(B):
             assert bool((out[b, :M - take[b]] == 0).all())
             got = out[b, M - take[b]:]
@@ -166,7 +215,7 @@ def test_per_sequence_lengths_and_padding(window):
             rows.append(torch.cat([torch.randn((M - take[b],) + t.shape[1:], dtype=t.dtype), t]))
         batch.append(torch.stack(rows))
     valid = torch.tensor([[j >= M - take[b] for j in range(M)] for b in range(B)])
-    out = cache.update_and_attend(*batch, valid=valid)
+    out = cache.update_and_attend(*to(device, *batch), valid=valid.to(device)).cpu()
     for b in range(B):
         assert max_abs(out[b, M - take[b]:], refs[b][:take[b]]) < 1e-10
         assert bool((out[b, :M - take[b]] == 0).all())
@@ -203,7 +252,7 @@ def test_memory_is_flat():
     B, G, R, D, topk, window = 1, 2, 2, 8, 16, 8
     cache = SparseKCache(B, G, D, topk, window)
     nbytes0 = cache.kv_bytes()
-    expect = B * G * ((window + topk) * (2 * D * 4 + 8) + 8 * topk + 8 * 4 * topk)
+    expect = B * G * ((window + topk) * (2 * D * 4 + 8) + 16 * topk + 8 * 4 * topk)
     assert nbytes0 == expect
 
     def extend(n):
@@ -222,7 +271,8 @@ def test_memory_is_flat():
     assert cache.kv_bytes() == nbytes0
 
 
-def test_tau_solver_matches_reference():
+@pytest.mark.parametrize("device", ["cpu", cuda("cuda")])
+def test_tau_solver_matches_reference(device):
     torch.manual_seed(1)
     for n, topk in [(7, 3), (50, 5), (50, 49), (30, 10)]:
         u = torch.randn(4, n, dtype=torch.float64)
@@ -230,13 +280,69 @@ def test_tau_solver_matches_reference():
         u[2] = u[2] * 5  # saturated / flat
         u[3] = 0.5 + 1e-4 * u[3]  # all fractional
         pad = torch.full((4, 3), float("-inf"), dtype=torch.float64)
-        tau, tau_min = _capped_simplex_tau(torch.cat([u, pad], 1), topk)
+        tau, tau_min = _capped_simplex_tau(torch.cat([u, pad], 1).to(device), topk)
+        tau, tau_min = tau.cpu(), tau_min.cpu()
         for r in range(4):
             want, _ = capped_simplex_tau(u[r], topk)
             gates = (u[r] - tau[r]).clamp(0, 1)
             assert abs(float(gates.sum()) - topk) < 1e-9
             assert max_abs(gates, (u[r] - want).clamp(0, 1)) < 1e-9
             assert float(tau_min[r]) <= float(tau[r])
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", F32), cuda("cuda", F32), cuda("cuda", BF16)],
+                         ids=["f32", "cuda-f32", "cuda-bf16"])
+@pytest.mark.parametrize("flat", [False, True], ids=["bmghk", "flat"])
+def test_capture_matches_eager(device, dtype, flat):
+    """cache.capture(): on CUDA a CUDA graph replayed per step, on the CPU the same static
+    step run eagerly; it matches update_and_attend step for step, capturing leaves the cache
+    unchanged, and seq_len advances per call."""
+    B, N, G, R, topk, window, prompt = 2, 120, 2, 2, 6, 5, 30
+    D = 8 if device == "cpu" else 64
+    q, k, v, u = to(device, *_inputs(B, N, G, R, D, D, dtype))
+    if flat:
+        q = q.reshape(B, N, G * R, D)
+    eager = SparseKCache(B, G, D, topk, window, dtype=dtype, capacity=64, device=device)
+    graph = SparseKCache(B, G, D, topk, window, dtype=dtype, capacity=64, device=device)
+    for c in (eager, graph):
+        c.update_and_attend(q[:, :prompt], k[:, :prompt], v[:, :prompt], u[:, :prompt])
+    before = {n: getattr(graph, n).clone() for n in ("kv_k", "pool_u", "tau", "lens")}
+    step = graph.capture(q[:, :1], k[:, :1], v[:, :1], u[:, :1])
+    assert (step.graph is not None) == (device == "cuda")
+    for n, t in before.items():
+        assert torch.equal(getattr(graph, n), t), n
+    assert graph.seq_len == prompt
+    for t in range(prompt, N):
+        sl = slice(t, t + 1)
+        want = eager.update_and_attend(q[:, sl], k[:, sl], v[:, sl], u[:, sl])
+        got = step(q[:, sl], k[:, sl], v[:, sl], u[:, sl])
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert max_abs(got, want) <= 1e-6 * max(1.0, float(want.abs().max())), t
+        assert graph.seq_len == t + 1
+    assert graph.seq_lens == eager.seq_lens and max_abs(graph.tau, eager.tau) == 0
+    with pytest.raises(ValueError, match="k"):
+        step(q[:, :1], k[:, :2], v[:, :1], u[:, :1])
+    with pytest.raises(ValueError, match="M must be 1"):
+        graph.capture(q[:, :2], k[:, :2], v[:, :2], u[:, :2])
+
+
+@requires_cuda
+def test_decode_step_has_no_host_sync():
+    """The eager single-token step on CUDA (past the input check) never syncs with the host."""
+    B, N, G, R, D, topk, window = 2, 64, 2, 2, 64, 8, 4
+    q, k, v, u = to("cuda", *_inputs(B, N, G, R, D, D, BF16))
+    cache = SparseKCache(B, G, D, topk, window, dtype=BF16, capacity=32, device="cuda")
+    cache.update_and_attend(q[:, :40], k[:, :40], v[:, :40], u[:, :40])
+    valid = torch.ones(B, 1, dtype=torch.bool, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(40, N):
+            sl = slice(t, t + 1)
+            cache._decode(q[:, sl], k[:, sl], v[:, sl], u[:, sl], 0.125, valid if t % 2 else None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert cache.seq_len == N
 
 
 def _bad(cache, **over):

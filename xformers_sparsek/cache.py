@@ -9,9 +9,10 @@ of them in the pool of the last query):
   * the window: a ring buffer of the ``window`` most recent keys (K, V and score);
   * the top set ``T``: the ``min(n, topk)`` pool keys selected by the last query (K, V,
     score and position);
-  * the *fractional list*: the scores (only) of the other pool keys with ``u >= tau_min``
-    (``tau_min``: the least solution of the capped-simplex equation of the last query), at
-    most ``capacity`` of them, the largest kept on overflow.
+  * the scores (only) of the pool keys with ``u >= tau_min`` (``tau_min``: the least
+    solution of the capped-simplex equation of the last query), sorted: the top set's
+    scores and the *fractional list* of the other ones, at most ``capacity`` of those, the
+    largest kept on overflow.
 
 Why this is exact: along a causal sequence the pool only grows, so ``tau`` and the k-th
 largest pool score never decrease and ``T_{i+1} ⊆ T_i ∪ {keys entering the pool}``: a pool
@@ -19,6 +20,10 @@ key outside ``T`` is never attended again (its K/V can go) and a key below ``tau
 contributes ``clip(u - tau, 0, 1) = 0`` to every later threshold equation (its score can go
 too).  The fractional list is what ``tau`` still needs; it is exact while it fits in
 ``capacity`` (``overflow`` counts the keys dropped because it did not).
+
+GPU notes: a single-token step (``M = 1``) has static shapes and no host synchronisation
+apart from the input check of ``update_and_attend`` (finite scores); ``capture()`` records
+it as a CUDA graph (no check, one replay per step).  See docs/decoding.md, "Cost of a step".
 """
 
 from typing import List, Optional, Tuple
@@ -27,54 +32,67 @@ import torch
 from torch import Tensor
 
 NEG_INF = float("-inf")
+POS_INF = float("inf")
+
+# torch.bmm(..., out_dtype=float32) on half inputs (CUDA): fp32 logits without an fp32 copy
+# of the cached K/V.  Set to False after the first failure (older torch), then we convert.
+_BMM_OUT_DTYPE = True
 
 
-def _capped_simplex_tau(u: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
-    """Per row of ``u`` [N, L] (float64, ``-inf`` = no key; every row holds > topk finite
-    values): ``tau`` with ``sum clip(u - tau, 0, 1) = topk`` and ``tau_min``, the least such
-    value.
+def _tau_sorted(w: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
+    """Capped-simplex threshold per row of ``w`` [..., n] (float64, ascending, ``-inf``
+    padding first, no ``+inf``/NaN; rows that matter hold > topk finite values): ``tau`` with
+    ``sum clip(w - tau, 0, 1) = topk`` and ``tau_min``, the least such value.
 
-    ``tau`` follows the convention of ``_selection.select``: where the equation holds on a
-    whole interval (the k-th largest score at least 1 above the (k+1)-th) it is the interval's
-    midpoint; ``tau_min`` is then its left end, the (k+1)-th largest score.
-
-    One stable sort of the 2L breakpoints {u} U {u - 1} and prefix sums over it: between
-    consecutive breakpoints the saturated count, the fractional count and the fractional
-    score sum are constant and read off the merged order, so f at every breakpoint costs
-    O(1).  O(L log L) per row.
+    No sort and no data-dependent shapes (CUDA-graph safe): f(t) = sum clip(w - t, 0, 1) is
+    evaluated at all 2n breakpoints {w_j} U {w_j - 1} with prefix sums and one
+    ``searchsorted`` per half (the other count is the breakpoint's own index), then tau is
+    interpolated between the last breakpoint with f >= topk and the first one with
+    f <= topk (f is linear in between).  Conventions of ``_selection.select``: where the
+    equation holds on a whole interval (the k-th largest score at least 1 above the
+    (k+1)-th) tau is the interval's midpoint and ``tau_min`` its left end, the (k+1)-th
+    largest score.  Rows with <= topk finite values give meaningless values (callers mask
+    them).
     """
-    N, L = u.shape
-    finite = torch.isfinite(u)
-    lowest = torch.where(finite, u, float("inf")).amin(dim=1, keepdim=True)
-    # Padding 2 below the smallest key contributes 0 wherever tau can lie (tau > min u - 1).
-    x = torch.where(finite, u, lowest - 2.0)
-    cb, order = torch.sort(torch.cat([x, x - 1.0], dim=1), dim=1, stable=True)
-    is_u = order < L  # breakpoint u_j (else u_j - 1)
-    uval = x.gather(1, order % L)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    # after merged item m: i0 = #{u <= cb[m]}, i1 = #{u - 1 <= cb[m]}, and their score sums
-    i0 = torch.cumsum(is_u, dim=1)[:, :-1]
-    i1 = torch.cumsum(~is_u, dim=1)[:, :-1]
-    s0 = torch.cumsum(torch.where(is_u, uval, zero), dim=1)[:, :-1]
-    s1 = torch.cumsum(torch.where(is_u, zero, uval), dim=1)[:, :-1]
-    left, right = cb[:, :-1], cb[:, 1:]  # piece m = [cb[m], cb[m+1]]
-    a = (L - i1).to(torch.float64)  # saturated on the piece
-    nf = i1 - i0  # fractional on the piece
-    sf = torch.where(nf == 0, zero, s1 - s0)
-    f_right = a + sf - nf.to(torch.float64) * right
+    n = w.shape[-1]
+    w = w.contiguous()
+    real = w > NEG_INF
+    P = torch.nn.functional.pad(torch.cumsum(torch.where(real, w, 0.0), dim=-1), (1, 0))
+    j = torch.arange(n, device=w.device)
+    # f(b) = #{w >= b + 1} + sum_{b < w < b + 1} (w - b), i.e. with lo = #{w <= b},
+    # hi = #{w < b + 1}: (n - hi) + P[hi] - P[lo] - (hi - lo) b.  Keys equal to b (or to
+    # b + 1) contribute 0 (or 1) on either side of the boundary, so the breakpoint's own
+    # index can stand for the count there: lo = j + 1 at b = w_j, hi = j at b = w_j - 1.
+    # (f is continuous: rounding at piece boundaries only moves it by an ulp.)
+    hi1 = torch.searchsorted(w, w + 1.0)
+    f1 = (n - hi1) + (P.gather(-1, hi1) - P[..., 1:]) - (hi1 - (j + 1)) * w
+    b2 = w - 1.0
+    lo2 = torch.searchsorted(w, b2, right=True)
+    f2 = (n - j) + (P[..., :-1] - P.gather(-1, lo2)) - (j - lo2) * b2
     k = float(topk)
-    # f is non-increasing: tau lies in the first piece whose right end has f <= k
-    m = torch.argmax((f_right <= k).to(torch.int8), dim=1, keepdim=True)
-    g = lambda t: t.gather(1, m).squeeze(1)  # noqa: E731
-    tau = (g(a) + g(sf) - k) / g(nf).clamp(min=1).to(torch.float64)
-    tau = torch.minimum(torch.maximum(tau, g(left)), g(right))
-    sv = cb.masked_select(is_u).view(N, L)  # the scores, ascending
-    u_k = sv[:, L - topk]
-    u_k1 = sv[:, L - topk - 1]
+    f = torch.stack([f1, f2])  # [2, ..., n]
+    b = torch.stack([w, b2])
+    f = torch.where(real, f, POS_INF)  # padding breakpoints: below every real one
+    ge, le = f >= k, f <= k
+    t_a = torch.where(ge, b, NEG_INF).amax(dim=-1).amax(dim=0)
+    f_a = torch.where(ge, f, POS_INF).amin(dim=-1).amin(dim=0)
+    t_b = torch.where(le, b, POS_INF).amin(dim=-1).amin(dim=0)
+    f_b = torch.where(le, f, NEG_INF).amax(dim=-1).amax(dim=0)
+    inside = t_a < t_b  # then f_a > k > f_b: tau inside the piece (t_a, t_b)
+    den = torch.where(inside, f_a - f_b, 1.0)
+    tau = torch.where(inside, t_a + (f_a - k) * (t_b - t_a) / den, t_b)
+    u_k = w[..., n - topk]
+    u_k1 = w[..., n - topk - 1]
     flat = u_k - 1.0 >= u_k1
     tau = torch.where(flat, 0.5 * (u_k1 + u_k - 1.0), tau)
     tau_min = torch.where(flat, u_k1, tau)
     return tau, tau_min
+
+
+def _capped_simplex_tau(u: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
+    """Per row of ``u`` [N, L] (float64, ``-inf`` = no key, any order; every row holds
+    > topk finite values): ``(tau, tau_min)`` as ``_tau_sorted``."""
+    return _tau_sorted(torch.sort(u, dim=-1).values, topk)
 
 
 class SparseKCache:
@@ -90,8 +108,8 @@ class SparseKCache:
 
     Memory per layer, independent of the context length:
     ``batch * kv_heads * ((window + topk) * ((head_dim + value_dim) * itemsize + 8)
-    + 8 * topk + 8 * capacity)`` bytes (K/V + scores of window and top set, positions of the
-    top set, fractional scores).
+    + 16 * topk + 8 * capacity)`` bytes (K/V + scores of window and top set, positions of
+    the top set, the sorted scores of top set and fractional list).
     """
 
     def __init__(
@@ -127,21 +145,45 @@ class SparseKCache:
         self.dtype, self.device = dtype, torch.device(device)
         B, G, W, K, C = batch, kv_heads, window, topk, capacity
         kw = dict(device=self.device)
-        self.win_k = torch.zeros(B, G, W, head_dim, dtype=dtype, **kw)  # ring, slot = pos % W
-        self.win_v = torch.zeros(B, G, W, value_dim, dtype=dtype, **kw)
+        # K/V of window and top set in one buffer per tensor ([:W] ring, slot = pos % W;
+        # [W:] top set), so a decode step attends over it with one matmul each.
+        self.kv_k = torch.zeros(B, G, W + K, head_dim, dtype=dtype, **kw)
+        self.kv_v = torch.zeros(B, G, W + K, value_dim, dtype=dtype, **kw)
+        self.win_k, self.top_k = self.kv_k[:, :, :W], self.kv_k[:, :, W:]
+        self.win_v, self.top_v = self.kv_v[:, :, :W], self.kv_v[:, :, W:]
         self.win_u = torch.zeros(B, G, W, dtype=torch.float64, **kw)
-        self.top_k = torch.zeros(B, G, K, head_dim, dtype=dtype, **kw)
-        self.top_v = torch.zeros(B, G, K, value_dim, dtype=dtype, **kw)
         self.top_u = torch.full((B, G, K), NEG_INF, dtype=torch.float64, **kw)
         self.top_pos = torch.full((B, G, K), -1, dtype=torch.int64, **kw)
-        self.frac_u = torch.full((B, G, C), NEG_INF, dtype=torch.float64, **kw)
+        # all pool scores >= tau_min, ascending, -inf padding first: the top set's scores
+        # are the last min(pool, topk), the fractional list the (at most capacity) before.
+        self.pool_u = torch.full((B, G, K + C), NEG_INF, dtype=torch.float64, **kw)
         self.tau = torch.full((B, G), NEG_INF, dtype=torch.float64, **kw)  # gates' threshold
         self.tau_min = torch.full((B, G), NEG_INF, dtype=torch.float64, **kw)  # pruning bound
         self.overflow = torch.zeros(B, G, dtype=torch.int64, **kw)
-        self._lens = [0] * batch  # tokens seen per sequence
-        self._nfrac = 0  # max fractional-list length over the heads (a sorted prefix)
+        self.lens = torch.zeros(B, dtype=torch.int64, **kw)  # tokens seen per sequence
+        self._lens_host: Optional[List[int]] = [0] * batch  # host copy (None: read lens)
+        # single-token steps without host syncs (static work, CUDA-graph safe): on CUDA; on
+        # the CPU they skip the threshold solve when it changes nothing (tests may set it)
+        self._sync_free = self.device.type != "cpu"
 
     # ------------------------------------------------------------------ state / stats
+
+    @property
+    def _lens(self) -> List[int]:
+        if self._lens_host is None:
+            self._lens_host = self.lens.tolist()  # (a sync, outside the decode step)
+        return self._lens_host
+
+    @_lens.setter
+    def _lens(self, values: List[int]) -> None:
+        self.lens.copy_(torch.tensor(values, dtype=torch.int64))
+        self._lens_host = list(values)
+
+    @property
+    def frac_u(self) -> Tensor:
+        """[B, Hkv, capacity] the fractional list (ascending, -inf = empty) once the pool
+        exceeds topk."""
+        return self.pool_u[..., :self.capacity]
 
     @property
     def seq_len(self) -> int:
@@ -166,8 +208,7 @@ class SparseKCache:
     def kv_bytes(self) -> int:
         """Bytes held by the cache's tensors (K/V, scores, positions): fixed at construction,
         independent of the context length."""
-        ts = (self.win_k, self.win_v, self.win_u, self.top_k, self.top_v, self.top_u,
-              self.top_pos, self.frac_u)
+        ts = (self.kv_k, self.kv_v, self.win_u, self.top_u, self.top_pos, self.pool_u)
         return sum(t.numel() * t.element_size() for t in ts)
 
     @property
@@ -176,18 +217,18 @@ class SparseKCache:
         return int(self.overflow.sum())
 
     def reset(self) -> None:
-        for t in (self.win_k, self.win_v, self.win_u, self.top_k, self.top_v):
+        for t in (self.kv_k, self.kv_v, self.win_u):
             t.zero_()
-        for t in (self.top_u, self.frac_u, self.tau, self.tau_min):
+        for t in (self.top_u, self.pool_u, self.tau, self.tau_min):
             t.fill_(NEG_INF)
         self.top_pos.fill_(-1)
         self.overflow.zero_()
-        self._lens = [0] * self.batch
-        self._nfrac = 0
+        self.lens.zero_()
+        self._lens_host = [0] * self.batch
 
     # ------------------------------------------------------------------ input checks
 
-    def _check(self, q, k, v, scores):
+    def _check(self, q, k, v, scores, values=True):
         B, G, D, Dv = self.batch, self.kv_heads, self.head_dim, self.value_dim
         for name, t in (("q", q), ("k", k), ("v", v), ("scores", scores)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -212,26 +253,26 @@ class SparseKCache:
             raise ValueError(
                 f"q must be [{B}, {M}, kv_heads={G}, R, {D}] or [{B}, {M}, R*{G}, {D}] (query head h "
                 f"uses KV head h // R), got {tuple(q.shape)}")
-        if not bool(torch.isfinite(scores).all()):
+        # (the one host sync of an eager CUDA decode step; capture() skips it)
+        if values and not bool(torch.isfinite(scores).all()):
             raise ValueError("scores must be finite (found NaN or inf)")
 
     # ------------------------------------------------------------------ the pool
 
     def _pool_insert(self, ek: Tensor, ev: Tensor, eu: Tensor, epos: Tensor) -> None:
         """Keys entering the pool (oldest first): ek [B,G,E,D], ev, eu [B,G,E] (float64),
-        epos [E] absolute positions.  Updates the top set, tau and the fractional list to
-        those of a query whose pool is the old pool plus these keys."""
+        epos [E] absolute positions.  Updates the top set, tau and the sorted pool scores to
+        those of a query whose pool is the old pool plus these keys (multi-token steps)."""
         B, G, E = eu.shape
         if E == 0:
             return
-        K, C = self.topk, self.capacity
+        K = self.topk
         cu = torch.cat([self.top_u, eu], dim=2)
         cp = torch.cat([self.top_pos, epos.view(1, 1, E).expand(B, G, E)], dim=2)
         # order by (u, pos) descending: sort by pos first, then stably by u
         o1 = torch.argsort(cp, dim=2, descending=True, stable=True)
         o2 = torch.argsort(cu.gather(2, o1), dim=2, descending=True, stable=True)
-        order = o1.gather(2, o2)
-        keep, out = order[..., :K], order[..., K:]
+        keep = o1.gather(2, o2)[..., :K]
         ck = torch.cat([self.top_k, ek.to(self.dtype)], dim=2)
         cv = torch.cat([self.top_v, ev.to(self.dtype)], dim=2)
         # in place: the buffers keep their storage (fixed memory, CUDA-graph friendly)
@@ -239,36 +280,72 @@ class SparseKCache:
         self.top_v.copy_(cv.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, cv.shape[-1])))
         self.top_u.copy_(cu.gather(2, keep))
         self.top_pos.copy_(cp.gather(2, keep))
-        if self.pool_size <= K:  # (already includes the entering keys)
-            return  # the whole pool is selected (no key can have left it)
-        self._update_tau_and_fractional(cu.gather(2, out))
+        # pool scores >= tau_min plus the entering ones, ascending (one -inf slot in front:
+        # the array is one longer than pool_u, as in _insert_rows)
+        w = torch.cat([self.pool_u.new_full((B, G, 1), NEG_INF), self.pool_u, eu], dim=2)
+        w = torch.sort(w, dim=2).values
+        solve = self.pool_size > K  # (already includes the entering keys)
+        self._solve_and_prune(w, None if solve else False)
+
+    def _solve_and_prune(self, w: Tensor, rows) -> None:
+        """w [B, G, N + E]: the current pool's scores (>= old tau_min), ascending, with at
+        least E + ... leading slots to drop.  rows: [B, G] bool (re-solve tau there), None
+        (everywhere) or False (nowhere: the pool is <= topk).  Prunes to u >= tau_min, keeps
+        the largest N = topk + capacity in pool_u and counts the finite scores dropped."""
+        N = self.pool_u.shape[2]
+        if rows is not False:
+            tau, tau_min = _tau_sorted(w, self.topk)
+            if rows is not None:
+                tau = torch.where(rows, tau, self.tau)
+                tau_min = torch.where(rows, tau_min, self.tau_min)
+            self.tau.copy_(tau)
+            self.tau_min.copy_(tau_min)
+            w = torch.where(w >= self.tau_min.unsqueeze(2), w, NEG_INF)  # stays ascending
+        drop = w.shape[2] - N
+        self.overflow += (w[..., :drop] > NEG_INF).sum(dim=2)
+        self.pool_u.copy_(w[..., drop:])
 
     def _insert_rows(self, ek: Tensor, ev: Tensor, eu: Tensor, epos: Tensor, ent: Tensor,
                      n_pool: Tensor) -> None:
         """At most one key per sequence entering its pool, in place: ek [B,G,D], ev [B,G,Dv],
         eu [B,G] float64, epos [B] positions, ent [B] bool (a key enters), n_pool [B] pool
-        sizes including it.  O(topk + capacity) per KV head plus the sort of the threshold
-        solve, which is skipped for heads where the key is below tau_min (there it changes
-        nothing)."""
+        sizes including it.  Static shapes, no host sync on CUDA: O(topk + capacity) per KV
+        head (a masked one-slot update of the top set, an insertion into the sorted pool
+        scores, the sort-free threshold solve).  On the CPU the threshold solve is skipped
+        when no head needs it (the key below tau_min everywhere: it changes nothing)."""
         K = self.topk
         B, G = eu.shape
+        cpu = not self._sync_free
         filling = ent & (n_pool <= K)  # the whole pool is selected: next free slot
-        if bool(filling.any()):
-            fslot = (n_pool - 1).clamp(0, K - 1).view(B, 1, 1).expand(B, G, 1)
-            self._put(fslot, filling.view(B, 1).expand(B, G), ek, ev, eu, epos)
         full = ent & (n_pool > K)
         need = full.view(B, 1) & (eu >= self.tau_min)  # tau_min = -inf until the pool > topk
-        if not bool(need.any()):
-            return
-        # the smallest top key by (u, pos); the entering key (the most recent) wins ties
+        ins = ent.view(B, 1) & (eu >= self.tau_min)  # the pool scores gain eu
+        if cpu and not bool(ins.any()):
+            return  # (filling rows always insert)
+        # full rows: the smallest top key by (u, pos) leaves if eu >= its score (the
+        # entering key, the most recent, wins ties); filling rows: the next free slot.
+        # One masked one-slot update of the top set for both.
         umin = self.top_u.min(dim=2, keepdim=True).values
         cand = torch.where(self.top_u == umin, self.top_pos, torch.iinfo(torch.int64).max)
         slot = cand.argmin(dim=2, keepdim=True)  # [B, G, 1]
-        umin = umin.squeeze(2)
-        replace = need & (eu >= umin)
-        self._put(slot, replace, ek, ev, eu, epos)
-        out_u = torch.where(replace, umin, eu)  # the key that leaves (or never enters) T
-        self._update_tau_and_fractional(out_u.unsqueeze(2), rows=need)
+        fslot = (n_pool - 1).clamp(0, K - 1).view(B, 1, 1)
+        slot = torch.where(filling.view(B, 1, 1), fslot, slot)
+        replace = need & (eu >= umin.squeeze(2))
+        self._put(slot, replace | filling.view(B, 1), ek, ev, eu, epos)
+        # insert eu into the ascending pool scores, one slot longer in front (w[0] = -inf)
+        x = torch.where(ins, eu, NEG_INF).unsqueeze(2)  # [B, G, 1]
+        s = self.pool_u
+        w = torch.cat([s.new_full((B, G, 1), NEG_INF), s], dim=2)
+        c = torch.searchsorted(w, x)  # #{w < x} >= 1 where x is finite
+        i = torch.arange(w.shape[2], device=w.device)
+        left = torch.cat([w[..., 1:], w[..., -1:]], dim=2)  # w[i + 1]
+        w = torch.where(i < c - 1, left, torch.where(i == c - 1, x, w))
+        w = torch.where(ins.unsqueeze(2), w, torch.cat([s.new_full((B, G, 1), NEG_INF), s], dim=2))
+        if cpu and not bool(need.any()):
+            rows = False
+        else:
+            rows = need
+        self._solve_and_prune(w, rows)
 
     def _put(self, slot, mask, ek, ev, eu, epos) -> None:
         """Top-set slot `slot` [B,G,1] := the entering key where mask [B,G]."""
@@ -279,33 +356,6 @@ class SparseKCache:
             cur = buf.gather(2, idx)
             m = mask.view(B, G, *(1,) * (cur.ndim - 2))
             buf.scatter_(2, idx, torch.where(m, new.reshape(cur.shape).to(buf.dtype), cur))
-
-    def _update_tau_and_fractional(self, rest_new: Tensor, rows: Optional[Tensor] = None) -> None:
-        """Threshold of the current pool = top set U fractional list U rest_new (the scores
-        of the pool keys just left out of the top set); prune the list to u >= tau_min.
-        rows [B, G] bool: update only these heads (the others keep their state)."""
-        B, G, K, C = self.batch, self.kv_heads, self.topk, self.capacity
-        old = self.frac_u[:, :, :self._nfrac]
-        rest = torch.cat([old, rest_new], dim=2)
-        tau, tau_min = _capped_simplex_tau(
-            torch.cat([self.top_u, rest], dim=2).reshape(B * G, -1), K)
-        tau, tau_min = tau.view(B, G), tau_min.view(B, G)
-        if rows is not None:
-            tau = torch.where(rows, tau, self.tau)
-            tau_min = torch.where(rows, tau_min, self.tau_min)
-        self.tau, self.tau_min = tau, tau_min
-        rest = torch.where(rest >= self.tau_min.unsqueeze(2), rest, NEG_INF)
-        if rows is not None:
-            rest = torch.where(rows.unsqueeze(2), rest, torch.nn.functional.pad(
-                old, (0, rest_new.shape[2]), value=NEG_INF))
-        n_keep = torch.isfinite(rest).sum(dim=2)
-        self.overflow += (n_keep - C).clamp(min=0)
-        # keep the largest (at most C), sorted descending, as the prefix of the buffer
-        n = min(C, int(n_keep.max()))
-        if n:
-            self.frac_u[:, :, :n] = torch.topk(rest, n, dim=2).values
-        self.frac_u[:, :, n:self._nfrac] = NEG_INF
-        self._nfrac = n
 
     # ------------------------------------------------------------------ attention
 
@@ -332,7 +382,8 @@ class SparseKCache:
                 raise ValueError(f"valid must be a bool tensor [{B}, {M}] on {self.device}, got "
                                  + (f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor)
                                     else type(valid).__name__))
-            if bool(valid.all()):
+            # (a single-token step handles valid rows on the device: no sync there on CUDA)
+            if (M > 1 or not self._sync_free) and bool(valid.all()):
                 valid = None
         flat = q.ndim == 4
         q5 = q.view(B, M, G, q.shape[2] // G, q.shape[3]) if flat else q
@@ -346,41 +397,53 @@ class SparseKCache:
                 out = self._prefill_rows(q5, k, v, scores, scale, valid)
         return out.reshape(B, M, -1, out.shape[-1]) if flat else out
 
-    _STATE = ("win_k", "win_v", "win_u", "top_k", "top_v", "top_u", "top_pos", "frac_u",
-              "tau", "tau_min", "overflow")
+    def capture(self, q: Tensor, k: Tensor, v: Tensor, scores: Tensor,
+                scale: Optional[float] = None, *, graph: Optional[bool] = None) -> "DecodeStep":
+        """A reusable single-token step for inputs shaped like these (M = 1, every sequence
+        appends): ``step = cache.capture(q, k, v, scores)``, then ``out = step(q, k, v,
+        scores)`` per token (same as ``update_and_attend``).  On CUDA (``graph`` None or
+        True) the step is recorded once as a CUDA graph and each call replays it: inputs
+        are copied into static buffers, ``out`` is a static buffer overwritten by the next
+        call (clone it to keep it), and score values are not checked (shapes are).  On the
+        CPU (or ``graph=False``) each call runs the same static step eagerly.  Capturing
+        does not change the cache; use the step only while the cache is not reset."""
+        return DecodeStep(self, q, k, v, scores, scale, graph)
+
+    _STATE = ("kv_k", "kv_v", "win_k", "win_v", "win_u", "top_k", "top_v", "top_u", "top_pos",
+              "pool_u", "tau", "tau_min", "overflow", "lens")
 
     def _prefill_rows(self, q, k, v, scores, scale, valid):
         """M > 1 tokens with per-sequence lengths or padding: each sequence's valid tokens
         go through the equal-length path on a one-row view of the state."""
         B, M, G, R, _ = q.shape
         out = q.new_zeros(B, M, G, R, self.value_dim)
+        lens = list(self._lens)
         for b in range(B):
             rows = torch.arange(M, device=self.device) if valid is None else valid[b].nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
             r = SparseKCache.__new__(SparseKCache)
             r.__dict__.update(self.__dict__)
-            for name in self._STATE:
+            for name in self._STATE:  # views: r's in-place updates land in self's buffers
                 setattr(r, name, getattr(self, name)[b:b + 1])
-            r.batch, r._lens = 1, [self._lens[b]]
+            r.batch, r._lens_host = 1, [lens[b]]
             sel = lambda t: t[b:b + 1, rows]  # noqa: E731
             if rows.numel() == 1:
                 o = r._decode(sel(q), sel(k), sel(v), sel(scores), scale, None)
             else:
                 o = r._prefill(sel(q), sel(k), sel(v), sel(scores), scale)
             out[b, rows] = o[0]
-            self.tau[b], self.tau_min[b] = r.tau[0], r.tau_min[0]  # reassigned, not in place
-            self._lens[b] = r._lens[0]
-            self._nfrac = max(self._nfrac, r._nfrac)
+            lens[b] = r._lens[0]
+        self._lens_host = lens
         return out
 
     def _decode(self, q, k, v, scores, scale, valid: Optional[Tensor]):
         """One new token per sequence (sequences may have different lengths; rows with
         valid False append nothing and get a zero output): O(window + topk + capacity) per
-        KV head plus the threshold solve, vectorised over batch and heads."""
+        KV head, vectorised over batch and heads, static shapes, no host sync on CUDA."""
         B, _, G = scores.shape
         W, K, dev = self.window, self.topk, self.device
-        L = torch.tensor(self._lens, dtype=torch.int64, device=dev)
+        L = self.lens.clone()
         vb = torch.ones(B, dtype=torch.bool, device=dev) if valid is None else valid[:, 0]
         u_new = scores[:, 0].to(torch.float64)  # [B, G]
         k_new, v_new = k[:, 0].to(self.dtype), v[:, 0].to(self.dtype)
@@ -396,42 +459,63 @@ class SparseKCache:
             ev = self.win_v.gather(2, iv).squeeze(2)
             eu = self.win_u.gather(2, slot).squeeze(2)
             ent, epos = vb & (L >= W), L - W
-            vk = vb.view(B, 1, 1)
-            self.win_k.scatter_(2, ik, torch.where(vk, k_new, ek).unsqueeze(2))
-            self.win_v.scatter_(2, iv, torch.where(vk, v_new, ev).unsqueeze(2))
-            self.win_u.scatter_(2, slot, torch.where(vb.view(B, 1), u_new, eu).unsqueeze(2))
+            if valid is not None:
+                vk = vb.view(B, 1, 1)
+                k_new, v_new = torch.where(vk, k_new, ek), torch.where(vk, v_new, ev)
+                u_new = torch.where(vb.view(B, 1), u_new, eu)
+            self.win_k.scatter_(2, ik, k_new.unsqueeze(2))
+            self.win_v.scatter_(2, iv, v_new.unsqueeze(2))
+            self.win_u.scatter_(2, slot, u_new.unsqueeze(2))
         L = L + vb.to(torch.int64)
-        self._lens = L.tolist()
+        self.lens.copy_(L)
+        if self._lens_host is not None:
+            self._lens_host = [n + 1 for n in self._lens_host] if valid is None else None
         n_pool = (L - W).clamp(min=0)
         self._insert_rows(ek, ev, eu, epos, ent, n_pool)
         out = self._attend(q[:, 0], scale, L, n_pool)
-        return torch.where(vb.view(B, 1, 1, 1), out, 0.0).unsqueeze(1)
+        if valid is not None:
+            out = torch.where(vb.view(B, 1, 1, 1), out, 0.0)
+        return out.unsqueeze(1)
 
     def _attend(self, q, scale, L, n_pool):
         """q [B, G, R, D]: the query at position L[b] - 1 of each sequence -> [B, G, R, Dv]
-        over its window (ring) and top set."""
+        over its window (ring) and top set: two batched matmuls over the [window | top]
+        K/V buffers (half K/V on CUDA: fp32 logits and accumulation, no fp32 copy)."""
+        global _BMM_OUT_DTYPE
         W, K, dev = self.window, self.topk, self.device
-        B = q.shape[0]
+        B, G, R, D = q.shape
+        Dv, S = self.value_dim, W + K
         cdt = torch.float64 if q.dtype == torch.float64 or self.dtype == torch.float64 else torch.float32
-        qc = q.to(cdt)
-        logits = []
-        if W > 0:
-            s_w = torch.einsum("bgrd,bgkd->bgrk", qc, self.win_k.to(cdt)) * scale
-            valid_w = torch.arange(W, device=dev) < L.clamp(max=W).view(B, 1)  # slots written
-            logits.append(s_w.masked_fill(~valid_w.view(B, 1, 1, W), NEG_INF))
-        valid_t = torch.arange(K, device=dev) < n_pool.clamp(max=K).view(B, 1)
-        gate = (self.top_u - self.tau.unsqueeze(-1)).clamp(0.0, 1.0)  # [B, G, K]
-        gate = torch.where(valid_t.view(B, 1, K), gate, 0.0).to(cdt).unsqueeze(2)
-        s_t = torch.einsum("bgrd,bgkd->bgrk", qc, self.top_k.to(cdt)) * (scale * gate)
-        logits.append(s_t.masked_fill(~valid_t.view(B, 1, 1, K), NEG_INF))
-        s = torch.cat(logits, dim=-1)
+        i = torch.arange(S, device=dev)
+        # slot valid: ring slots written (< min(L, W)); top slots filled (< min(pool, K))
+        ok = torch.where(i < W, i < L.clamp(max=W).view(B, 1), i - W < n_pool.clamp(max=K).view(B, 1))
+        gate = torch.cat([torch.ones(B, G, W, dtype=torch.float64, device=dev),
+                          (self.top_u - self.tau.unsqueeze(-1)).clamp(0.0, 1.0)], dim=2)
+        gate = torch.where(ok.view(B, 1, S), gate, 0.0).to(cdt)  # [B, G, S]
+        kk = self.kv_k.view(B * G, S, D)
+        vv = self.kv_v.view(B * G, S, Dv)
+        half = (dev.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
+                and _BMM_OUT_DTYPE)
+        s = None
+        if half:
+            try:
+                s = torch.bmm(q.to(self.dtype).reshape(B * G, R, D), kk.transpose(1, 2),
+                              out_dtype=torch.float32)
+            except (RuntimeError, TypeError):
+                _BMM_OUT_DTYPE = half = False
+        if s is None:
+            s = torch.bmm(q.to(cdt).reshape(B * G, R, D), kk.to(cdt).transpose(1, 2))
+        s = s.view(B, G, R, S) * (scale * gate).unsqueeze(2)
+        s = s.masked_fill(~ok.view(B, 1, 1, S), NEG_INF)
         mx = s.amax(dim=-1, keepdim=True)
         a = torch.exp(s - torch.where(torch.isinf(mx), 0.0, mx))
         a = a / a.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(cdt).tiny)
-        out = torch.einsum("bgrk,bgkd->bgrd", a[..., W:] * gate, self.top_v.to(cdt))
-        if W > 0:
-            out = out + torch.einsum("bgrk,bgkd->bgrd", a[..., :W], self.win_v.to(cdt))
-        return out.to(q.dtype)
+        p = (a * gate.unsqueeze(2)).view(B * G, R, S)
+        if half:
+            out = torch.bmm(p.to(self.dtype), vv, out_dtype=torch.float32)
+        else:
+            out = torch.bmm(p, vv.to(cdt))
+        return out.view(B, G, R, Dv).to(q.dtype)
 
     def _prefill(self, q, k, v, scores, scale):
         """M > 1 new tokens: one ``sparsek_attention`` call over the compressed context
@@ -459,23 +543,24 @@ class SparseKCache:
         tu = self.top_u.gather(2, po)
         # fractional keys: scores only (never attended again), padded per head with a score
         # below everything (contributes 0 to every tau, never selected)
-        n_frac = self._nfrac if n_top == K else 0  # (a one-row view may see a longer prefix)
-        if n_frac:
-            n_frac = int(torch.isfinite(self.frac_u[:, :, :n_frac]).sum(dim=2).max())
-        fu = self.frac_u[:, :, :n_frac]
+        n_frac = int(torch.isfinite(self.frac_u).sum(dim=2).max()) if n_top == K else 0
+        fu = self.frac_u[:, :, self.capacity - n_frac:]  # ascending, -inf first
         # [B, G, Lc] compressed context + new tokens
         new_k, new_v, new_u = (x.transpose(1, 2) for x in (k, v, u_new))
         ctx_u = torch.cat([fu, tu, wu, new_u], dim=2)
         if n_frac:
             lowest = torch.where(torch.isfinite(ctx_u), ctx_u, float("inf")).amin()
             ctx_u = torch.where(torch.isfinite(ctx_u), ctx_u, lowest - 2.0)
-        zk = self.top_k.new_zeros(B, G, n_frac, self.head_dim)
-        zv = self.top_v.new_zeros(B, G, n_frac, self.value_dim)
-        ctx_k = torch.cat([zk, tk, wk, new_k], dim=2)
-        ctx_v = torch.cat([zv, tv, wv, new_v], dim=2)
+        # K/V built directly in the [B, Lc, Hkv, D] key layout: expanded over the R query
+        # heads (stride 0) they reshape to the kernels' layout without a copy, and the
+        # kernels load each key once for the whole GQA group
+        zk = k.new_zeros(B, n_frac, G, self.head_dim)
+        zv = v.new_zeros(B, n_frac, G, self.value_dim)
+        ctx_k = torch.cat([zk, tk.transpose(1, 2), wk.transpose(1, 2), k], dim=1)
+        ctx_v = torch.cat([zv, tv.transpose(1, 2), wv.transpose(1, 2), v], dim=1)
         Lc = ctx_u.shape[2]
-        kk = ctx_k.transpose(1, 2).unsqueeze(3).expand(B, Lc, G, R, self.head_dim)
-        vv = ctx_v.transpose(1, 2).unsqueeze(3).expand(B, Lc, G, R, self.value_dim)
+        kk = ctx_k.unsqueeze(3).expand(B, Lc, G, R, self.head_dim)
+        vv = ctx_v.unsqueeze(3).expand(B, Lc, G, R, self.value_dim)
         uu = ctx_u.transpose(1, 2).unsqueeze(3).expand(B, Lc, G, R)
         bias = xab.LowerTriangularFromBottomRightMask() if Lc > M else xab.LowerTriangularMask()
         out = sparsek_attention(q.to(dt), kk, vv, uu, K, W, attn_bias=bias, scale=scale)
@@ -497,3 +582,63 @@ class SparseKCache:
             self.win_v[:, :, slots] = seq_v[:, :, n_ent:]
             self.win_u[:, :, slots] = seq_u[:, :, n_ent:]
         return out.to(q.dtype)
+
+
+class DecodeStep:
+    """A captured single-token step of a ``SparseKCache`` (see ``SparseKCache.capture``)."""
+
+    def __init__(self, cache: SparseKCache, q, k, v, scores, scale, graph):
+        cache._check(q, k, v, scores)
+        if scores.shape[1] != 1:
+            raise ValueError(f"capture() records a single-token step: M must be 1, got {scores.shape[1]}")
+        self.cache = cache
+        self.flat = q.ndim == 4
+        self.scale = cache.head_dim ** -0.5 if scale is None else float(scale)
+        self.q, self.k, self.v, self.scores = (t.clone() for t in (q, k, v, scores))
+        use_graph = cache.device.type == "cuda" if graph is None else bool(graph)
+        if use_graph and cache.device.type != "cuda":
+            raise ValueError("graph=True needs a CUDA cache")
+        self.graph = None
+        self.out = None
+        if use_graph:
+            self._record()
+
+    def _run(self):
+        c = self.cache
+        B, _, G = self.scores.shape
+        q5 = self.q.view(B, 1, G, self.q.shape[2] // G, self.q.shape[3]) if self.flat else self.q
+        with torch.no_grad():
+            out = c._decode(q5, self.k, self.v, self.scores, self.scale, None)
+        return out.reshape(B, 1, -1, out.shape[-1]) if self.flat else out
+
+    def _record(self):
+        c = self.cache
+        saved = {n: getattr(c, n).clone() for n in SparseKCache._STATE if n not in
+                 ("win_k", "win_v", "top_k", "top_v")}  # (views of kv_k / kv_v)
+        host = c._lens_host
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up (cuBLAS handles, allocator), then undo it
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self._run()
+        for n, t in saved.items():  # capturing ran nothing, but the warm-up did
+            getattr(c, n).copy_(t)
+        c._lens_host = host
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, scores: Tensor) -> Tensor:
+        c = self.cache
+        for name, src, dst in (("q", q, self.q), ("k", k, self.k), ("v", v, self.v),
+                               ("scores", scores, self.scores)):
+            if not isinstance(src, torch.Tensor) or src.shape != dst.shape or src.device != dst.device:
+                raise ValueError(f"{name} must be shaped {tuple(dst.shape)} on {dst.device} (as captured)")
+            dst.copy_(src)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        if c._lens_host is not None:
+            c._lens_host = [n + 1 for n in c._lens_host]
+        return self.out
