@@ -16,6 +16,8 @@ from ._layout import SUPPORTED_BASE_BIASES
 from .dispatch import disable, enable, install_routing, is_enabled
 from .functional import sparsek_attention
 from .mask import SparseKMask
+from .scorers import MeanQueryScorer, mean_query_scorer
+from .sparsify import SparsifyConfig, active_sparsify, disable_sparsify, sparsify
 from .ops import BwOp, FwOp, SparseKOp
 from .version import __version__
 
@@ -30,6 +32,12 @@ __all__ = [
     "enable",
     "disable",
     "is_enabled",
+    "sparsify",
+    "SparsifyConfig",
+    "active_sparsify",
+    "disable_sparsify",
+    "MeanQueryScorer",
+    "mean_query_scorer",
     "info",
     "SUPPORTED_BASE_BIASES",
     "__version__",
