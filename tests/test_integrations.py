@@ -175,6 +175,12 @@ def test_scorer_is_causal_safe_and_resets_per_sequence(layout):
     alone = xab.BlockDiagonalCausalMask.from_seqlens([seqlens[1]], device=CPU)
     s_alone = xs.mean_query_scorer(q[:, a:b], k[:, a:b], v[:, a:b], alone)
     assert torch.allclose(s[:, a:b], s_alone, rtol=1e-6, atol=1e-3)
+    # the chunked prefix sums give the same scores for any chunk size
+    small = xs.MeanQueryScorer()
+    small.CHUNK = 4
+    assert torch.allclose(small(q, k, v, bias), s, rtol=1e-6, atol=1e-3)
+    nc = xab.BlockDiagonalMask.from_seqlens(seqlens, device=CPU)
+    assert torch.allclose(small(q, k, v, nc), xs.mean_query_scorer(q, k, v, nc), atol=1e-3)
     # attention sinks: the first `sinks` keys of each sequence carry the bonus
     sinks = xs.mean_query_scorer.sinks
     for start in (0, a, b):

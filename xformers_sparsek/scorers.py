@@ -48,6 +48,8 @@ class MeanQueryScorer:
     sequence's queries.
     """
 
+    CHUNK = 4096  # queries per step of the prefix sums (bounds the float64 temporaries)
+
     def __init__(self, sharpness: float = 100.0, sinks: int = 4, sink_bonus: float = 1e4):
         self.sharpness = float(sharpness)
         self.sinks = int(sinks)
@@ -76,32 +78,53 @@ class MeanQueryScorer:
         if causal and any(s.q_len != s.k_len for s in segs):
             return None
         dev = q.device
-        # Exclusive prefix sums of the queries over the flattened [B*Mq] axis (float64:
-        # long sequences), heads averaged over the GQA group where keys are shared.
-        qf = q.reshape(B * Mq, G, H, D).to(torch.float64)
-        if shared:
-            qf = qf.mean(2, keepdim=True)
-        cs = torch.cat([qf.new_zeros((1,) + qf.shape[1:]), qf.cumsum(0)])
-        # Per key: the query range whose mean it uses, and its offset in its sequence.
-        key_idx, lo, hi, off = [], [], [], []
-        for s in segs:
-            n = s.k_len
-            t = torch.arange(n)
-            key_idx.append(s.k_start + t)
-            off.append(t)
-            lo.append(torch.full((n,), s.q_start))
-            hi.append(s.q_start + t + 1 if causal else torch.full((n,), s.q_start + s.q_len))
-        key_idx, lo, hi, off = (torch.cat(x).to(dev) for x in (key_idx, lo, hi, off))
-        cnt = (hi - lo).clamp(min=1).to(torch.float64).view(-1, 1, 1, 1)
-        qbar = (cs[hi] - cs[lo]) / cnt  # [nkeys, G, H or 1, D]
-        kf = k.reshape(B * Mk, G, H, D)[key_idx]
-        if shared:
-            kf = kf[:, :, :1]
-        u = (qbar * kf.to(torch.float64)).sum(-1) * (self.sharpness * D**-0.5)
-        u = u + torch.where(off < self.sinks, self.sink_bonus, 0.0).view(-1, 1, 1).to(u)
-        out = torch.zeros(B * Mk, G, u.shape[-1], dtype=torch.float32, device=dev)
-        out[key_idx] = u.to(torch.float32)
-        out = out.reshape(B, Mk, G, -1).expand(B, Mk, G, H)
+        Hs = 1 if shared else H
+        qf = q.reshape(B * Mq, G, H, D)
+        kf = k.reshape(B * Mk, G, H, D)[:, :, :Hs]
+        factor = self.sharpness * D**-0.5
+        u = torch.zeros(B * Mk, G, Hs, dtype=torch.float64, device=dev)
+
+        def chunk_mean(a, b):  # queries [a, b) in float64, averaged over the GQA group
+            x = qf[a:b].to(torch.float64)
+            return x.mean(2, keepdim=True) if shared else x
+
+        # Per query: its sequence, its offset in it, and the key at its position.
+        seg_of_q = torch.repeat_interleave(
+            torch.arange(len(segs)), torch.tensor([g.q_len for g in segs])
+        ).to(dev)
+        q_start = torch.tensor([g.q_start for g in segs], device=dev)
+        k_start = torch.tensor([g.k_start for g in segs], device=dev)
+        NQ = seg_of_q.numel()
+        # Chunked prefix sums (float64, bounded memory): a sequence's running sum is the
+        # global prefix minus the prefix at its first query.
+        carry = torch.zeros(G, Hs, D, dtype=torch.float64, device=dev)
+        base = torch.zeros(len(segs), G, Hs, D, dtype=torch.float64, device=dev)
+        for a in range(0, NQ, self.CHUNK):
+            b = min(NQ, a + self.CHUNK)
+            x = chunk_mean(a, b)
+            inc = carry + x.cumsum(0)
+            carry = inc[-1]
+            seg = seg_of_q[a:b]
+            first = torch.nonzero((q_start >= a) & (q_start < b)).flatten()
+            base[first] = (inc - x)[q_start[first] - a]
+            off = torch.arange(a, b, device=dev) - q_start[seg]
+            if causal:  # query at offset t <-> key at offset t (q_len == k_len)
+                u[k_start[seg] + off] = (
+                    ((inc - base[seg]) * kf[k_start[seg] + off]).sum(-1)
+                    / (off + 1).view(-1, 1, 1)
+                )
+        base[q_start >= NQ] = carry  # empty trailing sequences
+        if not causal:  # every key of a sequence sees the mean of all its queries
+            n = torch.tensor([max(g.q_len, 1) for g in segs], device=dev).view(-1, 1, 1, 1)
+            qbar = (torch.cat([base[1:], carry[None]]) - base) / n if segs else base
+            for g, s_qbar in zip(segs, qbar):
+                kk = kf[g.k_start:g.k_start + g.k_len].to(torch.float64)
+                u[g.k_start:g.k_start + g.k_len] = (kk * s_qbar).sum(-1)
+        u = u * factor
+        # attention sinks: the first keys of every sequence
+        for g in segs:
+            u[g.k_start:g.k_start + min(self.sinks, g.k_len)] += self.sink_bonus
+        out = u.to(torch.float32).reshape(B, Mk, G, Hs).expand(B, Mk, G, H)
         return out[:, :, :, 0] if query.ndim == 4 else out
 
 
