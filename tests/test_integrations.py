@@ -438,3 +438,22 @@ def test_bmk_inputs_with_a_sparsek_mask():
     with pytest.raises(ValueError, match="BMHK"):
         xops.memory_efficient_attention_forward(q, k, v, attn_bias=SparseKMask(scores, 3),
                                                 op=SparseKOp[0])
+
+
+def test_sparsify_kv_cache_prefill_and_decode():
+    """mistral-inference with a cache: prefill (q_len == k_len in padded key slots) is
+    sparsified; decoding (q_len < k_len) has no causal running mean: left exact."""
+    q, k, v = torch.randn(1, 12, 2, 16), torch.randn(1, 16, 2, 16), torch.randn(1, 16, 2, 16)
+    pre = xab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([5, 7], 8, [5, 7],
+                                                                       device=CPU)
+    ref = torch_attention(q, k, v, pre)
+    with xs.sparsify(topk=16, window=2):
+        assert (xops.memory_efficient_attention(q, k, v, attn_bias=pre) - ref).abs().max() < TOL
+    with xs.sparsify(topk=2, window=1):
+        assert (xops.memory_efficient_attention(q, k, v, attn_bias=pre) - ref).abs().max() > 1e-3
+    dec = xab.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens([1, 1], 8, [6, 8],
+                                                                       device=CPU)
+    xs.enable()  # dense fallback on the CPU
+    with xs.sparsify(topk=1):
+        out = xops.memory_efficient_attention(q[:, :2], k, v, attn_bias=dec)
+    assert (out - torch_attention(q[:, :2], k, v, dec)).abs().max() < TOL
