@@ -23,6 +23,8 @@ import contextvars
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
+
 from ._layout import SUPPORTED_BASE_BIASES, is_causal
 from .mask import SparseKMask
 from .scorers import mean_query_scorer
@@ -72,6 +74,20 @@ class SparsifyConfig:
         scores = scorer(query, key, value, attn_bias)
         if scores is None:
             return None
+        if (
+            not isinstance(scores, torch.Tensor)
+            or not scores.is_floating_point()
+            or tuple(scores.shape) != tuple(key.shape[:-1])
+        ):
+            got = (
+                f"{scores.dtype} tensor of shape {tuple(scores.shape)}"
+                if isinstance(scores, torch.Tensor)
+                else type(scores).__name__
+            )
+            raise ValueError(
+                f"sparsify: scorer {scorer!r} must return None or floating-point scores "
+                f"shaped key.shape[:-1] = {tuple(key.shape[:-1])}, got {got}"
+            )
         return SparseKMask(scores, self.topk, self.window if causal else 0, base=attn_bias)
 
 
