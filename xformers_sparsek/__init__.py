@@ -16,9 +16,9 @@ from ._layout import SUPPORTED_BASE_BIASES
 from .dispatch import disable, enable, install_routing, is_enabled
 from .functional import sparsek_attention
 from .mask import SparseKMask
+from .ops import BwOp, FwOp, SparseKOp
 from .scorers import MeanQueryScorer, mean_query_scorer
 from .sparsify import SparsifyConfig, active_sparsify, disable_sparsify, sparsify
-from .ops import BwOp, FwOp, SparseKOp
 from .version import __version__
 
 install_routing()

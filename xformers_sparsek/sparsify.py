@@ -30,7 +30,9 @@ from .mask import SparseKMask
 from .scorers import mean_query_scorer
 
 _UNSET = object()
-_CURRENT: contextvars.ContextVar = contextvars.ContextVar("xformers_sparsek_sparsify", default=_UNSET)
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar(
+    "xformers_sparsek_sparsify", default=_UNSET
+)
 _GLOBAL: Optional["SparsifyConfig"] = None
 
 
@@ -54,7 +56,9 @@ class SparsifyConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
-            raise ValueError(f"sparsify: topk must be an int >= 1 (or None = off), got {self.topk!r}")
+            raise ValueError(
+                f"sparsify: topk must be an int >= 1 (or None = off), got {self.topk!r}"
+            )
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise ValueError(f"sparsify: window must be an int >= 0, got {self.window!r}")
         if self.scorer is not None and not callable(self.scorer):
