@@ -245,6 +245,23 @@ def test_sparsify_exact_mode_gradients_match_dense():
         assert torch.allclose(p.grad, ref[n], atol=1e-5, rtol=1e-4), n
 
 
+@pytest.mark.parametrize("bmghk", [False, True], ids=["bmhk", "bmghk"])
+def test_sparsify_backward_after_the_block(bmghk):
+    """The graph built inside the block keeps its SparseK backward after the block ends."""
+    seqlens = [10, 7]
+    model = MistralLike(bmghk=bmghk, layers=1)
+    tokens = torch.randint(0, 61, (sum(seqlens),))
+    with xs.sparsify(topk=3, window=2):
+        model(tokens, seqlens).square().mean().backward()
+    inside = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with xs.sparsify(topk=3, window=2):
+        loss = model(tokens, seqlens).square().mean()
+    loss.backward()
+    for p, g in zip(model.parameters(), inside):
+        assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
 def test_sparsify_learned_scorer_gets_gradients():
     seqlens = [16, 12]
     model = MistralLike(layers=1)
