@@ -294,7 +294,11 @@ class SparseKCache:
         the largest N = topk + capacity in pool_u and counts the finite scores dropped."""
         N = self.pool_u.shape[2]
         if rows is not False:
-            tau, tau_min = _tau_sorted(w, self.topk)
+            ws = w
+            if not self._sync_free:  # CPU: solve on the live (finite) tail only
+                n_live = int((w > NEG_INF).sum(dim=2).max())
+                ws = w[..., w.shape[2] - min(w.shape[2], max(n_live, self.topk + 2)):]
+            tau, tau_min = _tau_sorted(ws, self.topk)
             if rows is not None:
                 tau = torch.where(rows, tau, self.tau)
                 tau_min = torch.where(rows, tau_min, self.tau_min)
@@ -333,6 +337,7 @@ class SparseKCache:
         replace = need & (eu >= umin.squeeze(2))
         self._put(slot, replace | filling.view(B, 1), ek, ev, eu, epos)
         # insert eu into the ascending pool scores, one slot longer in front (w[0] = -inf)
+        # (where nothing is inserted x = -inf, c = 0 and w stays as it is)
         x = torch.where(ins, eu, NEG_INF).unsqueeze(2)  # [B, G, 1]
         s = self.pool_u
         w = torch.cat([s.new_full((B, G, 1), NEG_INF), s], dim=2)
@@ -340,7 +345,6 @@ class SparseKCache:
         i = torch.arange(w.shape[2], device=w.device)
         left = torch.cat([w[..., 1:], w[..., -1:]], dim=2)  # w[i + 1]
         w = torch.where(i < c - 1, left, torch.where(i == c - 1, x, w))
-        w = torch.where(ins.unsqueeze(2), w, torch.cat([s.new_full((B, G, 1), NEG_INF), s], dim=2))
         if cpu and not bool(need.any()):
             rows = False
         else:
