@@ -328,6 +328,27 @@ def test_capture_matches_eager(device, dtype, flat):
         graph.capture(q[:, :2], k[:, :2], v[:, :2], u[:, :2])
 
 
+def test_capture_compiles_fullgraph():
+    """capture(compile=True): the static step traces as one graph (fullgraph=True: no graph
+    breaks, i.e. no host syncs or Python branches on tensor values); the "eager" backend keeps
+    this cheap on the CPU (the decode bench uses inductor on CUDA)."""
+    B, N, G, R, D, topk, window, prompt = 2, 50, 2, 2, 8, 6, 5, 20
+    q, k, v, u = _inputs(B, N, G, R, D, D, F32)
+    eager = SparseKCache(B, G, D, topk, window, capacity=32)
+    comp = SparseKCache(B, G, D, topk, window, capacity=32)
+    comp._sync_free = True  # (what CUDA runs)
+    for c in (eager, comp):
+        c.update_and_attend(q[:, :prompt], k[:, :prompt], v[:, :prompt], u[:, :prompt])
+    step = comp.capture(q[:, :1], k[:, :1], v[:, :1], u[:, :1], compile=True,
+                        compile_backend="eager")
+    assert comp.seq_len == prompt
+    for t in range(prompt, N):
+        sl = slice(t, t + 1)
+        want = eager.update_and_attend(q[:, sl], k[:, sl], v[:, sl], u[:, sl])
+        assert max_abs(step(q[:, sl], k[:, sl], v[:, sl], u[:, sl]), want) <= 1e-6
+    assert comp.seq_lens == eager.seq_lens
+
+
 @requires_cuda
 def test_decode_step_has_no_host_sync():
     """The eager single-token step on CUDA (past the input check) never syncs with the host."""
