@@ -29,6 +29,22 @@ from common import commit, median_ms, pyplot
 from xformers_sparsek import SparseKCache
 
 
+def cuda_activities(fn) -> int:
+    """GPU activities (kernels, memcpy/memset) of one call of fn, from the profiler (-1 if
+    it is unavailable)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception as e:  # noqa: BLE001
+        print(f"  (profiler unavailable: {type(e).__name__}: {e})", flush=True)
+        return -1
+
+
 def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chunk,
                compile_step=False):
     R = Hq // Hkv
@@ -63,6 +79,10 @@ def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chu
     u1 = rnd(B, 1, Hkv, dt=torch.float32)
     # eager step: ~160 small kernels launched from Python, one host sync (the input check)
     t_eager = median_ms(lambda: cache.update_and_attend(q1, k1, v1, u1), steps, 2, cuda)
+    n_eager = n_comp = -1
+    if cuda:  # (docs/decoding.md predicts ~160 per step)
+        n_eager = cuda_activities(lambda: cache.update_and_attend(q1, k1, v1, u1))
+        print(f"  eager step: {t_eager:.3f} ms, {n_eager} GPU activities", flush=True)
     # captured step: the same kernels replayed as one CUDA graph (CPU: run eagerly)
     t_graph, graph_error = float("nan"), None
     try:
@@ -81,11 +101,15 @@ def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chu
             step = cache.capture(q1, k1, v1, u1, compile=True)
             comp_s = time.perf_counter() - t0
             t_comp = median_ms(lambda: step(q1, k1, v1, u1), steps, 3, cuda)
+            # kernels of the compiled step, run outside the graph
+            n_comp = cuda_activities(step._run)
+            cache._lens_host = None  # (step._run appended a token; re-read the lengths)
             del step
         except Exception as e:  # noqa: BLE001
             comp_error = f"{type(e).__name__}: {str(e)[:500]}"
             print(f"  compiled capture failed: {comp_error}", flush=True)
-        print(f"  compiled step: capture+compile {comp_s:.1f} s, {t_comp:.3f} ms/step", flush=True)
+        print(f"  compiled step: capture+compile {comp_s:.1f} s, {t_comp:.3f} ms/step, "
+              f"{n_comp} GPU activities", flush=True)
     sparse_bytes = cache.kv_bytes()
     del cache
     if cuda:
@@ -101,6 +125,7 @@ def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chu
     best = t_graph if t_graph == t_graph else t_eager
     return dict(context=C, sparse_ms=best, sparse_eager_ms=t_eager, sparse_graph_ms=t_graph,
                 sparse_compiled_graph_ms=t_comp, compile_s=comp_s, compile_error=comp_error,
+                gpu_activities_eager=n_eager, gpu_activities_compiled=n_comp,
                 dense_ms=t_dense, speedup=t_dense / best,
                 speedup_compiled=t_dense / t_comp if t_comp == t_comp else float("nan"),
                 prefill_s=prefill_s, peak_gib=peak / 2**30, graph_error=graph_error,
