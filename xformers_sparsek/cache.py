@@ -604,6 +604,18 @@ class SparseKCache:
         return out.to(q.dtype)
 
 
+_COMPILED = {}
+
+
+def _compiled_decode(backend: str):
+    """``SparseKCache._decode_tensors`` through ``torch.compile``, one wrapper per backend
+    (caches of the same shapes and parameters reuse the compiled code)."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(SparseKCache._decode_tensors, fullgraph=True,
+                                           dynamic=False, backend=backend)
+    return _COMPILED[backend]
+
+
 class DecodeStep:
     """A captured single-token step of a ``SparseKCache`` (see ``SparseKCache.capture``)."""
 
@@ -623,8 +635,8 @@ class DecodeStep:
         self.out = None
         self._fn = cache._decode_tensors
         if compile:
-            self._fn = torch.compile(cache._decode_tensors, fullgraph=True, dynamic=False,
-                                     backend=compile_backend)
+            fn = _compiled_decode(compile_backend)
+            self._fn = lambda *args: fn(cache, *args)
             self._warm()  # compile now (state restored), not inside the first timed call
         if use_graph:
             self._record()
