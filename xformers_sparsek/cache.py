@@ -23,7 +23,8 @@ too).  The fractional list is what ``tau`` still needs; it is exact while it fit
 
 GPU notes: a single-token step (``M = 1``) has static shapes and no host synchronisation
 apart from the input check of ``update_and_attend`` (finite scores); ``capture()`` records
-it as a CUDA graph (no check, one replay per step).  See docs/decoding.md, "Cost of a step".
+it as a CUDA graph (no check, one replay per step), optionally compiled first
+(``compile=True``).  See docs/decoding.md, "Cost of a step on the GPU".
 """
 
 from typing import List, Optional, Tuple
@@ -33,7 +34,6 @@ from torch import Tensor
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")
-
 
 
 def _half_bmm_ok(device: torch.device, dtype: torch.dtype) -> bool:
