@@ -29,7 +29,24 @@ from common import commit, median_ms, pyplot
 from xformers_sparsek import SparseKCache
 
 
-def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chunk):
+def cuda_activities(fn) -> int:
+    """GPU activities (kernels, memcpy/memset) of one call of fn, from the profiler (-1 if
+    it is unavailable)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception as e:  # noqa: BLE001
+        print(f"  (profiler unavailable: {type(e).__name__}: {e})", flush=True)
+        return -1
+
+
+def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chunk,
+               compile_step=False):
     R = Hq // Hkv
     g = torch.Generator(device=device).manual_seed(C)
     cuda = device.type == "cuda"
@@ -62,6 +79,10 @@ def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chu
     u1 = rnd(B, 1, Hkv, dt=torch.float32)
     # eager step: ~160 small kernels launched from Python, one host sync (the input check)
     t_eager = median_ms(lambda: cache.update_and_attend(q1, k1, v1, u1), steps, 2, cuda)
+    n_eager = n_comp = -1
+    if cuda:  # (docs/decoding.md predicts ~160 per step)
+        n_eager = cuda_activities(lambda: cache.update_and_attend(q1, k1, v1, u1))
+        print(f"  eager step: {t_eager:.3f} ms, {n_eager} GPU activities", flush=True)
     # captured step: the same kernels replayed as one CUDA graph (CPU: run eagerly)
     t_graph, graph_error = float("nan"), None
     try:
@@ -71,6 +92,24 @@ def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chu
     except Exception as e:  # noqa: BLE001  (report, keep the eager numbers)
         graph_error = f"{type(e).__name__}: {e}"
         print(f"  capture failed: {graph_error}", flush=True)
+    # the same, with the step's tensor work compiled by inductor first (fuses its small
+    # kernels; the first context pays the compilation)
+    t_comp, comp_error, comp_s = float("nan"), None, float("nan")
+    if compile_step:
+        try:
+            t0 = time.perf_counter()
+            step = cache.capture(q1, k1, v1, u1, compile=True)
+            comp_s = time.perf_counter() - t0
+            t_comp = median_ms(lambda: step(q1, k1, v1, u1), steps, 3, cuda)
+            # kernels of the compiled step, run outside the graph
+            n_comp = cuda_activities(step._run)
+            cache._lens_host = None  # (step._run appended a token; re-read the lengths)
+            del step
+        except Exception as e:  # noqa: BLE001
+            comp_error = f"{type(e).__name__}: {str(e)[:500]}"
+            print(f"  compiled capture failed: {comp_error}", flush=True)
+        print(f"  compiled step: capture+compile {comp_s:.1f} s, {t_comp:.3f} ms/step, "
+              f"{n_comp} GPU activities", flush=True)
     sparse_bytes = cache.kv_bytes()
     del cache
     if cuda:
@@ -85,23 +124,30 @@ def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chu
     del kd, vd
     best = t_graph if t_graph == t_graph else t_eager
     return dict(context=C, sparse_ms=best, sparse_eager_ms=t_eager, sparse_graph_ms=t_graph,
-                dense_ms=t_dense, speedup=t_dense / best, prefill_s=prefill_s,
-                peak_gib=peak / 2**30, graph_error=graph_error,
+                sparse_compiled_graph_ms=t_comp, compile_s=comp_s, compile_error=comp_error,
+                gpu_activities_eager=n_eager, gpu_activities_compiled=n_comp,
+                dense_ms=t_dense, speedup=t_dense / best,
+                speedup_compiled=t_dense / t_comp if t_comp == t_comp else float("nan"),
+                prefill_s=prefill_s, peak_gib=peak / 2**30, graph_error=graph_error,
                 sparse_kv_bytes=sparse_bytes, dense_kv_bytes=dense_bytes)
 
 
 def table(rows):
-    lines = ["| context | SparseK step, CUDA graph (ms) | SparseK step, eager (ms) | dense SDPA "
-             "step (ms) | speedup (graph) | SparseK KV (MiB) | dense KV (MiB) | prefill (s) |",
-             "|" + "---|" * 8]
+    lines = ["| context | SparseK step, CUDA graph (ms) | SparseK step, eager (ms) | SparseK "
+             "step, compiled + graph (ms) | dense SDPA step (ms) | speedup (graph) | speedup "
+             "(compiled + graph) | SparseK KV (MiB) | dense KV (MiB) | prefill (s) |",
+             "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['context']} | {r['sparse_graph_ms']:.3f} | {r['sparse_eager_ms']:.3f} | "
-                     f"{r['dense_ms']:.3f} | {r['speedup']:.2f}x | "
+                     f"{r['sparse_compiled_graph_ms']:.3f} | "
+                     f"{r['dense_ms']:.3f} | {r['speedup']:.2f}x | {r['speedup_compiled']:.2f}x | "
                      f"{r['sparse_kv_bytes'] / 2**20:.1f} | {r['dense_kv_bytes'] / 2**20:.1f} | "
                      f"{r['prefill_s']:.2f} |")
     if len(rows) > 1:
         lines.append(f"\nStep latency at the longest context / the shortest: "
                      f"{rows[-1]['sparse_ms'] / rows[0]['sparse_ms']:.2f}x (SparseK), "
+                     f"{rows[-1]['sparse_compiled_graph_ms'] / rows[0]['sparse_compiled_graph_ms']:.2f}x "
+                     f"(SparseK compiled), "
                      f"{rows[-1]['dense_ms'] / rows[0]['dense_ms']:.2f}x (dense). "
                      f"Issue bar: SparseK <= 1.2x, and >= 10x faster than dense at the longest.")
     return "\n".join(lines)
@@ -132,6 +178,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prefill-chunk", type=int, default=8192)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip the compiled (torch.compile + CUDA graph) step")
     ap.add_argument("--commit", default=None)
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -145,7 +193,8 @@ def main(argv=None):
         contexts, chunk = args.contexts, args.prefill_chunk
     rows = []
     for C in contexts:
-        rows.append(decode_row(C, steps=args.steps, device=device, prefill_chunk=chunk, **cfg))
+        rows.append(decode_row(C, steps=args.steps, device=device, prefill_chunk=chunk,
+                               compile_step=device.type == "cuda" and not args.no_compile, **cfg))
         print(table(rows[-1:]), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()

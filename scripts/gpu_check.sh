@@ -4,7 +4,7 @@
 # scripts/fetch_xformers_wheel.sh) to get xformers there.
 #   OUT=/some/dir SANITIZE=1 bash scripts/gpu_check.sh
 # The full suite alone takes minutes on an H100; to fit a 10-minute device call, pick steps
-# with STEPS (default "build info tests bench"; add "decode" for the decode-C rows) and narrow pytest with PYTEST_ARGS, e.g.
+# with STEPS (default "build info tests bench decode"; "decode" = the decode-C rows, ~1-1.5 min) and narrow pytest with PYTEST_ARGS, e.g.
 #   STEPS="build tests" PYTEST_ARGS="-k cuda" bash scripts/gpu_check.sh
 # The device's copy of the tree has no .git: pass the commit for the benchmark record with
 #   BENCH_ARGS="--commit $(git rev-parse --short HEAD)" (expanded on this machine).
@@ -41,8 +41,9 @@ build() {
 }
 
 info() { python3 -m xformers_sparsek info 2>&1 | tee "$OUT/info.log"; }
+# --maxfail, not -x: a one-shot GPU run should report every failing area, not stop at the first
 # shellcheck disable=SC2086  # PYTEST_ARGS is split on purpose
-tests() { python3 -m pytest -q tests -x ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"; }
+tests() { python3 -m pytest -q tests --maxfail=25 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log"; }
 
 sanitize() {  # sanitize TOOL
   local cs
@@ -60,7 +61,7 @@ bench() { python3 benchmarks/bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$
 # DESIGN.md section 5 decode-C rows (SparseKCache vs dense SDPA decoding)
 decode() { python3 benchmarks/bench_decode.py --out "$OUT" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log"; }
 
-want() { [[ " ${STEPS:-build info tests bench} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-build info tests bench decode} " == *" $1 "* ]]; }
 
 nvidia-smi > "$OUT/nvidia-smi.log" 2>&1 || true
 if compgen -G ".whl/*.whl" > /dev/null; then step "install wheels" install_wheels; fi

@@ -59,8 +59,8 @@ def _inputs(B, N, G, R, D, Dv, dtype, scores="normal"):
 
 
 def _full(q, k, v, u, topk, window):
-    """Full-sequence reference on the CPU (half inputs: in float64)."""
-    if q.dtype in (F16, BF16):
+    """Full-sequence reference in float64 on the CPU."""
+    if q.dtype != F64 or q.device.type != "cpu":
         q, k, v, u = (t.cpu().double() for t in (q, k, v, u))
     B, N, G, R, D = q.shape
     kk = k.unsqueeze(3).expand(B, N, G, R, D)
@@ -91,12 +91,15 @@ def _tol(dtype):
 
 def _check_steps(out, ref, dtype):
     """Every step (row t of the outputs) against the reference: max abs error for float32 /
-    float64, relative error (per step, norm over batch and heads) for half precision."""
+    float64, relative error (norm over everything, and per step over batch and heads) for
+    half precision."""
     out, ref = out.cpu().double(), ref.cpu().double()
     assert torch.isfinite(out).all()
-    if dtype in REL_TOL:
-        err = ((out - ref).norm(dim=(0, 2, 3, 4)) / ref.norm(dim=(0, 2, 3, 4)).clamp(min=1e-30))
-        tol = REL_TOL[dtype]
+    if dtype in REL_TOL:  # over all steps, and per step (3x: fewer elements) to find a bad one
+        assert rel_err(out, ref) <= REL_TOL[dtype]
+        norm = lambda t: torch.linalg.vector_norm(t, dim=(0, 2, 3, 4))  # noqa: E731
+        err = norm(out - ref) / norm(ref).clamp(min=1e-30)
+        tol = 3 * REL_TOL[dtype]
     else:
         err = (out - ref).abs().amax(dim=(0, 2, 3, 4))
         tol = _tol(dtype)
@@ -317,13 +320,36 @@ def test_capture_matches_eager(device, dtype, flat):
         want = eager.update_and_attend(q[:, sl], k[:, sl], v[:, sl], u[:, sl])
         got = step(q[:, sl], k[:, sl], v[:, sl], u[:, sl])
         assert got.shape == want.shape and got.dtype == want.dtype
-        assert max_abs(got, want) <= 1e-6 * max(1.0, float(want.abs().max())), t
+        # (cuBLAS may pick another algorithm under capture: rounding-level differences)
+        tol = 2e-2 if dtype == BF16 else 1e-5
+        assert max_abs(got, want) <= tol * max(1.0, float(want.abs().max())), t
         assert graph.seq_len == t + 1
     assert graph.seq_lens == eager.seq_lens and max_abs(graph.tau, eager.tau) == 0
     with pytest.raises(ValueError, match="k"):
         step(q[:, :1], k[:, :2], v[:, :1], u[:, :1])
     with pytest.raises(ValueError, match="M must be 1"):
         graph.capture(q[:, :2], k[:, :2], v[:, :2], u[:, :2])
+
+
+def test_capture_compiles_fullgraph():
+    """capture(compile=True): the static step traces as one graph (fullgraph=True: no graph
+    breaks, i.e. no host syncs or Python branches on tensor values); the "eager" backend keeps
+    this cheap on the CPU (the decode bench uses inductor on CUDA)."""
+    B, N, G, R, D, topk, window, prompt = 2, 50, 2, 2, 8, 6, 5, 20
+    q, k, v, u = _inputs(B, N, G, R, D, D, F32)
+    eager = SparseKCache(B, G, D, topk, window, capacity=32)
+    comp = SparseKCache(B, G, D, topk, window, capacity=32)
+    comp._sync_free = True  # (what CUDA runs)
+    for c in (eager, comp):
+        c.update_and_attend(q[:, :prompt], k[:, :prompt], v[:, :prompt], u[:, :prompt])
+    step = comp.capture(q[:, :1], k[:, :1], v[:, :1], u[:, :1], compile=True,
+                        compile_backend="eager")
+    assert comp.seq_len == prompt
+    for t in range(prompt, N):
+        sl = slice(t, t + 1)
+        want = eager.update_and_attend(q[:, sl], k[:, sl], v[:, sl], u[:, sl])
+        assert max_abs(step(q[:, sl], k[:, sl], v[:, sl], u[:, sl]), want) <= 1e-6
+    assert comp.seq_lens == eager.seq_lens
 
 
 @requires_cuda

@@ -23,7 +23,8 @@ too).  The fractional list is what ``tau`` still needs; it is exact while it fit
 
 GPU notes: a single-token step (``M = 1``) has static shapes and no host synchronisation
 apart from the input check of ``update_and_attend`` (finite scores); ``capture()`` records
-it as a CUDA graph (no check, one replay per step).  See docs/decoding.md, "Cost of a step".
+it as a CUDA graph (no check, one replay per step), optionally compiled first
+(``compile=True``).  See docs/decoding.md, "Cost of a step on the GPU".
 """
 
 from typing import List, Optional, Tuple
@@ -34,9 +35,19 @@ from torch import Tensor
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
-# torch.bmm(..., out_dtype=float32) on half inputs (CUDA): fp32 logits without an fp32 copy
-# of the cached K/V.  Set to False after the first failure (older torch), then we convert.
-_BMM_OUT_DTYPE = True
+
+def _half_bmm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.bmm(a, b, out_dtype=torch.float32)`` runs on half inputs here (CUDA,
+    recent torch): fp32 logits without an fp32 copy of the cached K/V.  Probed once per
+    cache, eagerly (no try/except inside the step, which may be compiled or captured)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        a = torch.zeros(1, 1, 8, dtype=dtype, device=device)
+        torch.bmm(a, a.transpose(1, 2), out_dtype=torch.float32)
+        return True
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _tau_sorted(w: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
@@ -165,6 +176,7 @@ class SparseKCache:
         # single-token steps without host syncs (static work, CUDA-graph safe): on CUDA; on
         # the CPU they skip the threshold solve when it changes nothing (tests may set it)
         self._sync_free = self.device.type != "cpu"
+        self._half_bmm = _half_bmm_ok(self.device, dtype)
 
     # ------------------------------------------------------------------ state / stats
 
@@ -294,7 +306,11 @@ class SparseKCache:
         the largest N = topk + capacity in pool_u and counts the finite scores dropped."""
         N = self.pool_u.shape[2]
         if rows is not False:
-            tau, tau_min = _tau_sorted(w, self.topk)
+            ws = w
+            if not self._sync_free:  # CPU: solve on the live (finite) tail only
+                n_live = int((w > NEG_INF).sum(dim=2).max())
+                ws = w[..., w.shape[2] - min(w.shape[2], max(n_live, self.topk + 2)):]
+            tau, tau_min = _tau_sorted(ws, self.topk)
             if rows is not None:
                 tau = torch.where(rows, tau, self.tau)
                 tau_min = torch.where(rows, tau_min, self.tau_min)
@@ -333,6 +349,7 @@ class SparseKCache:
         replace = need & (eu >= umin.squeeze(2))
         self._put(slot, replace | filling.view(B, 1), ek, ev, eu, epos)
         # insert eu into the ascending pool scores, one slot longer in front (w[0] = -inf)
+        # (where nothing is inserted x = -inf, c = 0 and w stays as it is)
         x = torch.where(ins, eu, NEG_INF).unsqueeze(2)  # [B, G, 1]
         s = self.pool_u
         w = torch.cat([s.new_full((B, G, 1), NEG_INF), s], dim=2)
@@ -340,7 +357,6 @@ class SparseKCache:
         i = torch.arange(w.shape[2], device=w.device)
         left = torch.cat([w[..., 1:], w[..., -1:]], dim=2)  # w[i + 1]
         w = torch.where(i < c - 1, left, torch.where(i == c - 1, x, w))
-        w = torch.where(ins.unsqueeze(2), w, torch.cat([s.new_full((B, G, 1), NEG_INF), s], dim=2))
         if cpu and not bool(need.any()):
             rows = False
         else:
@@ -398,7 +414,8 @@ class SparseKCache:
         return out.reshape(B, M, -1, out.shape[-1]) if flat else out
 
     def capture(self, q: Tensor, k: Tensor, v: Tensor, scores: Tensor,
-                scale: Optional[float] = None, *, graph: Optional[bool] = None) -> "DecodeStep":
+                scale: Optional[float] = None, *, graph: Optional[bool] = None,
+                compile: bool = False, compile_backend: str = "inductor") -> "DecodeStep":
         """A reusable single-token step for inputs shaped like these (M = 1, every sequence
         appends): ``step = cache.capture(q, k, v, scores)``, then ``out = step(q, k, v,
         scores)`` per token (same as ``update_and_attend``).  On CUDA (``graph`` None or
@@ -406,8 +423,11 @@ class SparseKCache:
         are copied into static buffers, ``out`` is a static buffer overwritten by the next
         call (clone it to keep it), and score values are not checked (shapes are).  On the
         CPU (or ``graph=False``) each call runs the same static step eagerly.  Capturing
-        does not change the cache; use the step only while the cache is not reset."""
-        return DecodeStep(self, q, k, v, scores, scale, graph)
+        does not change the cache; use the step only while the cache is not reset.
+        ``compile=True`` first compiles the step's tensor work with
+        ``torch.compile(fullgraph=True, dynamic=False, backend=compile_backend)`` (fuses its
+        ~160 small kernels into a few; the first call compiles, which takes a while)."""
+        return DecodeStep(self, q, k, v, scores, scale, graph, compile, compile_backend)
 
     _STATE = ("kv_k", "kv_v", "win_k", "win_v", "win_u", "top_k", "top_v", "top_u", "top_pos",
               "pool_u", "tau", "tau_min", "overflow", "lens")
@@ -441,6 +461,14 @@ class SparseKCache:
         """One new token per sequence (sequences may have different lengths; rows with
         valid False append nothing and get a zero output): O(window + topk + capacity) per
         KV head, vectorised over batch and heads, static shapes, no host sync on CUDA."""
+        out = self._decode_tensors(q, k, v, scores, scale, valid)
+        if self._lens_host is not None:
+            self._lens_host = [n + 1 for n in self._lens_host] if valid is None else None
+        return out
+
+    def _decode_tensors(self, q, k, v, scores, scale, valid: Optional[Tensor]):
+        """The tensor work of ``_decode`` (state updated in place; what capture() records
+        and may compile)."""
         B, _, G = scores.shape
         W, K, dev = self.window, self.topk, self.device
         L = self.lens.clone()
@@ -468,8 +496,6 @@ class SparseKCache:
             self.win_u.scatter_(2, slot, u_new.unsqueeze(2))
         L = L + vb.to(torch.int64)
         self.lens.copy_(L)
-        if self._lens_host is not None:
-            self._lens_host = [n + 1 for n in self._lens_host] if valid is None else None
         n_pool = (L - W).clamp(min=0)
         self._insert_rows(ek, ev, eu, epos, ent, n_pool)
         out = self._attend(q[:, 0], scale, L, n_pool)
@@ -481,7 +507,6 @@ class SparseKCache:
         """q [B, G, R, D]: the query at position L[b] - 1 of each sequence -> [B, G, R, Dv]
         over its window (ring) and top set: two batched matmuls over the [window | top]
         K/V buffers (half K/V on CUDA: fp32 logits and accumulation, no fp32 copy)."""
-        global _BMM_OUT_DTYPE
         W, K, dev = self.window, self.topk, self.device
         B, G, R, D = q.shape
         Dv, S = self.value_dim, W + K
@@ -494,16 +519,11 @@ class SparseKCache:
         gate = torch.where(ok.view(B, 1, S), gate, 0.0).to(cdt)  # [B, G, S]
         kk = self.kv_k.view(B * G, S, D)
         vv = self.kv_v.view(B * G, S, Dv)
-        half = (dev.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16)
-                and _BMM_OUT_DTYPE)
-        s = None
+        half = self._half_bmm
         if half:
-            try:
-                s = torch.bmm(q.to(self.dtype).reshape(B * G, R, D), kk.transpose(1, 2),
-                              out_dtype=torch.float32)
-            except (RuntimeError, TypeError):
-                _BMM_OUT_DTYPE = half = False
-        if s is None:
+            s = torch.bmm(q.to(self.dtype).reshape(B * G, R, D), kk.transpose(1, 2),
+                          out_dtype=torch.float32)
+        else:
             s = torch.bmm(q.to(cdt).reshape(B * G, R, D), kk.to(cdt).transpose(1, 2))
         s = s.view(B, G, R, S) * (scale * gate).unsqueeze(2)
         s = s.masked_fill(~ok.view(B, 1, 1, S), NEG_INF)
@@ -584,10 +604,23 @@ class SparseKCache:
         return out.to(q.dtype)
 
 
+_COMPILED = {}
+
+
+def _compiled_decode(backend: str):
+    """``SparseKCache._decode_tensors`` through ``torch.compile``, one wrapper per backend
+    (caches of the same shapes and parameters reuse the compiled code)."""
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(SparseKCache._decode_tensors, fullgraph=True,
+                                           dynamic=False, backend=backend)
+    return _COMPILED[backend]
+
+
 class DecodeStep:
     """A captured single-token step of a ``SparseKCache`` (see ``SparseKCache.capture``)."""
 
-    def __init__(self, cache: SparseKCache, q, k, v, scores, scale, graph):
+    def __init__(self, cache: SparseKCache, q, k, v, scores, scale, graph, compile=False,
+                 compile_backend="inductor"):
         cache._check(q, k, v, scores)
         if scores.shape[1] != 1:
             raise ValueError(f"capture() records a single-token step: M must be 1, got {scores.shape[1]}")
@@ -600,6 +633,11 @@ class DecodeStep:
             raise ValueError("graph=True needs a CUDA cache")
         self.graph = None
         self.out = None
+        self._fn = cache._decode_tensors
+        if compile:
+            fn = _compiled_decode(compile_backend)
+            self._fn = lambda *args: fn(cache, *args)
+            self._warm()  # compile now (state restored), not inside the first timed call
         if use_graph:
             self._record()
 
@@ -608,26 +646,32 @@ class DecodeStep:
         B, _, G = self.scores.shape
         q5 = self.q.view(B, 1, G, self.q.shape[2] // G, self.q.shape[3]) if self.flat else self.q
         with torch.no_grad():
-            out = c._decode(q5, self.k, self.v, self.scores, self.scale, None)
+            out = self._fn(q5, self.k, self.v, self.scores, self.scale, None)
         return out.reshape(B, 1, -1, out.shape[-1]) if self.flat else out
 
-    def _record(self):
+    def _warm(self, n=1):
+        """Run the step n times (on a side stream on CUDA) and restore the cache's state."""
         c = self.cache
-        saved = {n: getattr(c, n).clone() for n in SparseKCache._STATE if n not in
+        saved = {name: getattr(c, name).clone() for name in SparseKCache._STATE if name not in
                  ("win_k", "win_v", "top_k", "top_v")}  # (views of kv_k / kv_v)
-        host = c._lens_host
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # warm-up (cuBLAS handles, allocator), then undo it
-            for _ in range(2):
+        if c.device.type == "cuda":
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(n):
+                    self._run()
+            torch.cuda.current_stream().wait_stream(s)
+        else:
+            for _ in range(n):
                 self._run()
-        torch.cuda.current_stream().wait_stream(s)
+        for name, t in saved.items():
+            getattr(c, name).copy_(t)
+
+    def _record(self):
+        self._warm(2)  # cuBLAS handles, allocator (and compilation), then undone
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = self._run()
-        for n, t in saved.items():  # capturing ran nothing, but the warm-up did
-            getattr(c, n).copy_(t)
-        c._lens_host = host
+            self.out = self._run()  # (capturing runs nothing: the cache is unchanged)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, scores: Tensor) -> Tensor:
         c = self.cache
@@ -637,8 +681,10 @@ class DecodeStep:
                 raise ValueError(f"{name} must be shaped {tuple(dst.shape)} on {dst.device} (as captured)")
             dst.copy_(src)
         if self.graph is None:
-            return self._run()
-        self.graph.replay()
+            out = self._run()
+        else:
+            self.graph.replay()
+            out = self.out
         if c._lens_host is not None:
             c._lens_host = [n + 1 for n in c._lens_host]
-        return self.out
+        return out
