@@ -186,7 +186,12 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["xformers_sparsek", "xformers_sparsek.*"]),
     install_requires=["torch", "xformers>=0.0.35", "numpy"],
-    extras_require={"test": ["pytest", "pybind11"], "bench": ["matplotlib"]},
+    extras_require={
+        # transformers/diffusers: the integration tests (they skip without them)
+        "test": ["pytest", "pybind11", "transformers>=5", "diffusers"],
+        "hf": ["transformers>=5"],
+        "bench": ["matplotlib"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
