@@ -25,6 +25,7 @@ import textwrap
 import torch
 from xformers.ops import fmha
 
+from ._paged import FORWARD_ONLY, is_paged
 from .mask import SparseKMask
 from .ops import BwOp, FwOp
 from .sparsify import active_sparsify
@@ -108,12 +109,29 @@ def _sparsified(inp, op):
     return None if mask is None else dataclasses.replace(inp, attn_bias=mask)
 
 
+def _check_paged_grad(inp, op) -> None:
+    """Paged biases are forward-only (as in xFormers' own paged ops): fail at the forward,
+    not at the backward, when an autograd call on SparseKOp would need gradients.  The
+    lower-level ``memory_efficient_attention_forward_requires_grad`` still returns the lse."""
+    b = inp.attn_bias
+    ours = isinstance(b, SparseKMask)
+    base = b.base if ours else b
+    if not is_paged(base) or not torch.is_grad_enabled():
+        return
+    if not (ours and (op is None or op[0] is FwOp)) and not (op is not None and op[0] is FwOp):
+        return
+    tensors = (inp.query, inp.key, inp.value) + ((b.scores,) if ours else ())
+    if any(t.requires_grad for t in tensors):
+        raise ValueError(FORWARD_ONLY.format(type(base).__name__))
+
+
 def _memory_efficient_attention(inp, op=None):
     if inp.query.ndim == 3 and not isinstance(inp.attn_bias, torch.Tensor) and (
         isinstance(inp.attn_bias, SparseKMask) or active_sparsify() is not None
     ):
         return _memory_efficient_attention(_as_bmhk(inp), op).squeeze(2)
     inp = _sparsified(inp, op) or inp
+    _check_paged_grad(inp, op)
     if _needs_functional_path(inp, op):
         from .functional import sparsek_attention
 

@@ -102,8 +102,6 @@ class FwOp(_SupportMixin, AttentionFwOpBase):
                 base, inp.scale,
             )
             return out, None
-        if needs_gradient and is_paged(base):
-            raise ValueError(FORWARD_ONLY.format(type(base).__name__))
         prob, window = _problem_of(inp)
         _check_scores_finite(prob.scores)
         out_c, lse_c, _ = _backend.forward(
