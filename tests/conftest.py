@@ -38,6 +38,16 @@ DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(scope="module")
+def one_intraop_thread():
+    """For modules of many tiny problems: on a shared 2-core machine intra-op threads only
+    contend (use with ``pytestmark = pytest.mark.usefixtures("one_intraop_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed_per_test(request):
     """Fresh but reproducible random inputs: every test gets its own seed (from its id)."""

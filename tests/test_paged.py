@@ -21,13 +21,7 @@ from xformers_sparsek import SparseKMask, SparseKOp, sparsek_attention
 F64, BF16, F16 = torch.float64, torch.bfloat16, torch.float16
 REL_TOL = {BF16: 1e-2, F16: 3e-3}
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: on a shared 2-core machine intra-op threads only contend."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intraop_thread")
 
 
 PAGED = {
