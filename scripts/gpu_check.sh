@@ -4,8 +4,13 @@
 # scripts/fetch_xformers_wheel.sh) to get xformers there.
 #   OUT=/some/dir SANITIZE=1 bash scripts/gpu_check.sh
 # The full suite alone takes minutes on an H100; to fit a 10-minute device call, pick steps
-# with STEPS (default "build info tests bench decode"; "decode" = the decode-C rows, ~1-1.5 min) and narrow pytest with PYTEST_ARGS, e.g.
+# with STEPS (default "build info tests bench decode hf"; "decode" = the decode-C rows,
+# ~1-1.5 min; "hf" = scripts/hf_gpu_check.py) and narrow pytest with PYTEST_ARGS, e.g.
 #   STEPS="build tests" PYTEST_ARGS="-k cuda" bash scripts/gpu_check.sh
+# then, on the same warm machine (the in-place build is git-ignored, so it is kept):
+#   STEPS="bench decode hf" bash scripts/gpu_check.sh
+# The device tool returns at most 8 files: every log is packed into gpu_check_logs.tgz
+# (PACK=0 keeps them loose); summary.txt and the result sections/plots stay beside it.
 # The device's copy of the tree has no .git: pass the commit for the benchmark record with
 #   BENCH_ARGS="--commit $(git rev-parse --short HEAD)" (expanded on this machine).
 # Every step runs even if an earlier one failed; the exit code is non-zero if any failed.
@@ -61,7 +66,10 @@ bench() { python3 benchmarks/bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$
 # DESIGN.md section 5 decode-C rows (SparseKCache vs dense SDPA decoding)
 decode() { python3 benchmarks/bench_decode.py --out "$OUT" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log"; }
 
-want() { [[ " ${STEPS:-build info tests bench decode} " == *" $1 "* ]]; }
+# transformers integration on a random Llama (exact bf16 vs sdpa, training step, generation)
+hf_check() { python3 scripts/hf_gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/hf.log"; }
+
+want() { [[ " ${STEPS:-build info tests bench decode hf} " == *" $1 "* ]]; }
 
 nvidia-smi > "$OUT/nvidia-smi.log" 2>&1 || true
 if compgen -G ".whl/*.whl" > /dev/null; then step "install wheels" install_wheels; fi
@@ -74,11 +82,23 @@ if [ "${SANITIZE:-0}" = 1 ]; then
 fi
 if want bench && [ -f benchmarks/bench.py ]; then step "bench" bench; fi
 if want decode; then step "decode bench" decode; fi
+if want hf; then step "hf check" hf_check; fi
 
 failed=0
-printf '\n%-16s %-10s %6s\n' step status seconds
-for i in "${!names[@]}"; do
-  printf '%-16s %-10s %6s\n' "${names[$i]}" "${statuses[$i]}" "${secs[$i]}"
-  [ "${statuses[$i]}" = ok ] || failed=1
-done
+{
+  printf '\n%-16s %-10s %6s\n' step status seconds
+  for i in "${!names[@]}"; do
+    printf '%-16s %-10s %6s\n' "${names[$i]}" "${statuses[$i]}" "${secs[$i]}"
+  done
+} | tee "$OUT/summary.txt"
+for st in "${statuses[@]}"; do [ "$st" = ok ] || failed=1; done
+
+# The device tool brings back at most 8 files from $OUT: pack every log into one archive and
+# keep only the archive, the summary and the result sections/plots next to it.
+if [ "${PACK:-1}" = 1 ]; then
+  tar czf /tmp/gpu_check_logs.tgz -C "$OUT" . &&
+    find "$OUT" -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name results_section.md \
+      ! -name decode_section.md ! -name speedup.png ! -name decode.png -exec rm -rf {} + &&
+    mv /tmp/gpu_check_logs.tgz "$OUT/"
+fi
 exit $failed
