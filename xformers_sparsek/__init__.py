@@ -17,6 +17,8 @@ from .dispatch import disable, enable, install_routing, is_enabled
 from .functional import sparsek_attention
 from .mask import SparseKMask
 from .ops import BwOp, FwOp, SparseKOp
+from .scorers import MeanQueryScorer, mean_query_scorer
+from .sparsify import SparsifyConfig, active_sparsify, disable_sparsify, sparsify
 from .version import __version__
 
 install_routing()
@@ -30,6 +32,12 @@ __all__ = [
     "enable",
     "disable",
     "is_enabled",
+    "sparsify",
+    "SparsifyConfig",
+    "active_sparsify",
+    "disable_sparsify",
+    "MeanQueryScorer",
+    "mean_query_scorer",
     "info",
     "SUPPORTED_BASE_BIASES",
     "__version__",

@@ -13,8 +13,13 @@ Two levels, by design:
   * **``enable()``:** SparseKOp is also appended *after* xFormers' own ops for standard
     biases, so it is used only where no built-in op supports the inputs (e.g. CPU tensors,
     or a machine where xFormers' binary did not load).  ``disable()`` undoes it.
+  * **``sparsify(...)``** (sparsify.py): inside the block, calls with a causal standard
+    bias (or any supported bias with ``noncausal=True``) get that bias wrapped into a
+    ``SparseKMask`` from the block's scorer, then take the first route.  BMK inputs carrying
+    a ``SparseKMask`` (scores ``[B, M]``) are run as BMHK with one head.
 """
 
+import dataclasses
 import textwrap
 
 import torch
@@ -22,6 +27,7 @@ from xformers.ops import fmha
 
 from .mask import SparseKMask
 from .ops import BwOp, FwOp
+from .sparsify import active_sparsify
 
 _FMHA = fmha._memory_efficient_attention_forward.__globals__
 _ORIGINAL = {}
@@ -82,7 +88,32 @@ def _needs_functional_path(inp, op) -> bool:
     return (ours and b.scores.requires_grad) or (inp.query.ndim == 5 and qkv_grad)
 
 
+def _as_bmhk(inp):
+    """BMK inputs [B, M, K] as BMHK with one head; a SparseKMask's [B, M] scores follow."""
+    b = inp.attn_bias
+    if isinstance(b, SparseKMask) and b.scores.ndim == 2:
+        b = SparseKMask(b.scores.unsqueeze(-1), b.topk, b.window, b.base)
+    q, k, v = (t.unsqueeze(2) for t in (inp.query, inp.key, inp.value))
+    return dataclasses.replace(inp, query=q, key=k, value=v, attn_bias=b)
+
+
+def _sparsified(inp, op):
+    """``sparsify`` (see sparsify.py): wrap a standard bias into a SparseKMask, or None."""
+    cfg = active_sparsify()
+    if cfg is None or inp.p != 0.0 or isinstance(inp.attn_bias, (SparseKMask, torch.Tensor)):
+        return None
+    if op is not None and op[0] is not FwOp:
+        return None  # the caller forced another op
+    mask = cfg.mask_for(inp.query, inp.key, inp.value, inp.attn_bias)
+    return None if mask is None else dataclasses.replace(inp, attn_bias=mask)
+
+
 def _memory_efficient_attention(inp, op=None):
+    if inp.query.ndim == 3 and not isinstance(inp.attn_bias, torch.Tensor) and (
+        isinstance(inp.attn_bias, SparseKMask) or active_sparsify() is not None
+    ):
+        return _memory_efficient_attention(_as_bmhk(inp), op).squeeze(2)
+    inp = _sparsified(inp, op) or inp
     if _needs_functional_path(inp, op):
         from .functional import sparsek_attention
 
