@@ -23,6 +23,18 @@ from .version import __version__
 
 install_routing()
 
+# Hugging Face integration (xformers_sparsek.hf), importable without transformers installed.
+_HF_NAMES = ("SparseKScorer", "add_scorers", "register_hf")
+
+
+def __getattr__(name):
+    if name in _HF_NAMES:
+        from . import hf
+
+        return hf.register if name == "register_hf" else getattr(hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "SparseKOp",
     "FwOp",
@@ -41,4 +53,5 @@ __all__ = [
     "info",
     "SUPPORTED_BASE_BIASES",
     "__version__",
+    *_HF_NAMES,
 ]
