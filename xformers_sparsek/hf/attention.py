@@ -65,8 +65,22 @@ class _Packing:
         self.q_idx, self.k_idx, self.q_lens, self.k_lens = q_idx, k_idx, q_lens, k_lens
 
 
+# transformers passes the same mask tensor to every layer of a kind in one forward: analyse it
+# once (one entry: the last mask seen, with the arguments it was analysed for).
+_MEMO = {"key": None, "mask": None, "result": None}
+
+
 def _analyse_mask(mask: torch.Tensor, causal: bool, sliding_window: Optional[int]):
     """Boolean ``[B, 1|H, Q, KV]`` mask -> None (no padding) or a ``_Packing``."""
+    key = (causal, sliding_window, mask._version, tuple(mask.shape))
+    if _MEMO["mask"] is mask and _MEMO["key"] == key:
+        return _MEMO["result"]
+    result = _analyse_mask_uncached(mask, causal, sliding_window)
+    _MEMO.update(key=key, mask=mask, result=result)
+    return result
+
+
+def _analyse_mask_uncached(mask: torch.Tensor, causal: bool, sliding_window: Optional[int]):
     if mask.dtype != torch.bool:
         mask = mask == 0  # additive float mask: 0 = attend
     if mask.dim() != 4:
@@ -74,13 +88,9 @@ def _analyse_mask(mask: torch.Tensor, causal: bool, sliding_window: Optional[int
     m = mask[:, 0]
     B, Q, KV = m.shape
     dev = m.device
-    if causal:
-        # Key j is a real token iff some query may attend it.  For a causal mask a real
-        # key is attended at least by the query at its own position (if that query exists);
-        # keys before the first query position are attended by the first real query.
-        key_valid = m.any(dim=1)
-    else:
-        key_valid = m.any(dim=1)
+    # Key j is a real token iff some query may attend it (causal: at least the query at
+    # its own position, or the first real query if j precedes every query).
+    key_valid = m.any(dim=1)
     k_cnt = key_valid.sum(1)
     k_start = torch.where(k_cnt > 0, key_valid.int().argmax(1), torch.zeros_like(k_cnt))
     j = torch.arange(KV, device=dev)

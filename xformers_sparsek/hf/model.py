@@ -14,14 +14,24 @@ from .scorer import SparseKScorer
 CONFIG_KEY = "sparsek"
 
 
+def _value_proj_and_head_dim(m: nn.Module):
+    vp = getattr(m, "v_proj", None)
+    if vp is None:
+        vp = getattr(m, "value", None)  # BERT-style naming
+    hd = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
+    if isinstance(vp, nn.Linear) and isinstance(hd, int) and hd > 0 and vp.out_features % hd == 0:
+        return vp, hd
+    return None
+
+
 def attention_modules(model: nn.Module) -> List[nn.Module]:
-    """The self-attention modules of a transformers model (those with ``layer_idx``,
-    ``v_proj`` and ``head_dim``), in layer order."""
-    mods = [
+    """The self-attention modules of a transformers model, in model order: modules with a
+    value projection (``v_proj`` or ``value``) and a head size (``head_dim`` or
+    ``attention_head_size``); cross-attention modules are skipped."""
+    return [
         m for m in model.modules()
-        if hasattr(m, "layer_idx") and hasattr(m, "v_proj") and hasattr(m, "head_dim")
+        if _value_proj_and_head_dim(m) is not None and not getattr(m, "is_cross_attention", False)
     ]
-    return sorted(mods, key=lambda m: m.layer_idx)
 
 
 def _set_attn_implementation(model, name: str) -> None:
@@ -58,19 +68,18 @@ def add_scorers(
         raise ValueError(f"add_scorers: window must be an int >= 0, got {window!r}")
     mods = attention_modules(model)
     if not mods:
-        raise ValueError("add_scorers: no attention modules (with layer_idx, v_proj, head_dim) found")
+        raise ValueError("add_scorers: no attention modules (with v_proj/value and head_dim) found")
     wanted = None if layers is None else {int(i) for i in layers}
-    for m in mods:
-        if wanted is not None and m.layer_idx not in wanted:
+    for i, m in enumerate(mods):
+        if wanted is not None and getattr(m, "layer_idx", i) not in wanted:
             continue
         old = getattr(m, SCORER_ATTR, None)
         if old is not None:
             old.topk, old.window = topk, window
             continue
-        hkv = m.v_proj.out_features // m.head_dim
-        p = m.v_proj.weight
-        scorer = SparseKScorer(hkv, m.head_dim, topk, window, init_slope).to(device=p.device)
-        setattr(m, SCORER_ATTR, scorer)
+        vp, hd = _value_proj_and_head_dim(m)
+        scorer = SparseKScorer(vp.out_features // hd, hd, topk, window, init_slope)
+        setattr(m, SCORER_ATTR, scorer.to(device=vp.weight.device))
     model.config.sparsek = {
         "topk": topk,
         "window": window,
