@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
+FT_JSON = "quality_finetune.json"  # the --finetune side study (separate file: runs may overlap)
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALL_METHODS = ["dense", "window", "window-sink", "sparsek", "exact", "exact-topk"]
 
@@ -272,8 +273,6 @@ def run_finetune_study(a, model, tok, tokens, eval_tokens, log, stamp):
     ftm = res["model"].eval()
     recs["hf-finetuned"] = evaluate(ftm, eval_tokens, "hf-finetuned", L, a.windows, tail_from, log,
                                     switch=False)
-    from xformers_sparsek.hf import scorer_parameters  # noqa: F401  (hf branch present)
-
     for mod in ftm.modules():
         if type(mod).__name__ == "SparseKScorer":
             mod.reset_parameters()
@@ -323,6 +322,10 @@ def machine():
 
 def write_report(db, docs=None):
     docs = docs or DOCS
+    ftp = os.path.join(docs, FT_JSON)
+    if os.path.exists(ftp):
+        with open(ftp) as f:
+            db = dict(db, finetune_study=json.load(f))
     recs = db["records"]
     lengths = sorted({r["L"] for r in recs.values()})
     methods = [m for m in ALL_METHODS if any(r["method"] == m for r in recs.values())]
@@ -490,10 +493,28 @@ def plot(db, lengths, methods, get, docs):
     plt.close(fig)
 
 
+def save(jpath, db, out_dir, new_keys):
+    """Merge this run's new records into the json on disk (another run may have written it
+    since we read it), write it, regenerate the report; returns the merged db."""
+    disk = {"records": {}}
+    if os.path.exists(jpath):
+        with open(jpath) as f:
+            disk = json.load(f)
+    for k in new_keys:
+        disk["records"][k] = db["records"][k]
+    disk["settings"] = db["settings"]
+    tmp = jpath + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(disk, f, indent=1)
+    os.replace(tmp, jpath)
+    write_report(disk, out_dir)
+    return disk
+
+
 # ----------------------------------------------------------------------------- main
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--lengths", type=int, nargs="*", default=[2048, 4096, 8192])
     p.add_argument("--methods", nargs="+", default=["dense", "window", "window-sink", "sparsek", "exact", "exact-topk"],
                    choices=ALL_METHODS)
     p.add_argument("--windows", type=int, default=1, help="non-overlapping windows per length")
@@ -579,6 +600,7 @@ def main():
     commit, mach = git_commit(), machine()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     failures = []
+    new_keys = []
     for L in a.lengths:
         for m in a.methods:
             if m == "exact-topk" and L > a.exact_topk_max:
@@ -587,26 +609,24 @@ def main():
             rec = evaluate(model, eval_tokens, m, L, a.windows, tail_from, log)
             rec.update(method=m, L=L, commit=commit, machine=mach, date=date)
             db["records"][f"{m}@{L}"] = rec
+            new_keys.append(f"{m}@{L}")
             if m in ("exact", "exact-topk") and f"dense@{L}" in db["records"]:
                 d = db["records"][f"dense@{L}"]["ppl"]
                 rel = abs(rec["ppl"] - d) / d
                 log(f"    {m} vs dense: relative ppl difference {rel:.2e}")
                 if rel > a.exact_tol:
                     failures.append(f"{m}@{L}: rel diff {rel:.2e} > {a.exact_tol}")
-            with open(jpath, "w") as f:
-                json.dump(db, f, indent=1)
-            write_report(db, out_dir)
+            db = save(jpath, db, out_dir, new_keys)
     if a.finetune:
         if not finetune_available():
             log("  --finetune: scripts/finetune_scorers.py (hf branch) is not here; skipped")
         else:
-            db["finetune_study"] = run_finetune_study(
-                a, model, tok, tokens, eval_tokens, log,
-                dict(commit=commit, machine=mach, date=date))
-            with open(jpath, "w") as f:
-                json.dump(db, f, indent=1)
+            study = run_finetune_study(a, model, tok, tokens, eval_tokens, log,
+                                       dict(commit=commit, machine=mach, date=date))
+            with open(os.path.join(out_dir, FT_JSON), "w") as f:
+                json.dump(study, f, indent=1)
             write_report(db, out_dir)
-    log(f"done in {time.time() - t0:.1f}s; wrote docs/quality.md, docs/quality.png, docs/quality.json")
+    log(f"done in {time.time() - t0:.1f}s; wrote quality.md, quality.png, quality.json in {out_dir}")
     assert not failures, "exact mode does not reproduce dense: " + "; ".join(failures)
 
 
