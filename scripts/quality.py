@@ -417,8 +417,13 @@ def summary(db, lengths, get):
             r = get(m, L)
             if r and r.get("ppl_tail"):
                 parts.append(f"{m} {r['ppl_tail']:.3f} ({pct(r['ppl_tail'], d['ppl_tail'])} vs dense; "
-                             f"SparseK is {pct(sk['ppl_tail'], r['ppl_tail'])} vs it)")
+                             f"SparseK {pct(sk['ppl_tail'], r['ppl_tail'])} relative to {m})")
         out.append(f"- L={L}, tail perplexity: " + "; ".join(parts) + ".")
+    for L in lengths:
+        if get("dense", L) and not get("sparsek", L):
+            out.append(f"- L={L}: SparseK was not measured (CPU time: the operator's PyTorch CPU "
+                       "path is far slower than SDPA, see the Runs table for the cost at shorter "
+                       "lengths); only the methods listed for this length ran.")
     if not out:
         out.append("- (no length with dense and SparseK results yet)")
     out.append(
