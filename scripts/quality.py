@@ -429,8 +429,9 @@ def summary(db, lengths, get):
     out.append(
         "- The SparseK rows use a *training-free* scorer (`MeanQueryScorer`, the default of "
         "`sparsify`) on a model that never saw gated attention. The paper's setting is a scorer "
-        "trained (fine-tuned) end to end through the SparseK mask; these numbers are therefore a "
-        "lower bound on what SparseK can do at this budget, not a reproduction of the paper."
+        "trained (fine-tuned) end to end through the SparseK mask; these numbers show what the "
+        "operator gives an unchanged model today, not what a trained scorer reaches, and are "
+        "not a reproduction of the paper."
     )
     out.append(
         "- A pure sliding window drops the first tokens, which this model uses as attention "
