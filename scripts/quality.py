@@ -448,7 +448,8 @@ def summary(db, lengths, get):
         r = ft["records"]
         out.append(
             f"- Scorer fine-tuning (side study, different budget, see its table): tail perplexity "
-            f"dense {r['dense']['ppl_tail']:.3f}, scorers at init {r['hf-init']['ppl_tail']:.3f}, "
+            f"dense {r['dense']['ppl_tail']:.3f}, scorers at init {r['hf-init']['ppl_tail']:.3f} (the "
+            f"hf scorers start as a plain sliding window with no sink keys, hence close to `window`), "
             f"after {ft['settings'].split(' steps')[0].split('for ')[-1]} CPU steps "
             f"{r['hf-finetuned']['ppl_tail']:.3f}, training-free scorer {r['sparsek']['ppl_tail']:.3f}, "
             f"window-sink {r['window-sink']['ppl_tail']:.3f}. This is a smoke-scale CPU run, not the "
@@ -631,6 +632,9 @@ def main():
                                        dict(commit=commit, machine=mach, date=date))
             with open(os.path.join(out_dir, FT_JSON), "w") as f:
                 json.dump(study, f, indent=1)
+            if os.path.exists(jpath):  # other runs may have added records meanwhile
+                with open(jpath) as f:
+                    db = json.load(f)
             write_report(db, out_dir)
     log(f"done in {time.time() - t0:.1f}s; wrote quality.md, quality.png, quality.json in {out_dir}")
     assert not failures, "exact mode does not reproduce dense: " + "; ".join(failures)
