@@ -466,7 +466,9 @@ def summary(db, lengths, get):
     out.append(
         "- All numbers are from CPU runs (PyTorch path of the operator, fp32); one window per "
         "length unless the Runs table says otherwise, so they carry the noise of a few thousand "
-        "tokens of one text (Python documentation prose), not a benchmark suite."
+        "tokens of one text (Python documentation prose), not a benchmark suite. The `seconds` "
+        "columns are wall time on 2 CPU cores shared with other jobs (load up to ~12): they say "
+        "what the runs cost here, not how fast any method is."
     )
     return out
 
