@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--init-slope", type=float, default=0.5)
+    p.add_argument("--sinks", type=int, default=4,
+                   help="attention sinks: first real tokens always selected (they use topk slots)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
@@ -117,7 +119,8 @@ def main(argv=None):
     else:
         dtype = getattr(torch, args.dtype)
     model, tok = load_model(args, dtype, device)
-    sk_hf.add_scorers(model, topk=args.topk, window=args.window, init_slope=args.init_slope)
+    sk_hf.add_scorers(model, topk=args.topk, window=args.window, init_slope=args.init_slope,
+                       sinks=args.sinks)
     for p in model.parameters():
         p.requires_grad_(False)
     scorer_params = sk_hf.scorer_parameters(model)

@@ -98,24 +98,175 @@ def test_unsupported_mask_pattern_raises():
         _analyse_mask(m, True, None)
 
 
+def _capped_simplex(pool, k):
+    pool = pool.detach().double()
+    lo, hi = float(pool[pool < 1e5].min()) - 2, float(pool.max())
+    for _ in range(200):
+        tau = (lo + hi) / 2
+        if float((pool - tau).clamp(0, 1).sum()) > k:
+            lo = tau
+        else:
+            hi = tau
+    return (pool - tau).clamp(0, 1)
+
+
 def test_scorer_init_is_sliding_window_with_fractional_boundary():
-    sc = sk_hf.SparseKScorer(2, 8, topk=3, window=2)
+    sc = sk_hf.SparseKScorer(2, 8, topk=3, window=2, sinks=0)
     v = torch.randn(1, 2, 10, 8)
     u = sc(v, torch.arange(10))
     assert u.shape == (1, 10, 2)
     torch.testing.assert_close(u[0, :, 0], 0.5 * torch.arange(10.0))
     # capped-simplex gates of that pool (bisection on tau): the 3 most recent keys get
     # 1, 1, 0.75 and the next one 0.25 (outside the top 3): a sliding window with gradients
-    pool = u[0, :, 0].detach().double()
-    lo, hi = float(pool.min()) - 2, float(pool.max())
-    for _ in range(200):
-        tau = (lo + hi) / 2
-        if float((pool - tau).clamp(0, 1).sum()) > 3:
-            lo = tau
-        else:
-            hi = tau
-    p = (pool - tau).clamp(0, 1)
+    p = _capped_simplex(u[0, :, 0], 3)
     torch.testing.assert_close(p[-4:], torch.tensor([0.25, 0.75, 1.0, 1.0], dtype=torch.float64))
+    # with sinks (default 4): the first 4 keys get gate 1, the recent keys 1, ..., 1, 0.75
+    # over the other topk - 4 slots
+    sc = sk_hf.SparseKScorer(2, 8, topk=7, window=2)
+    assert sc.sinks == 4 and not any("sink" in n for n, _ in sc.named_parameters())
+    u = sc(torch.randn(1, 2, 40, 8), torch.arange(40))
+    torch.testing.assert_close(u[0, 4:, 1], 0.5 * torch.arange(4.0, 40.0))
+    p = _capped_simplex(u[0, :, 1], 7)
+    torch.testing.assert_close(p[:4], torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(p[-4:], torch.tensor([0.25, 0.75, 1.0, 1.0], dtype=torch.float64))
+    assert float(p[4:-4].sum()) == 0
+    # per-sequence positions [B, S]: negative (padding) positions are never sinks
+    u = sc(torch.zeros(2, 2, 6, 8), torch.tensor([[-2, -1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]))
+    assert (u[:, :, 0] > 1e5).tolist() == [[False, False, True, True, True, True],
+                                           [True, True, True, True, False, False]]
+
+
+def _sink_probe():
+    """A stand-in for ``sparsek_scores`` that records the scores the attention function uses."""
+    from xformers_sparsek.hf import attention as hf_att
+
+    seen = []
+    orig = hf_att.sparsek_scores
+
+    def spy(module, value, positions=None, sinks=True):
+        u = orig(module, value, positions, sinks)
+        if u is not None:
+            seen.append(u.detach().clone())
+        return u
+
+    return seen, spy
+
+
+@pytest.mark.parametrize("side", ["none", "left", "right"])
+def test_sinks_are_first_real_tokens_in_attention_function(side, monkeypatch):
+    from xformers_sparsek.hf import attention as hf_att
+
+    m = _sparse_model(topk=6, window=2)  # sinks=4 by default
+    ids = _ids(2, 21)
+    lens = [13, 21]
+    am = torch.ones_like(ids)
+    if side != "none":
+        am.zero_()
+        for b, n in enumerate(lens):
+            if side == "left":
+                am[b, 21 - n:] = 1
+            else:
+                am[b, :n] = 1
+    seen, spy = _sink_probe()
+    monkeypatch.setattr(hf_att, "sparsek_scores", spy)
+    with torch.no_grad():
+        batched = m(ids, attention_mask=am).logits if side != "none" else m(ids).logits
+    assert len(seen) == 2
+    for u in seen:
+        for b in range(2):
+            real = am[b].bool()
+            sink = (u[b, :, 0] > 1e5)
+            first = real.nonzero()[:4, 0]
+            assert sink.nonzero()[:, 0].tolist() == first.tolist()
+    # gate 1 for the sinks: the padded batch equals each sequence alone, and a late query's
+    # selected keys include the 4 sinks (checked through the capped simplex of its pool)
+    monkeypatch.undo()
+    with torch.no_grad():
+        for b, n in enumerate(lens):
+            real = am[b].bool()
+            alone = m(ids[b:b + 1, real]).logits[0]
+            torch.testing.assert_close(batched[b, real], alone, atol=2e-5, rtol=2e-5)
+    u = seen[0][1, :, 0]  # full-length row: the pool of the last query is keys 0..18
+    p = _capped_simplex(u[:19], 6)
+    assert p[:4].tolist() == [1.0] * 4
+
+
+def test_sinks_change_the_output_and_can_be_turned_off():
+    m = _sparse_model(topk=6, window=2)
+    ids = _ids(1, 30)
+    with torch.no_grad():
+        with_sinks = m(ids).logits
+        sk_hf.add_scorers(m, topk=6, window=2, sinks=0)
+        without = m(ids).logits
+    assert m.config.sparsek["sinks"] == 0
+    assert (with_sinks - without).abs().max() > 1e-4
+
+
+def test_sparse_cache_sinks_are_first_real_tokens(monkeypatch):
+    """The cache path scores the first 4 real tokens of each sequence as sinks (left padding,
+    prompt then decode steps) and generation still equals the DynamicCache path."""
+    from xformers_sparsek.hf.scorer import SparseKScorer
+
+    m = _sparse_model(topk=5, window=2)
+    ids = _ids(3, 9)
+    am = torch.ones_like(ids)
+    am[0, :4] = 0  # 5 real prompt tokens
+    am[2, :7] = 0  # 2 real prompt tokens: the next 2 generated tokens are sinks too
+    calls = []
+    orig = SparseKScorer.forward
+
+    def spy(self, values, positions, sinks=True):
+        calls.append(torch.as_tensor(positions).clone())
+        return orig(self, values, positions, sinks)
+
+    steps = 12
+    with torch.no_grad():
+        ref = m.generate(ids, attention_mask=am, max_new_tokens=steps, do_sample=False)
+        monkeypatch.setattr(SparseKScorer, "forward", spy)
+        cache = sk_hf.SparseKHFCache(m.config)
+        out = m.generate(ids, attention_mask=am, max_new_tokens=steps, do_sample=False, past_key_values=cache)
+    assert torch.equal(ref, out)
+    # layer 0's calls: the prompt, then one token per step
+    layer0 = calls[::2]
+    prompt = layer0[0]
+    real = am.bool()
+    for b in range(3):
+        assert prompt[b, real[b]].tolist() == list(range(int(real[b].sum())))
+    for t, pos in enumerate(layer0[1:]):
+        assert pos[:, 0].tolist() == [5 + t, 9 + t, 2 + t]
+    # and the sinks have gate 1 in the cache: every layer keeps them in its top set
+    for layer in cache.layers:
+        top_pos = layer.sparse.top_pos  # positions of the top set
+        for b in range(3):
+            for g in range(top_pos.shape[1]):
+                assert {0, 1, 2, 3} <= set(top_pos[b, g].tolist()), (b, g, top_pos[b, g])
+
+
+def test_old_config_without_sinks_loads_as_saved(tmp_path):
+    m = _model("llama")
+    sk_hf.add_scorers(m, topk=3, window=2, sinks=0)
+    with torch.no_grad():
+        for p in sk_hf.scorer_parameters(m):
+            p.add_(torch.randn_like(p) * 0.1)
+    ids = _ids(1, 20)
+    with torch.no_grad():
+        before = m(ids).logits
+    cfg = dict(m.config.sparsek)
+    del cfg["sinks"], cfg["sink_bonus"]  # what add_scorers wrote before sinks existed
+    m.config.sparsek = cfg
+    m.save_pretrained(tmp_path / "old")
+    m2 = sk_hf.from_pretrained(str(tmp_path / "old"), dtype=torch.float32).eval()
+    assert m2.config.sparsek["sinks"] == 0
+    assert all(mod.sinks == 0 for mod in m2.modules() if isinstance(mod, sk_hf.SparseKScorer))
+    with torch.no_grad():
+        torch.testing.assert_close(m2(ids).logits, before, atol=0, rtol=0)
+    # sinks round-trip, and from_pretrained(sinks=) overrides
+    m3 = sk_hf.from_pretrained(str(tmp_path / "old"), sinks=2)
+    assert m3.config.sparsek["sinks"] == 2
+    m3.save_pretrained(tmp_path / "new")
+    m4 = sk_hf.from_pretrained(str(tmp_path / "new"))
+    assert m4.config.sparsek["sinks"] == 2
+    assert all(mod.sinks == 2 for mod in m4.modules() if isinstance(mod, sk_hf.SparseKScorer))
 
 
 def test_sparse_training_step_gives_scorer_gradients_and_padding_is_finite():
@@ -165,6 +316,7 @@ def test_save_pretrained_round_trip(tmp_path):
     m.save_pretrained(tmp_path / "ckpt")
     m2 = sk_hf.from_pretrained(str(tmp_path / "ckpt"), dtype=torch.float32).eval()
     assert m2.config.sparsek["topk"] == 3 and m2.config.sparsek["window"] == 2
+    assert m2.config.sparsek["sinks"] == 4
     for (n1, p1), (n2, p2) in zip(m.named_parameters(), m2.named_parameters()):
         assert n1 == n2
         torch.testing.assert_close(p1, p2, atol=0, rtol=0)
@@ -179,7 +331,7 @@ def test_save_pretrained_round_trip(tmp_path):
     named = dict((n, p.detach()) for n, p in m3.named_parameters() if "sparsek_scorer" in n)
     assert ps and all(float(p.abs().sum()) == 0 for n, p in named.items() if n.endswith("weight"))
     assert all(bool((p == 0.5).all()) for n, p in named.items() if n.endswith("slope"))
-    assert m3.config.sparsek["topk"] == 4
+    assert m3.config.sparsek["topk"] == 4 and m3.config.sparsek["sinks"] == 4
     # plain checkpoint without topk -> exact attention, no scorers
     m4 = sk_hf.from_pretrained(str(tmp_path / "plain"))
     assert not sk_hf.scorer_parameters(m4) and m4.config._attn_implementation == "sparsek"
@@ -279,7 +431,7 @@ def test_finetune_script_two_steps(tmp_path):
     spec.loader.exec_module(ft)
     res = ft.main([
         "--model", "tiny-random", "--steps", "2", "--seq-len", "40", "--batch-size", "1",
-        "--topk", "4", "--window", "4", "--no-progress", "--output", str(tmp_path / "ft"),
+        "--topk", "6", "--window", "4", "--no-progress", "--output", str(tmp_path / "ft"),
     ])
     assert len(res["losses"]) == 2 and all(torch.isfinite(torch.tensor(res["losses"])))
     assert all(g > 0 for g in res["scorer_grad_norms"])

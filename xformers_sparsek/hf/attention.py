@@ -61,8 +61,9 @@ def _base_varlen(causal: bool, sliding_window: Optional[int], q_lens, k_lens):
 class _Packing:
     """Which queries/keys of a padded batch are real, as one varlen sequence."""
 
-    def __init__(self, q_idx, k_idx, q_lens, k_lens):
+    def __init__(self, q_idx, k_idx, q_lens, k_lens, k_start=None):
         self.q_idx, self.k_idx, self.q_lens, self.k_lens = q_idx, k_idx, q_lens, k_lens
+        self.k_start = k_start  # [B] index of each row's first real key (all rows)
 
 
 # transformers passes the same mask tensor to every layer of a kind in one forward: analyse it
@@ -129,18 +130,29 @@ def _analyse_mask_uncached(mask: torch.Tensor, causal: bool, sliding_window: Opt
     keep = q_cnt > 0  # sequences with no real query produce nothing
     q_idx = (torch.arange(B, device=dev)[:, None] * Q + i[None, :])[q_valid & keep[:, None]]
     k_idx = (torch.arange(B, device=dev)[:, None] * KV + j[None, :])[key_valid & keep[:, None]]
-    return _Packing(q_idx, k_idx, q_cnt[keep].tolist(), k_cnt[keep].tolist())
+    return _Packing(q_idx, k_idx, q_cnt[keep].tolist(), k_cnt[keep].tolist(), k_start)
 
 
-def sparsek_scores(module, value: torch.Tensor, positions: Optional[torch.Tensor] = None):
+def sequence_positions(kv: int, packing: Optional[_Packing], device) -> torch.Tensor:
+    """Each key's position in its own sequence: ``[KV]`` (no padding) or ``[B, KV]`` (key index
+    minus the row's first real key index; negative on left padding, which is never attended)."""
+    j = torch.arange(kv, device=device)
+    if packing is None or packing.k_start is None:
+        return j
+    return j[None, :] - packing.k_start.to(device)[:, None]
+
+
+def sparsek_scores(module, value: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                   sinks: bool = True):
     """Scores ``[B, KV, Hkv]`` of the layer's scorer for value states ``[B, Hkv, KV, Dv]``
-    (None where the layer has no scorer or runs in exact mode)."""
+    (None where the layer has no scorer or runs in exact mode).  ``positions``: per-sequence
+    key positions (default ``arange(KV)``: no padding)."""
     scorer = getattr(module, SCORER_ATTR, None)
     if scorer is None or scorer.topk is None:
         return None
     if positions is None:
         positions = torch.arange(value.shape[2], device=value.device)
-    return scorer(value, positions)
+    return scorer(value, positions, sinks=sinks)
 
 
 def sparsek_attention_forward(
@@ -174,11 +186,15 @@ def sparsek_attention_forward(
     topk = scorer.topk if scorer is not None else None
     window = scorer.window if (scorer is not None and causal) else 0
 
-    scores = sparsek_scores(module, value)  # [B, KV, Hkv] or None
+    packing = _analyse_mask(attention_mask, causal, sw) if attention_mask is not None else None
+    # Sinks (the first real tokens of each sequence) need per-sequence positions.  Not on
+    # sliding-window layers: a sliding-window cache drops the first keys, so the key tensor
+    # does not tell where its sequence starts (see docs/huggingface.md).
+    positions = sequence_positions(KV, packing, key.device)
+    scores = sparsek_scores(module, value, positions, sinks=not sw)  # [B, KV, Hkv] or None
     q = query.transpose(1, 2).unflatten(2, (Hkv, R))  # [B, Q, Hkv, R, D]
     k = key.transpose(1, 2)  # [B, KV, Hkv, D]
     v = value.transpose(1, 2)
-    packing = _analyse_mask(attention_mask, causal, sw) if attention_mask is not None else None
     if packing is None:
         base = _base_dense(causal, sw)
     elif packing.q_idx.numel() == 0:  # every row is padding

@@ -130,13 +130,16 @@ class SparseKCacheLayer(CacheLayerMixin):
             valid = torch.zeros(B * M, dtype=torch.bool, device=query.device)
             valid[packing.q_idx] = True
             valid = valid.view(B, M)
-        # Positions: the step's index in the (padded) batch sequence.  Within a sequence they
-        # differ from its own token count by a constant (its left padding), which the
-        # capped-simplex selection ignores; same positions as the DynamicCache path.
-        start = self.cumulative_length - M
-        positions = torch.arange(start, start + M, device=key.device)
+        # Positions in each sequence (sinks are its first real tokens): the tokens of that
+        # sequence already in the cache plus the running index among its valid new tokens
+        # (padding gets a position too, but is never stored).
+        seen = self.sparse.lens.to(key.device)[:, None]  # [B, 1], before this step
+        if valid is None:
+            positions = seen + torch.arange(M, device=key.device)[None, :]
+        else:
+            positions = seen + valid.long().cumsum(1) - 1
         with torch.no_grad():
-            scores = scorer(value, positions)  # [B, M, Hkv]
+            scores = scorer(value, positions, sinks=not sw)  # [B, M, Hkv]
         q = query.transpose(1, 2).unflatten(2, (Hkv, R))  # [B, M, Hkv, R, D]
         out = self.sparse.update_and_attend(
             q, key.transpose(1, 2), value.transpose(1, 2), scores, scale=scaling, valid=valid

@@ -46,6 +46,8 @@ def add_scorers(
     window: int = 0,
     *,
     init_slope: float = 0.5,
+    sinks: int = 4,
+    sink_bonus: float = 1e6,
     layers: Optional[Iterable[int]] = None,
     set_attn_implementation: bool = True,
 ) -> nn.Module:
@@ -56,7 +58,9 @@ def add_scorers(
     written to ``model.config.sparsek`` so ``save_pretrained`` / :func:`from_pretrained`
     round-trip them; scorer weights are ordinary parameters (``...self_attn.sparsek_scorer.*``)
     in the safetensors checkpoint.  Layers that already have a scorer keep its weights (only
-    topk/window are updated).  Returns the model.
+    topk/window/sinks/sink_bonus are updated).  ``sinks``: the first ``sinks`` real tokens of
+    each sequence are always selected with gate 1 (attention sinks; constant bonus
+    ``sink_bonus``, not learned; not applied on sliding-window layers).  Returns the model.
     """
     from . import register
 
@@ -65,6 +69,8 @@ def add_scorers(
         raise ValueError(f"add_scorers: topk must be an int >= 1 or None, got {topk!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 0:
         raise ValueError(f"add_scorers: window must be an int >= 0, got {window!r}")
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"add_scorers: sinks must be an int >= 0, got {sinks!r}")
     mods = attention_modules(model)
     if not mods:
         raise ValueError("add_scorers: no attention modules (with v_proj/value and head_dim) found")
@@ -75,14 +81,18 @@ def add_scorers(
         old = getattr(m, SCORER_ATTR, None)
         if old is not None:
             old.topk, old.window = topk, window
+            old.sinks, old.sink_bonus = sinks, float(sink_bonus)
             continue
         vp, hd = _value_proj_and_head_dim(m)
-        scorer = SparseKScorer(vp.out_features // hd, hd, topk, window, init_slope)
+        scorer = SparseKScorer(vp.out_features // hd, hd, topk, window, init_slope,
+                               sinks=sinks, sink_bonus=sink_bonus)
         setattr(m, SCORER_ATTR, scorer.to(device=vp.weight.device))
     model.config.sparsek = {
         "topk": topk,
         "window": window,
         "init_slope": init_slope,
+        "sinks": sinks,
+        "sink_bonus": float(sink_bonus),
         "layers": None if wanted is None else sorted(wanted),
     }
     if set_attn_implementation:
@@ -142,6 +152,7 @@ def from_pretrained(
     *args,
     topk: Optional[int] = None,
     window: Optional[int] = None,
+    sinks: Optional[int] = None,
     model_class=None,
     **kwargs,
 ):
@@ -149,8 +160,10 @@ def from_pretrained(
 
     A checkpoint saved after :func:`add_scorers` gets its scorers back (settings from
     ``config.sparsek``, weights from the safetensors files); a plain checkpoint gets fresh
-    scorers if ``topk`` is given, else runs exact attention.  ``topk`` / ``window`` override
-    the saved settings.
+    scorers if ``topk`` is given, else runs exact attention.  ``topk`` / ``window`` / ``sinks``
+    override the saved settings.  A saved ``config.sparsek`` without ``sinks`` (saved before
+    sinks existed) loads with ``sinks=0``, reproducing the saved model; fresh scorers on a plain
+    checkpoint get ``sinks=4`` (the ``add_scorers`` default).
     """
     from . import register
 
@@ -175,6 +188,8 @@ def from_pretrained(
         settings["topk"] = topk
     if window is not None:
         settings["window"] = window
+    if sinks is not None:
+        settings["sinks"] = sinks
     if not settings or ("topk" not in settings):
         return model
     add_scorers(
@@ -182,6 +197,8 @@ def from_pretrained(
         settings.get("topk"),
         settings.get("window", 0) or 0,
         init_slope=settings.get("init_slope", 0.5),
+        sinks=settings.get("sinks", 0 if isinstance(saved, dict) else 4),
+        sink_bonus=settings.get("sink_bonus", 1e6),
         layers=settings.get("layers"),
     )
     if saved and os.path.isdir(str(path)):
