@@ -32,6 +32,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .mask import check_int
+
 NEG_INF = float("-inf")
 POS_INF = float("inf")
 
@@ -136,19 +138,15 @@ class SparseKCache:
         dtype: torch.dtype = torch.float32,
         device="cpu",
     ) -> None:
-        def pos_int(name, x, lo):
-            if isinstance(x, bool) or not isinstance(x, int) or x < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {x!r}")
-
-        pos_int("batch", batch, 1)
-        pos_int("kv_heads", kv_heads, 1)
-        pos_int("head_dim", head_dim, 1)
-        pos_int("topk", topk, 1)
-        pos_int("window", window, 0)
+        check_int("batch", batch, 1)
+        check_int("kv_heads", kv_heads, 1)
+        check_int("head_dim", head_dim, 1)
+        check_int("topk", topk, 1)
+        check_int("window", window, 0)
         value_dim = head_dim if value_dim is None else value_dim
-        pos_int("value_dim", value_dim, 1)
+        check_int("value_dim", value_dim, 1)
         capacity = 4 * topk if capacity is None else capacity
-        pos_int("capacity", capacity, 1)
+        check_int("capacity", capacity, 1)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.batch, self.kv_heads, self.head_dim, self.value_dim = batch, kv_heads, head_dim, value_dim

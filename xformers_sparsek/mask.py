@@ -12,6 +12,18 @@ def _bias_names() -> str:
     return ", ".join(t.__name__ if t is not type(None) else "None" for t in SUPPORTED_BASE_BIASES)
 
 
+def check_int(name: str, value, lo: int, where: str = "", or_none: bool = False,
+              hint: str = "") -> None:
+    """Raise ``ValueError`` unless ``value`` is an int (not a bool) >= ``lo`` (or None when
+    ``or_none``).  The message names the argument; ``where`` prefixes it (e.g.
+    "add_scorers: ") and ``hint`` follows the bound."""
+    if or_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        alt = " or None" if or_none else hint
+        raise ValueError(f"{where}{name} must be an int >= {lo}{alt}, got {value!r}")
+
+
 def check_topk_window_base(topk, window, base) -> None:
     """Argument checks shared by SparseKMask and sparsek_attention (raise on bad input)."""
     if type(base) not in SUPPORTED_BASE_BIASES:
@@ -19,10 +31,8 @@ def check_topk_window_base(topk, window, base) -> None:
             f"base/attn_bias: unsupported bias type {type(base).__name__}; "
             f"supported: {_bias_names()}"
         )
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(f"window must be an int >= 0, got {window!r}")
+    check_int("topk", topk, 1)
+    check_int("window", window, 0)
     if window > 0 and not is_causal(base):
         raise ValueError(
             f"window={window} needs a causal base mask (a sliding window is defined by "

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from ._layout import SUPPORTED_BASE_BIASES, is_causal
-from .mask import SparseKMask
+from .mask import SparseKMask, check_int
 from .scorers import mean_query_scorer
 
 _UNSET = object()
@@ -55,12 +55,8 @@ class SparsifyConfig:
     noncausal: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
-            raise ValueError(
-                f"sparsify: topk must be an int >= 1 (or None = off), got {self.topk!r}"
-            )
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
-            raise ValueError(f"sparsify: window must be an int >= 0, got {self.window!r}")
+        check_int("topk", self.topk, 1, "sparsify: ", hint=" (or None = off)")
+        check_int("window", self.window, 0, "sparsify: ")
         if self.scorer is not None and not callable(self.scorer):
             raise ValueError(
                 "sparsify: scorer must be a callable scorer(q, k, v, attn_bias) -> scores, "

@@ -7,6 +7,7 @@ from typing import Iterable, List, Optional
 
 from torch import nn
 
+from ..mask import check_int
 from .attention import NAME, SCORER_ATTR
 from .scorer import SparseKScorer
 
@@ -65,12 +66,9 @@ def add_scorers(
     from . import register
 
     register()
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
-        raise ValueError(f"add_scorers: topk must be an int >= 1 or None, got {topk!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-        raise ValueError(f"add_scorers: window must be an int >= 0, got {window!r}")
-    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-        raise ValueError(f"add_scorers: sinks must be an int >= 0, got {sinks!r}")
+    check_int("topk", topk, 1, "add_scorers: ", or_none=True)
+    check_int("window", window, 0, "add_scorers: ")
+    check_int("sinks", sinks, 0, "add_scorers: ")
     mods = attention_modules(model)
     if not mods:
         raise ValueError("add_scorers: no attention modules (with v_proj/value and head_dim) found")

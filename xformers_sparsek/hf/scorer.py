@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..mask import check_int
+
 
 class SparseKScorer(nn.Module):
     """Linear score of each key's value state plus a position slope, one per KV head.
@@ -70,8 +72,7 @@ class SparseKScorer(nn.Module):
         self.topk = topk
         self.window = int(window)
         self.init_slope = float(init_slope)
-        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-            raise ValueError(f"SparseKScorer: sinks must be an int >= 0, got {sinks!r}")
+        check_int("sinks", sinks, 0, "SparseKScorer: ")
         self.sinks = sinks
         self.sink_bonus = float(sink_bonus)
         self.weight = nn.Parameter(torch.zeros(num_kv_heads, head_dim))
