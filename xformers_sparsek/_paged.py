@@ -29,6 +29,14 @@ def is_paged(base) -> bool:
     return type(base) in PAGED_BIASES
 
 
+def check_forward_only(base, tensors) -> None:
+    """Raise when autograd would need gradients through a paged bias (forward only)."""
+    if is_paged(base) and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors
+    ):
+        raise ValueError(FORWARD_ONLY.format(type(base).__name__))
+
+
 def paged_problems(base, B: int, Mq: int, Mk: int) -> List[str]:
     """Reasons (argument named) why a paged bias does not fit these shapes."""
     r: List[str] = []

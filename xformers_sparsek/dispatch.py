@@ -25,7 +25,7 @@ import textwrap
 import torch
 from xformers.ops import fmha
 
-from ._paged import FORWARD_ONLY, is_paged
+from ._paged import check_forward_only
 from .mask import SparseKMask
 from .ops import BwOp, FwOp
 from .sparsify import active_sparsify
@@ -70,6 +70,14 @@ def _dispatch_bw(inp, varlen_lse_packed):
         raise e
 
 
+def _runs_on_sparsek(inp, op) -> bool:
+    """SparseKMask inputs run on SparseKOp unless another op is forced; plain biases only
+    when SparseKOp is asked for explicitly."""
+    if isinstance(inp.attn_bias, SparseKMask):
+        return op is None or op[0] is FwOp
+    return op is not None and op[0] is FwOp
+
+
 def _needs_functional_path(inp, op) -> bool:
     """Cases xFormers' autograd function can't serve but sparsek_attention can: score
     gradients, and any backward of 5-D (BMGHK) inputs (xFormers' backward reshapes the
@@ -78,13 +86,10 @@ def _needs_functional_path(inp, op) -> bool:
         return False
     if inp.output_dtype not in (None, inp.query.dtype):
         return False
+    if not _runs_on_sparsek(inp, op):
+        return False
     b = inp.attn_bias
     ours = isinstance(b, SparseKMask)
-    # SparseKMask inputs run on SparseKOp unless another op is forced; plain biases only
-    # when SparseKOp is asked for explicitly.
-    uses_sparsek = (op is None or op[0] is FwOp) if ours else (op is not None and op[0] is FwOp)
-    if not uses_sparsek:
-        return False
     qkv_grad = any(t.requires_grad for t in (inp.query, inp.key, inp.value))
     return (ours and b.scores.requires_grad) or (inp.query.ndim == 5 and qkv_grad)
 
@@ -113,16 +118,13 @@ def _check_paged_grad(inp, op) -> None:
     """Paged biases are forward-only (as in xFormers' own paged ops): fail at the forward,
     not at the backward, when an autograd call on SparseKOp would need gradients.  The
     lower-level ``memory_efficient_attention_forward_requires_grad`` still returns the lse."""
+    if not _runs_on_sparsek(inp, op):
+        return
     b = inp.attn_bias
-    ours = isinstance(b, SparseKMask)
-    base = b.base if ours else b
-    if not is_paged(base) or not torch.is_grad_enabled():
-        return
-    if not (ours and (op is None or op[0] is FwOp)) and not (op is not None and op[0] is FwOp):
-        return
-    tensors = (inp.query, inp.key, inp.value) + ((b.scores,) if ours else ())
-    if any(t.requires_grad for t in tensors):
-        raise ValueError(FORWARD_ONLY.format(type(base).__name__))
+    if isinstance(b, SparseKMask):
+        check_forward_only(b.base, (inp.query, inp.key, inp.value, b.scores))
+    else:
+        check_forward_only(b, (inp.query, inp.key, inp.value))
 
 
 def _memory_efficient_attention(inp, op=None):

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import _attention, _backend
 from ._layout import QueryLayout
-from ._paged import FORWARD_ONLY, is_paged
+from ._paged import check_forward_only
 from ._problem import input_problems, make_problem
 from ._selection import Selection
 from .mask import check_topk_window_base
@@ -155,10 +155,7 @@ def sparsek_attention(
     reasons = input_problems(q, k, v, scores, attn_bias)
     if reasons:
         raise ValueError("sparsek_attention: " + "; ".join(reasons))
-    if is_paged(attn_bias) and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, scores)
-    ):
-        raise ValueError(FORWARD_ONLY.format(type(attn_bias).__name__))
+    check_forward_only(attn_bias, (q, k, v, scores))
     prob = make_problem(q, k, v, scores, attn_bias, topk, window, scale)
     out_c, lse_c = run_problem(prob, window)[:2]
     out = prob.out_to_input(out_c)
