@@ -242,15 +242,22 @@ def test_sparse_cache_sinks_are_first_real_tokens(monkeypatch):
                 assert {0, 1, 2, 3} <= set(top_pos[b, g].tolist()), (b, g, top_pos[b, g])
 
 
-def test_old_config_without_sinks_loads_as_saved(tmp_path):
+def _model_with_moved_scorers(**add_kw):
+    """A tiny Llama whose scorers (topk=3, window=2) moved off their init; an input and
+    its logits before any save/load."""
     m = _model("llama")
-    sk_hf.add_scorers(m, topk=3, window=2, sinks=0)
+    sk_hf.add_scorers(m, topk=3, window=2, **add_kw)
     with torch.no_grad():
         for p in sk_hf.scorer_parameters(m):
             p.add_(torch.randn_like(p) * 0.1)
     ids = _ids(1, 20)
     with torch.no_grad():
         before = m(ids).logits
+    return m, ids, before
+
+
+def test_old_config_without_sinks_loads_as_saved(tmp_path):
+    m, ids, before = _model_with_moved_scorers(sinks=0)
     cfg = dict(m.config.sparsek)
     del cfg["sinks"], cfg["sink_bonus"]  # what add_scorers wrote before sinks existed
     m.config.sparsek = cfg
@@ -305,14 +312,7 @@ def test_sparse_differs_from_dense_and_large_topk_is_exact():
 
 
 def test_save_pretrained_round_trip(tmp_path):
-    m = _model("llama")
-    sk_hf.add_scorers(m, topk=3, window=2, init_slope=0.75)
-    with torch.no_grad():
-        for p in sk_hf.scorer_parameters(m):
-            p.add_(torch.randn_like(p) * 0.1)
-    ids = _ids(1, 20)
-    with torch.no_grad():
-        before = m(ids).logits
+    m, ids, before = _model_with_moved_scorers(init_slope=0.75)
     m.save_pretrained(tmp_path / "ckpt")
     m2 = sk_hf.from_pretrained(str(tmp_path / "ckpt"), dtype=torch.float32).eval()
     assert m2.config.sparsek["topk"] == 3 and m2.config.sparsek["window"] == 2
