@@ -39,6 +39,23 @@ def sdpa_ms(backend, q, k, v, causal, gqa, backward, iters):
         return float("nan")
 
 
+def sm80_kernel_ms(fn, iters):
+    """On Hopper, the same call with the mma.sync forward kernel forced (the launcher reads
+    XFORMERS_SPARSEK_FWD per call): the old kernel measured beside the new one.  None
+    elsewhere."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        return None
+    old = os.environ.get("XFORMERS_SPARSEK_FWD")
+    os.environ["XFORMERS_SPARSEK_FWD"] = "sm80"
+    try:
+        return median_ms(fn, iters)
+    finally:
+        if old is None:
+            del os.environ["XFORMERS_SPARSEK_FWD"]
+        else:
+            os.environ["XFORMERS_SPARSEK_FWD"] = old
+
+
 def attended_pairs(layout, topk, heads):
     pool = layout.pool_size
     sel = pool if topk is None else torch.clamp(pool, max=topk)
@@ -54,11 +71,17 @@ def seed_config(iters):
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     heads = B * H
     rows = []
-    t_exact = median_ms(lambda: xs.sparsek_attention(q, k, v, None, None), iters)
-    t_sparse = median_ms(lambda: xs.sparsek_attention(q, k, v, sc, 128), iters)
+    exact = lambda: xs.sparsek_attention(q, k, v, None, None)  # noqa: E731
+    sparse = lambda: xs.sparsek_attention(q, k, v, sc, 128)  # noqa: E731
+    t_exact = median_ms(exact, iters)
+    t_sparse = median_ms(sparse, iters)
     t_cudnn = sdpa_ms(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, False, False, False, iters)
     t_flash = sdpa_ms(SDPBackend.FLASH_ATTENTION, qt, kt, vt, False, False, False, iters)
-    for mode, t in (("exact", t_exact), ("sparse topk=128", t_sparse)):
+    timed = [("exact", t_exact), ("sparse topk=128", t_sparse)]
+    t80 = sm80_kernel_ms(exact, iters)
+    if t80 is not None:
+        timed += [("exact, mma.sync fwd", t80), ("sparse, mma.sync fwd", sm80_kernel_ms(sparse, iters))]
+    for mode, t in timed:
         rows.append(dict(config="seed", mode=mode, S=S, ms=t, us_per_head=1e3 * t / heads,
                          cudnn_ms=t_cudnn, flash_ms=t_flash,
                          speedup_cudnn=t_cudnn / t, speedup_flash=t_flash / t))
@@ -93,6 +116,11 @@ def long_config(S, backward, iters):
                attended_tflops=4 * pairs * D / t_fwd / 1e9,
                cudnn_tflops=dense_flops / t_cudnn / 1e9)
     rows = [row]
+    t80 = sm80_kernel_ms(lambda: xs.sparsek_attention(q, ke, ve, se, topk, window, bias), iters)
+    if t80 is not None:
+        rows.append(dict(config=row["config"], mode="fwd, mma.sync fwd", S=S, ms=t80,
+                         cudnn_ms=t_cudnn, flash_ms=t_flash, speedup_cudnn=t_cudnn / t80,
+                         speedup_flash=t_flash / t80, attended_tflops=4 * pairs * D / t80 / 1e9))
     if backward:
         qg, kg, vg, sg = (x.detach().requires_grad_() for x in (q, k, v, sc))
 
@@ -129,7 +157,7 @@ def table(rows):
     return "\n".join(lines)
 
 
-def plot(rows, path):
+def plot(rows, path, device):
     plt = pyplot()
     if plt is None:
         return
@@ -141,7 +169,7 @@ def plot(rows, path):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length")
     ax.set_ylabel("speedup over dense causal SDPA (x)")
-    ax.set_title("SparseK (topk=2048, window=512) vs dense, H100 bf16")
+    ax.set_title(f"SparseK (topk=2048, window=512) vs dense, {device}, bf16", fontsize=9)
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.legend()
     fig.tight_layout()
@@ -166,12 +194,12 @@ def main(argv=None):
         rows += long_config(S, not args.no_bwd and S <= args.bwd_max, args.iters)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        print(table(rows[-2:]), flush=True)
+        print(table([r for r in rows if r["S"] == S]), flush=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     meta = dict(date=stamp, device=dev, commit=commit(args.commit), torch=torch.__version__)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    plot(rows, os.path.join(args.out, "speedup.png"))
+    plot(rows, os.path.join(args.out, "speedup.png"), dev)
     text = (f"\n## {stamp} — {dev}, commit {meta['commit']}, torch {meta['torch']}\n\n"
             + table(rows) + "\n")
     print(text, flush=True)

@@ -5,7 +5,7 @@
 #   OUT=/some/dir SANITIZE=1 bash scripts/gpu_check.sh
 # The full suite alone takes minutes on an H100; to fit a 10-minute device call, pick steps
 # with STEPS (default "build info tests bench decode hf"; "decode" = the decode-C rows,
-# ~1-1.5 min; "hf" = scripts/hf_gpu_check.py) and narrow pytest with PYTEST_ARGS, e.g.
+# ~1-1.5 min; "hf" = scripts/hf_gpu_check.py; "profile" = benchmarks/profile_calls.py) and narrow pytest with PYTEST_ARGS, e.g.
 #   STEPS="build tests" PYTEST_ARGS="-k cuda" bash scripts/gpu_check.sh
 # then, on the same warm machine (the in-place build is git-ignored, so it is kept):
 #   STEPS="bench decode hf" bash scripts/gpu_check.sh
@@ -66,6 +66,9 @@ bench() { python3 benchmarks/bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$
 # DESIGN.md section 5 decode-C rows (SparseKCache vs dense SDPA decoding)
 decode() { python3 benchmarks/bench_decode.py --out "$OUT" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log"; }
 
+# per-call breakdown (kernels vs host work) of the seed config and the 64K forward
+profile() { python3 benchmarks/profile_calls.py --out "$OUT" 2>&1 | tail -n 120 > "$OUT/profile.log"; }
+
 # transformers integration on a random Llama (exact bf16 vs sdpa, training step, generation)
 hf_check() { python3 scripts/hf_gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/hf.log"; }
 
@@ -83,6 +86,7 @@ fi
 if want bench && [ -f benchmarks/bench.py ]; then step "bench" bench; fi
 if want decode; then step "decode bench" decode; fi
 if want hf; then step "hf check" hf_check; fi
+if want profile; then step "profile" profile; fi
 
 failed=0
 {
@@ -98,7 +102,7 @@ for st in "${statuses[@]}"; do [ "$st" = ok ] || failed=1; done
 if [ "${PACK:-1}" = 1 ]; then
   tar czf /tmp/gpu_check_logs.tgz -C "$OUT" . &&
     find "$OUT" -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name results_section.md \
-      ! -name decode_section.md ! -name speedup.png ! -name decode.png -exec rm -rf {} + &&
+      ! -name decode_section.md ! -name speedup.png ! -name decode.png ! -name profile.txt -exec rm -rf {} + &&
     mv /tmp/gpu_check_logs.tgz "$OUT/"
 fi
 exit $failed

@@ -21,6 +21,19 @@ pytestmark = pytest.mark.skipif(
 TOL = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
 
 
+def is_hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.fixture(params=["default", "sm80"])
+def fwd_kernel(request, monkeypatch):
+    """The forward kernel the launcher picks (the wgmma kernel on Hopper) and the mma.sync
+    kernel, forced with XFORMERS_SPARSEK_FWD=sm80 (read by csrc/sparsek/fwd_bf16.cu)."""
+    if request.param == "sm80":
+        monkeypatch.setenv("XFORMERS_SPARSEK_FWD", "sm80")
+    return request.param
+
+
 def rel_err(a, b):
     a, b = a.double(), b.double()
     assert torch.isfinite(a).all()
@@ -69,7 +82,7 @@ def cpu_bias(bias):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("gqa", [True, False])
-def test_cuda_forward_small(case, dtype, D, gqa):
+def test_cuda_forward_small(case, dtype, D, gqa, fwd_kernel):
     make_bias, B, Mq, Mk, window, topk = CASES[case]
     bias = make_bias()
     q, k, v, s = make(B, Mq, Mk, 2, 4 if gqa else 2, D, dtype, gqa, seed=case)
@@ -100,7 +113,7 @@ def test_cuda_wavelet_build_equals_torch():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_exact_mode_matches_sdpa(dtype):
+def test_cuda_exact_mode_matches_sdpa(dtype, fwd_kernel):
     q, k, v, _ = make(2, 333, 333, 2, 4, 128, dtype, gqa=True)
     out = xs.sparsek_attention(q, k, v, None, None, 0, xab.LowerTriangularMask())
     qt = q.flatten(2, 3).transpose(1, 2).float()
@@ -124,7 +137,7 @@ def test_cuda_selection_equals_torch_selection():
 
 
 @pytest.mark.parametrize("window", [0, 64])
-def test_cuda_forward_medium_vs_torch_path(window):
+def test_cuda_forward_medium_vs_torch_path(window, fwd_kernel):
     """4K tokens: CUDA kernels vs the PyTorch path (float32 math) on the same selection."""
     q, k, v, s = make(1, 4096, 4096, 2, 4, 128, torch.bfloat16, gqa=True, seed=3)
     bias = xab.LowerTriangularMask()
@@ -135,12 +148,38 @@ def test_cuda_forward_medium_vs_torch_path(window):
     assert rel_err(out, prob.out_to_input(ref)) <= 1e-2
 
 
-def test_cuda_forward_deterministic():
+def test_cuda_forward_deterministic(fwd_kernel):
     q, k, v, s = make(1, 1000, 1000, 2, 4, 64, torch.float16, seed=5)
     bias = xab.LowerTriangularMask()
     a = xs.sparsek_attention(q, k, v, s, 64, 32, bias)
     b = xs.sparsek_attention(q, k, v, s, 64, 32, bias)
     assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not is_hopper(), reason="the wgmma forward kernel needs an sm_90 GPU")
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("D,dtype,H", [(128, torch.bfloat16, 4), (64, torch.float16, 1),
+                                       (128, torch.float16, 8)])
+def test_cuda_forward_kernels_agree(sparse, D, dtype, H, monkeypatch):
+    """The Hopper (wgmma) and mma.sync forward kernels on the same inputs: outputs and lse
+    agree to accumulation-order rounding, over many key tiles (ring stages wrap) with GQA
+    packing, a window and ragged list lengths."""
+    from xformers.ops import fmha
+
+    q, k, v, s = make(2, 3001, 3001, 2, H, D, dtype, gqa=True, seed=21)
+    base = xab.LowerTriangularMask()
+    bias = xs.SparseKMask(s, topk=300, window=70, base=base) if sparse else base
+
+    def run():
+        out, lse = fmha.memory_efficient_attention_forward_requires_grad(
+            q, k, v, attn_bias=bias, op=xs.SparseKOp[0])
+        return out.float(), lse.float()
+
+    o90, l90 = run()
+    monkeypatch.setenv("XFORMERS_SPARSEK_FWD", "sm80")
+    o80, l80 = run()
+    assert rel_err(o90, o80) <= TOL[dtype] / 4
+    assert (l90 - l80).abs().max().item() <= 1e-3
 
 
 BWD_CASES = [

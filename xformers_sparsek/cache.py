@@ -151,7 +151,8 @@ class SparseKCache:
             raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         self.batch, self.kv_heads, self.head_dim, self.value_dim = batch, kv_heads, head_dim, value_dim
         self.topk, self.window, self.capacity = topk, window, capacity
-        self.dtype, self.device = dtype, torch.device(device)
+        # the device tensors report ("cuda" -> "cuda:0"), so that inputs compare equal to it
+        self.dtype, self.device = dtype, torch.empty(0, device=device).device
         B, G, W, K, C = batch, kv_heads, window, topk, capacity
         kw = dict(device=self.device)
         # K/V of window and top set in one buffer per tensor ([:W] ring, slot = pos % W;

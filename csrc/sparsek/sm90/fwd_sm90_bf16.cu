@@ -1,0 +1,12 @@
+// Hopper forward instantiations for bf16 (head dims 64 and 128).
+#include "fwd_kernel_sm90.cuh"
+
+namespace xsk {
+cudaError_t run_fwd_sm90_bf16(const FwdParams& p, int head_dim, cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return sm90::run_fwd_sm90<__nv_bfloat16, 64>(p, stream);
+    case 128: return sm90::run_fwd_sm90<__nv_bfloat16, 128>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+}  // namespace xsk
