@@ -16,6 +16,7 @@
 //        freely: one's softmax overlaps the other's matrix work.
 // Tiles in shared memory use wgmma's 128-byte swizzle (sw128 in wgmma.cuh).
 #pragma once
+#include <climits>
 #include <cmath>
 
 #include "../tile_common.cuh"
@@ -38,12 +39,89 @@ struct FwdSm90Traits {
   static constexpr size_t kSmem = 1024 /* alignment slack */ + kBM * D * sizeof(T) +
                                   2 * kStages * (size_t)kTileBytes +
                                   kStages * kBN * (2 * sizeof(int) + sizeof(float)) +
+                                  kStages * 4 * sizeof(int4) +
                                   2 * kStages * sizeof(uint64_t);
   static_assert(kSmem <= 227 * 1024, "shared memory");
 };
 
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 static_assert(kProducerRegs + 2 * kConsumerRegs <= 504, "registers the CTA does not have");
+
+// How a consumer scores one key tile.  The rule of fwd_kernel.cuh per (row, key) costs a
+// dozen instructions per element; most tiles need much less, decided once per tile:
+//   kPoolFast:    list tile whose keys every row of the warpgroup selects (all in its pool,
+//                 rank at/above every row's boundary): gate only;
+//   kPoolChecked: other list tiles: the full rule;
+//   kOpen:        contiguous tile inside every row's range: no mask, no gate;
+//   kMasked:      contiguous tile crossing a row's range: bounds only.
+enum class TileMode { kPoolFast, kPoolChecked, kOpen, kMasked };
+
+// Turns the tile's raw scores S (thread's columns 8 i + 2 tq + {0, 1}, rows x = 0 / 1) into
+// base-2 logits s * scale * gate, -inf where the row does not attend; returns the row maxima.
+template <TileMode M, int BN>
+__device__ __forceinline__ void tile_logits(float (&sc)[BN / 2], float (&tile_max)[2],
+                                            const RowInfo (&rows)[2], const int (&lo)[2],
+                                            float scale_log2, const int* idx, const float* u,
+                                            const int* rank, int tq, int nvalid, int key0) {
+#pragma unroll
+  for (int i = 0; i < BN / 8; ++i) {
+    const int e = i * 8 + tq * 2;
+    int2 kj = make_int2(key0 + e, key0 + e + 1), kr = make_int2(0, 0);
+    float2 ku = make_float2(0.f, 0.f);
+    if constexpr (M == TileMode::kPoolFast || M == TileMode::kPoolChecked)
+      ku = *reinterpret_cast<const float2*>(u + e);
+    if constexpr (M == TileMode::kPoolChecked) {
+      kj = *reinterpret_cast<const int2*>(idx + e);
+      kr = *reinterpret_cast<const int2*>(rank + e);
+      if (e >= nvalid) kj.x = -1;
+      if (e + 1 >= nvalid) kj.y = -1;
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int x = c >> 1;
+      const int j = (c & 1) ? kj.y : kj.x;
+      float v;
+      if constexpr (M == TileMode::kOpen) {
+        v = sc[4 * i + c] * scale_log2;
+      } else if constexpr (M == TileMode::kMasked) {
+        v = (j >= lo[x] && j < rows[x].whi) ? sc[4 * i + c] * scale_log2 : -INFINITY;
+      } else {
+        const float gate = __saturatef(((c & 1) ? ku.y : ku.x) - rows[x].tau);
+        v = sc[4 * i + c] * (scale_log2 * gate);
+        if constexpr (M == TileMode::kPoolChecked) {
+          const int r = (c & 1) ? kr.y : kr.x;
+          const bool att = j >= 0 && j >= rows[x].plo && j < rows[x].wlo && r >= rows[x].rb;
+          v = att ? v : -INFINITY;
+        }
+      }
+      sc[4 * i + c] = v;
+      tile_max[x] = fmaxf(tile_max[x], v);
+    }
+  }
+}
+
+// exp2(logit - max), the row sums, and P * gate packed as the register A operand of the
+// P V product (k16 block kc = n8 blocks 2 kc and 2 kc + 1).
+template <typename T, bool kGate, int BN>
+__device__ __forceinline__ void tile_probs(const float (&sc)[BN / 2], uint32_t (&pf)[BN / 16][4],
+                                           float (&row_sum)[2], const float (&mx)[2],
+                                           const RowInfo (&rows)[2], const float* u, int tq) {
+#pragma unroll
+  for (int i = 0; i < BN / 8; ++i) {
+    float2 ku = make_float2(0.f, 0.f);
+    if constexpr (kGate) ku = *reinterpret_cast<const float2*>(u + i * 8 + tq * 2);
+    float pe[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int x = c >> 1;
+      pe[c] = exp2f(sc[4 * i + c] - mx[x]);
+      row_sum[x] += pe[c];
+      if constexpr (kGate) pe[c] *= __saturatef(((c & 1) ? ku.y : ku.x) - rows[x].tau);
+    }
+    pf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(pe[0], pe[1]);
+    pf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
+  }
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
@@ -59,7 +137,8 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
   int* sIdx = reinterpret_cast<int*>(sV + NST * BN * D);  // [NST][BN] list entries
   float* sU = reinterpret_cast<float*>(sIdx + NST * BN);  // [NST][BN] key scores
   int* sRank = reinterpret_cast<int*>(sU + NST * BN);     // [NST][BN] key ranks
-  uint64_t* full = reinterpret_cast<uint64_t*>(sRank + NST * BN);
+  int4* sStat = reinterpret_cast<int4*>(sRank + NST * BN);  // [NST][4 producer warps]
+  uint64_t* full = reinterpret_cast<uint64_t*>(sStat + NST * 4);
   uint64_t* empty = full + NST;
 
   const int tile = blockIdx.x, s = blockIdx.y, rgroup = blockIdx.z;
@@ -69,7 +148,7 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
 
   if (tid == 0) {
     for (int i = 0; i < NST; ++i) {
-      mbar_init(&full[i], 128);  // every producer thread arrives once per fill
+      mbar_init(&full[i], 128);  // every producer thread arrives once per fill, after its copies
       mbar_init(&empty[i], 8);   // every consumer warp arrives once per release
     }
   }
@@ -79,37 +158,66 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
 
   if (warp < 4) {
     // ================================ producer ===========================================
+    // Warp w gathers keys [32 w, 32 w + 32) of each tile: lane l reads key 32 w + l's list
+    // entry, score and rank (coalesced), then every key's K and V rows go out as one warp
+    // instruction per key (D = 128: 32 lanes x 16 bytes = one 256-byte row of K and of V)
+    // with the key index broadcast by a shuffle.  The producer waits for its own copies
+    // before arriving, so it can also publish per-tile key statistics with plain stores.
     setmaxnreg_dec<kProducerRegs>();
-    const T* kbase = static_cast<const T*>(p.k);
-    const T* vbase = static_cast<const T*>(p.v);
+    constexpr int kKeysPerInstr = 32 / (2 * CH);  // 1 (D = 128) or 2 (D = 64)
+    const int part = lane % (2 * CH), sub = lane / (2 * CH);
+    const bool is_v = part >= CH;
+    const int ch = part % CH;
     const int r_kv = rgroup * RP;  // K/V shared by the RP packed heads (stride 0 over R)
+    const T* src = static_cast<const T*>(is_v ? p.v : p.k) +
+                   s * (is_v ? p.v_ss : p.k_ss) + r_kv * (is_v ? p.v_sr : p.k_sr) + ch * 8;
+    const int64_t sn = is_v ? p.v_sn : p.k_sn;
+    const int e = warp * 32 + lane;  // this lane's key within the tile
     for (int t = 0; t < ntiles_k; ++t) {
       const int st = t % NST;
       if (t >= NST) mbar_wait(&empty[st], ((t / NST) - 1) & 1);
-      T* dK = sK + st * BN * D;
-      T* dV = sV + st * BN * D;
-#pragma unroll 4
-      for (int c = tid; c < BN * CH; c += 128) {
-        const int e = c / CH, ch = c % CH;
-        const int j = ks.key(t, e, BN);
+      const bool listed = ks.rule(t) == KeyRule::kPoolSelected;
+      int j = -1, rank = 0;
+      float u = 0.f;
+      if (listed) {
+        const int pos = t * BN + e;
+        if (pos < ks.nA) {
+          j = ks.list[pos];
+          u = p.u[(size_t)s * p.NK + j];
+          rank = p.ranks[(size_t)s * p.NK + j];
+        }
+      } else {
+        j = ks.key(t, e, BN);
+      }
+      T* dst = (is_v ? sV : sK) + st * BN * D;
+#pragma unroll 8
+      for (int i = 0; i < 32 / kKeysPerInstr; ++i) {
+        const int kk = i * kKeysPerInstr + sub;
+        const int jk = __shfl_sync(0xffffffffu, j, kk);
+        cp_async16(dst + sw128(BN, warp * 32 + kk, ch), src + (jk >= 0 ? jk : 0) * sn, jk >= 0);
+      }
+      if (listed) {
+        sIdx[st * BN + e] = j;
+        sU[st * BN + e] = u;
+        sRank[st * BN + e] = rank;
+        // min rank, min and max key index, count of the warp's valid keys
         const bool valid = j >= 0;
-        const int64_t jj = valid ? j : 0;
-        cp_async16(dK + sw128(BN, e, ch),
-                   kbase + jj * p.k_sn + s * p.k_ss + r_kv * p.k_sr + ch * 8, valid);
-        cp_async16(dV + sw128(BN, e, ch),
-                   vbase + jj * p.v_sn + s * p.v_ss + r_kv * p.v_sr + ch * 8, valid);
+        int mn_rank = valid ? rank : 0x7fffffff, mn_j = valid ? j : 0x7fffffff;
+        int mx_j = valid ? j : -1;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          mn_rank = min(mn_rank, __shfl_xor_sync(0xffffffffu, mn_rank, o));
+          mn_j = min(mn_j, __shfl_xor_sync(0xffffffffu, mn_j, o));
+          mx_j = max(mx_j, __shfl_xor_sync(0xffffffffu, mx_j, o));
+        }
+        const int nvalid = __popc(__ballot_sync(0xffffffffu, valid));
+        if (lane == 0) sStat[st * 4 + warp] = make_int4(mn_rank, mn_j, mx_j, nvalid);
       }
-      if (ks.rule(t) == KeyRule::kPoolSelected) {  // list entry, score and rank of key tid
-        const int pos = t * BN + tid;
-        const bool valid = pos < ks.nA;
-        const int j = valid ? ks.list[pos] : 0;
-        cp_async4(sIdx + st * BN + tid, ks.list + (valid ? pos : 0), valid);
-        cp_async4(sU + st * BN + tid, p.u + (size_t)s * p.NK + j, valid);
-        cp_async4(sRank + st * BN + tid, p.ranks + (size_t)s * p.NK + j, valid);
-      }
-      mbar_arrive_on_cp_async(&full[st]);
+      cp_async_commit();  // (wait_group counts committed groups only)
+      cp_async_wait<0>();
+      fence_proxy_async();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
+      mbar_arrive(&full[st]);
     }
-    cp_async_wait<0>();
     return;
   }
 
@@ -126,6 +234,28 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
     rows[x] = load_row(p, s, qi, qi < q1);
   }
 
+  // Bounds over this warpgroup's valid rows (for TileMode::kPoolFast): max boundary rank,
+  // max pool start, min window start.
+  __shared__ int4 s_rowstat[8];
+  {
+    int mx_rb = INT_MIN, mx_plo = INT_MIN, mn_wlo = INT_MAX;
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      if (q0 + row_of(x) / RP < q1) {
+        mx_rb = max(mx_rb, rows[x].rb);
+        mx_plo = max(mx_plo, rows[x].plo);
+        mn_wlo = min(mn_wlo, rows[x].wlo);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      mx_rb = max(mx_rb, __shfl_xor_sync(0xffffffffu, mx_rb, o));
+      mx_plo = max(mx_plo, __shfl_xor_sync(0xffffffffu, mx_plo, o));
+      mn_wlo = min(mn_wlo, __shfl_xor_sync(0xffffffffu, mn_wlo, o));
+    }
+    if (lane == 0) s_rowstat[warp - 4] = make_int4(mx_rb, mx_plo, mn_wlo, 0);
+  }
+
   // Q rows of this consumer -> shared memory (zero rows past the tile).
   {
     const T* qbase = static_cast<const T*>(p.q);
@@ -139,7 +269,15 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
     cp_async_commit();
     cp_async_wait<0>();
     fence_proxy_async();
-    named_barrier(1 + wg, 128);
+    named_barrier(1 + wg, 128);  // also publishes s_rowstat
+  }
+  int wg_rb = INT_MIN, wg_plo = INT_MIN, wg_wlo = INT_MAX;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    const int4 r = s_rowstat[wg * 4 + w];
+    wg_rb = max(wg_rb, r.x);
+    wg_plo = max(wg_plo, r.y);
+    wg_wlo = min(wg_wlo, r.z);
   }
 
   float o[D / 2];
@@ -154,7 +292,6 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
   for (int t = 0; t < ntiles_k; ++t) {
     const int st = t % NST;
     mbar_wait(&full[st], (t / NST) & 1);
-    fence_proxy_async();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
 
     // S = Q K^T
     const T* cK = sK + st * BN * D;
@@ -177,40 +314,39 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
     fence_regs(sc);
     fence_regs(o);
 
-    // Gates, masks and the online softmax (base 2): thread holds rows row_of(0 / 1), columns
-    // 8 i + 2 tq + {0, 1} of each n8 block i.
+    // Gates, masks and the online softmax (base 2).
     const KeyRule rule = ks.rule(t);
-    const bool interior = ks.interior(t, BN);
-    const bool listed = ks.sparse && t < ks.tilesA;
+    const bool listed = rule == KeyRule::kPoolSelected;
+    const int* tIdx = sIdx + st * BN;
+    const float* tU = sU + st * BN;
+    const int* tRank = sRank + st * BN;
     float tile_max[2] = {-INFINITY, -INFINITY};
+    if (listed) {
+      int mn_rank = INT_MAX, mn_j = INT_MAX, mx_j = -1, nvalid = 0;
 #pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-      const int e = i * 8 + tq * 2;
-      int kj[2], kr[2] = {-1, -1};
-      float ku[2] = {0.f, 0.f};
-      if (listed) {
-        const int2 jj = *reinterpret_cast<const int2*>(sIdx + st * BN + e);
-        const float2 uu = *reinterpret_cast<const float2*>(sU + st * BN + e);
-        const int2 rr = *reinterpret_cast<const int2*>(sRank + st * BN + e);
-        const int pos = t * BN + e;
-        kj[0] = pos < ks.nA ? jj.x : -1;
-        kj[1] = pos + 1 < ks.nA ? jj.y : -1;
-        ku[0] = uu.x, ku[1] = uu.y, kr[0] = rr.x, kr[1] = rr.y;
-      } else {
-        kj[0] = ks.key(t, e, BN);
-        kj[1] = ks.key(t, e + 1, BN);
+      for (int w = 0; w < 4; ++w) {
+        const int4 q = sStat[st * 4 + w];
+        mn_rank = min(mn_rank, q.x), mn_j = min(mn_j, q.y), mx_j = max(mx_j, q.z), nvalid += q.w;
       }
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int x = c >> 1;
-        float gate;
-        const bool att = attends(rule, interior, rows[x], kj[c & 1], kr[c & 1], ku[c & 1], gate);
-        const float v = att ? sc[4 * i + c] * (p.scale_log2 * gate) : -INFINITY;
-        sc[4 * i + c] = v;
-        tile_max[x] = fmaxf(tile_max[x], v);
-      }
+      const int lo[2] = {0, 0};
+      if (nvalid == BN && mn_rank >= wg_rb && mn_j >= wg_plo && mx_j < wg_wlo)
+        tile_logits<TileMode::kPoolFast, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
+                                             tRank, tq, nvalid, 0);
+      else
+        tile_logits<TileMode::kPoolChecked, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
+                                                tRank, tq, ks.nA - t * BN, 0);
+    } else {
+      const int key0 = t < ks.tilesA ? ks.a_lo + t * BN : ks.b_lo + (t - ks.tilesA) * BN;
+      const int lo[2] = {rule == KeyRule::kWindow ? rows[0].wlo : rows[0].plo,
+                         rule == KeyRule::kWindow ? rows[1].wlo : rows[1].plo};
+      if (ks.interior(t, BN))
+        tile_logits<TileMode::kOpen, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU, tRank,
+                                         tq, 0, key0);
+      else
+        tile_logits<TileMode::kMasked, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
+                                           tRank, tq, 0, key0);
     }
-    float scale_o[2];
+    float scale_o[2], mx[2];
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
       tile_max[x] = fmaxf(tile_max[x], __shfl_xor_sync(0xffffffffu, tile_max[x], 1));
@@ -219,29 +355,13 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
       scale_o[x] = (new_max == -INFINITY) ? 1.f : exp2f(row_max[x] - new_max);
       row_max[x] = new_max;
       row_sum[x] *= scale_o[x];
+      mx[x] = new_max == -INFINITY ? 0.f : new_max;  // exp2(-inf - 0) = 0, no NaN
     }
-    // P * gate as the register A operand of the P V product (k16 block kc = n8 blocks
-    // 2 kc and 2 kc + 1).
     uint32_t pf[BN / 16][4];
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i) {
-      float gk[2] = {1.f, 1.f};
-      if (rule == KeyRule::kPoolSelected) {
-        const float2 uu = *reinterpret_cast<const float2*>(sU + st * BN + i * 8 + tq * 2);
-        gk[0] = uu.x, gk[1] = uu.y;
-      }
-      float pe[4];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int x = c >> 1;
-        // exp2(-inf - finite) = 0; rows with nothing attended yet use max 0 (no NaN)
-        pe[c] = exp2f(sc[4 * i + c] - (row_max[x] == -INFINITY ? 0.f : row_max[x]));
-        row_sum[x] += pe[c];
-        if (rule == KeyRule::kPoolSelected) pe[c] *= fminf(fmaxf(gk[c & 1] - rows[x].tau, 0.f), 1.f);
-      }
-      pf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(pe[0], pe[1]);
-      pf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
-    }
+    if (listed)
+      tile_probs<T, true, BN>(sc, pf, row_sum, mx, rows, tU, tq);
+    else
+      tile_probs<T, false, BN>(sc, pf, row_sum, mx, rows, tU, tq);
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {
       o[4 * i + 0] *= scale_o[0];
