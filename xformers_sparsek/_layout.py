@@ -14,6 +14,7 @@ new mask type only needs a new entry here.  Within one sequence both ends of bot
 are non-decreasing in the query index; the backward pass relies on that.
 """
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -110,18 +111,42 @@ def segments_of(base, batch: int, mq: int, mk: int) -> List[Segment]:
     return [Segment(b * mq, mq, b * mk, mk) for b in range(batch)]
 
 
+# Layouts of recent calls, keyed by what determines them.  A layout is built on the CPU
+# and copied to the device, and a pageable host-to-device copy waits for the stream: a miss
+# per call would stall the GPU once per call.  Layouts are never modified after creation,
+# so calls share them.
+_LAYOUT_CACHE: "OrderedDict[tuple, QueryLayout]" = OrderedDict()
+_LAYOUT_CACHE_SIZE = 64
+
+
 def build_layout(
     base, batch: int, mq: int, mk: int, window: int, device: torch.device
 ) -> QueryLayout:
     """Per-query pool/window intervals for `base` (a supported xFormers bias or None).
 
     `window` is the SparseK sliding window (0 = none); it is only meaningful on causal bases
-    (the caller validates that).
+    (the caller validates that).  Results are cached (see _LAYOUT_CACHE).
     """
     causal, bottom_right, local = _BIAS_KINDS[type(base)]
     local_window: Optional[int] = base._window_size if local else None
     segments = segments_of(base, batch, mq, mk)
-    nq, nk = batch * mq, batch * mk
+    key = (causal, bottom_right, local_window, window, batch * mq, batch * mk,
+           str(torch.device(device)),
+           tuple((g.q_start, g.q_len, g.k_start, g.k_len) for g in segments))
+    layout = _LAYOUT_CACHE.get(key)
+    if layout is None:
+        layout = _build_layout(causal, bottom_right, local_window, segments, batch * mq,
+                               batch * mk, window, device)
+        _LAYOUT_CACHE[key] = layout
+        if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
+            _LAYOUT_CACHE.popitem(last=False)
+    else:
+        _LAYOUT_CACHE.move_to_end(key)
+    return layout
+
+
+def _build_layout(causal, bottom_right, local_window, segments, nq, nk, window,
+                  device) -> QueryLayout:
     # Vectorised over all queries: each query's segment, position in it, and key extent.
     seg = torch.tensor(
         [[g.q_start, g.q_len, g.k_start, g.k_len] for g in segments], dtype=torch.int64
