@@ -116,6 +116,11 @@ def long_config(S, backward, iters):
                attended_tflops=4 * pairs * D / t_fwd / 1e9,
                cudnn_tflops=dense_flops / t_cudnn / 1e9)
     rows = [row]
+    # exact mode (no SparseKMask: every causal key, the same kernels) against the same anchor
+    t_ex = median_ms(lambda: xs.sparsek_attention(q, ke, ve, None, None, 0, bias), a_iters)
+    rows.append(dict(config=row["config"], mode="exact fwd", S=S, ms=t_ex, cudnn_ms=t_cudnn,
+                     flash_ms=t_flash, speedup_cudnn=t_cudnn / t_ex, speedup_flash=t_flash / t_ex,
+                     attended_tflops=dense_flops / t_ex / 1e9))
     t80 = sm80_kernel_ms(lambda: xs.sparsek_attention(q, ke, ve, se, topk, window, bias), iters)
     if t80 is not None:
         rows.append(dict(config=row["config"], mode="fwd, mma.sync fwd", S=S, ms=t80,

@@ -54,6 +54,32 @@ def main():
     s = torch.randn(1, S, G, 1, device="cuda").expand(1, S, G, Hg)
     bias = xab.LowerTriangularMask()
     report("long-64K fwd", lambda: xs.sparsek_attention(q, k, v, s, 2048, 512, bias), 3, args.out)
+    qg, kg, vg, sg = (x.detach().requires_grad_() for x in (q, k[:, :, :, :1], v[:, :, :, :1],
+                                                            s[:, :, :, :1]))
+
+    def fwd_bwd():
+        o = xs.sparsek_attention(qg, kg.expand(1, S, G, Hg, D), vg.expand(1, S, G, Hg, D),
+                                 sg.expand(1, S, G, Hg), 2048, 512, bias)
+        o.backward(torch.ones_like(o))
+
+    report("long-64K fwd+bwd", fwd_bwd, 2, args.out)
+    del q, k, v, s, qg, kg, vg, sg
+    torch.cuda.empty_cache()
+
+    # one decode step of SparseKCache at 32K context (the decode-C config of bench_decode.py)
+    from xformers_sparsek.cache import SparseKCache
+
+    B, G, Hg, D, ctx = 16, 8, 4, 128, 32768
+    cache = SparseKCache(B, G, D, topk=2048, window=512, dtype=torch.bfloat16, device="cuda")
+    for _ in range(ctx // 4096):
+        kk = torch.randn(B, 4096, G, D, device="cuda", dtype=torch.bfloat16)
+        cache.update_and_attend(torch.randn(B, 4096, G, Hg, D, device="cuda", dtype=torch.bfloat16),
+                                kk, kk, torch.randn(B, 4096, G, device="cuda"))
+    q1 = torch.randn(B, 1, G, Hg, D, device="cuda", dtype=torch.bfloat16)
+    k1 = torch.randn(B, 1, G, D, device="cuda", dtype=torch.bfloat16)
+    u1 = torch.randn(B, 1, G, device="cuda")
+    report("decode step (eager, 32K context)",
+           lambda: cache.update_and_attend(q1, k1, k1, u1), 10, args.out)
 
 
 if __name__ == "__main__":
