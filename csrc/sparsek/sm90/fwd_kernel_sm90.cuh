@@ -2,20 +2,23 @@
 //
 // Same problem split, key streams, per-(row, key) rule and outputs as the mma.sync kernel
 // (../fwd_kernel.cuh: read that first); what changes is how the work is scheduled.
-// One CTA = one query tile (BM = 128 rows: 128 / RP queries x RP packed heads) x one
-// selection head x one head group, 3 warpgroups:
+// Work item = one query tile (BM = 128 rows: 128 / RP queries x RP packed heads) x one
+// selection head x one head group.  Persistent CTAs (one per SM) walk the items; each has
+// 3 warpgroups:
 //   WG0, producer: gathers key tile t (BN = 128 keys of K and V, plus each key's index,
-//        score and rank in sparse mode) with cp.async into stage t % NST of a ring; the
-//        copies of each producer thread arrive on full[stage] when they land.  Before
-//        refilling a stage it waits on empty[stage].
+//        score and rank in sparse mode) with cp.async into stage t % NST of a ring, then
+//        arrives on full[stage]; before refilling a stage it waits on empty[stage].  It runs
+//        ahead into the next item while the consumers finish the current one.
 //   WG1, WG2, consumers: 64 rows each.  Per tile: S = Q K^T (wgmma, both operands in
-//        shared memory), gates, masks and the online softmax in registers, then
-//        O += (P * gate) V (wgmma, P from registers).  A consumer releases a stage once its
-//        P V product has completed; it waits for that only after issuing the next Q K^T,
-//        so the tensor cores run the two back to back.  The two consumers drift apart
-//        freely: one's softmax overlaps the other's matrix work.
+//        shared memory), gates, masks and the online softmax in registers (a per-tile
+//        TileMode picks the cheapest exact rule), then O += (P * gate) V (wgmma, P from
+//        registers).  A consumer releases a stage once its P V product has completed; it
+//        waits for that only after issuing the next Q K^T, so the tensor cores run the two
+//        back to back.  The two consumers drift apart freely: one's softmax overlaps the
+//        other's matrix work.
 // Tiles in shared memory use wgmma's 128-byte swizzle (sw128 in wgmma.cuh).
 #pragma once
+#include <algorithm>
 #include <climits>
 #include <cmath>
 
@@ -123,9 +126,61 @@ __device__ __forceinline__ void tile_probs(const float (&sc)[BN / 2], uint32_t (
   }
 }
 
+// KeyStreams (tile_common.cuh) of one work item, computed by one warp alone (the persistent
+// kernel's warps move between items without block-wide barriers).
+template <int BN>
+__device__ __forceinline__ KeyStreams warp_key_streams(const FwdParams& p, int tile, int s,
+                                                       int q0, int q1, int lane) {
+  int plo = INT_MAX, wlo = INT_MAX, whi = -1, in_lo = -1, in_hi = INT_MAX, pin_lo = -1;
+  for (int i = q0 + lane; i < q1; i += 32) {
+    const int a = (int)p.pool_lo[i], b = (int)p.win_lo[i], c = (int)p.win_hi[i];
+    plo = min(plo, a), wlo = min(wlo, b), whi = max(whi, c);
+    in_lo = max(in_lo, b), in_hi = min(in_hi, c), pin_lo = max(pin_lo, a);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    plo = min(plo, __shfl_xor_sync(0xffffffffu, plo, o));
+    wlo = min(wlo, __shfl_xor_sync(0xffffffffu, wlo, o));
+    whi = max(whi, __shfl_xor_sync(0xffffffffu, whi, o));
+    in_lo = max(in_lo, __shfl_xor_sync(0xffffffffu, in_lo, o));
+    in_hi = min(in_hi, __shfl_xor_sync(0xffffffffu, in_hi, o));
+    pin_lo = max(pin_lo, __shfl_xor_sync(0xffffffffu, pin_lo, o));
+  }
+  KeyStreams ks;
+  ks.sparse = p.u != nullptr;
+  if (ks.sparse) {
+    ks.list = p.lists + ((size_t)s * p.ntiles + tile) * p.cap;
+    ks.nA = p.counts[(size_t)s * p.ntiles + tile];
+    ks.a_lo = 0;
+  } else {
+    ks.list = nullptr;
+    ks.a_lo = plo;
+    ks.nA = max(0, whi - plo);
+  }
+  ks.b_lo = wlo;
+  ks.nB = ks.sparse ? max(0, whi - wlo) : 0;
+  ks.tilesA = (ks.nA + BN - 1) / BN;
+  ks.tilesB = (ks.nB + BN - 1) / BN;
+  ks.in_lo = in_lo;
+  ks.in_hi = in_hi;
+  ks.pin_lo = pin_lo;
+  return ks;
+}
+
+// Work item -> (query tile, selection head, head group); the tile index runs fastest, so
+// the CTAs in flight share the key lists' K/V of one head in L2.
+struct Item {
+  int tile, s, rgroup;
+  __device__ Item(const FwdParams& p, int item)
+      : tile(item % p.ntiles), s((item / p.ntiles) % p.S), rgroup(item / p.ntiles / p.S) {}
+};
+
+// Persistent: each CTA walks work items blockIdx.x, blockIdx.x + gridDim.x, ...; the ring's
+// stage and phase follow a running count of key tiles, so the producer streams the next
+// item's keys while the consumers finish the current one.
 template <typename T, int D>
 __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
-    sparsek_fwd_sm90_kernel(const FwdParams p) {
+    sparsek_fwd_sm90_kernel(const FwdParams p, const int nitems) {
 #if defined(XSK_SM90A)
   using Tr = FwdSm90Traits<T, D>;
   constexpr int BM = Tr::kBM, BN = Tr::kBN, NST = Tr::kStages, CH = Tr::kChunks;
@@ -141,9 +196,7 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(sStat + NST * 4);
   uint64_t* empty = full + NST;
 
-  const int tile = blockIdx.x, s = blockIdx.y, rgroup = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int q0 = p.tile_q0[tile], q1 = p.tile_q1[tile];
   const int RP = p.RP;
 
   if (tid == 0) {
@@ -152,9 +205,7 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
       mbar_init(&empty[i], 8);   // every consumer warp arrives once per release
     }
   }
-  // (make_key_streams starts with a __syncthreads, which also publishes the barrier inits)
-  const KeyStreams ks = make_key_streams<BN>(p, tile, s, q0, q1);
-  const int ntiles_k = ks.tilesA + ks.tilesB;
+  __syncthreads();  // publishes the barrier inits; the only block-wide barrier
 
   if (warp < 4) {
     // ================================ producer ===========================================
@@ -168,55 +219,63 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
     const int part = lane % (2 * CH), sub = lane / (2 * CH);
     const bool is_v = part >= CH;
     const int ch = part % CH;
-    const int r_kv = rgroup * RP;  // K/V shared by the RP packed heads (stride 0 over R)
-    const T* src = static_cast<const T*>(is_v ? p.v : p.k) +
-                   s * (is_v ? p.v_ss : p.k_ss) + r_kv * (is_v ? p.v_sr : p.k_sr) + ch * 8;
     const int64_t sn = is_v ? p.v_sn : p.k_sn;
-    const int e = warp * 32 + lane;  // this lane's key within the tile
-    for (int t = 0; t < ntiles_k; ++t) {
-      const int st = t % NST;
-      if (t >= NST) mbar_wait(&empty[st], ((t / NST) - 1) & 1);
-      const bool listed = ks.rule(t) == KeyRule::kPoolSelected;
-      int j = -1, rank = 0;
-      float u = 0.f;
-      if (listed) {
-        const int pos = t * BN + e;
-        if (pos < ks.nA) {
-          j = ks.list[pos];
-          u = p.u[(size_t)s * p.NK + j];
-          rank = p.ranks[(size_t)s * p.NK + j];
+    const int e = warp * 32 + lane;  // this lane's key within a tile
+    int it = 0;                      // key tiles streamed so far (all items)
+    for (int item = blockIdx.x; item < nitems; item += gridDim.x) {
+      const Item w(p, item);
+      const KeyStreams ks =
+          warp_key_streams<BN>(p, w.tile, w.s, p.tile_q0[w.tile], p.tile_q1[w.tile], lane);
+      const int r_kv = w.rgroup * RP;  // K/V shared by the RP packed heads (stride 0 over R)
+      const T* src = static_cast<const T*>(is_v ? p.v : p.k) +
+                     w.s * (is_v ? p.v_ss : p.k_ss) + r_kv * (is_v ? p.v_sr : p.k_sr) + ch * 8;
+      const int ntiles_k = ks.tilesA + ks.tilesB;
+      for (int t = 0; t < ntiles_k; ++t, ++it) {
+        const int st = it % NST;
+        if (it >= NST) mbar_wait(&empty[st], ((it / NST) - 1) & 1);
+        const bool listed = ks.rule(t) == KeyRule::kPoolSelected;
+        int j = -1, rank = 0;
+        float u = 0.f;
+        if (listed) {
+          const int pos = t * BN + e;
+          if (pos < ks.nA) {
+            j = ks.list[pos];
+            u = p.u[(size_t)w.s * p.NK + j];
+            rank = p.ranks[(size_t)w.s * p.NK + j];
+          }
+        } else {
+          j = ks.key(t, e, BN);
         }
-      } else {
-        j = ks.key(t, e, BN);
-      }
-      T* dst = (is_v ? sV : sK) + st * BN * D;
+        T* dst = (is_v ? sV : sK) + st * BN * D;
 #pragma unroll 8
-      for (int i = 0; i < 32 / kKeysPerInstr; ++i) {
-        const int kk = i * kKeysPerInstr + sub;
-        const int jk = __shfl_sync(0xffffffffu, j, kk);
-        cp_async16(dst + sw128(BN, warp * 32 + kk, ch), src + (jk >= 0 ? jk : 0) * sn, jk >= 0);
-      }
-      if (listed) {
-        sIdx[st * BN + e] = j;
-        sU[st * BN + e] = u;
-        sRank[st * BN + e] = rank;
-        // min rank, min and max key index, count of the warp's valid keys
-        const bool valid = j >= 0;
-        int mn_rank = valid ? rank : 0x7fffffff, mn_j = valid ? j : 0x7fffffff;
-        int mx_j = valid ? j : -1;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-          mn_rank = min(mn_rank, __shfl_xor_sync(0xffffffffu, mn_rank, o));
-          mn_j = min(mn_j, __shfl_xor_sync(0xffffffffu, mn_j, o));
-          mx_j = max(mx_j, __shfl_xor_sync(0xffffffffu, mx_j, o));
+        for (int i = 0; i < 32 / kKeysPerInstr; ++i) {
+          const int kk = i * kKeysPerInstr + sub;
+          const int jk = __shfl_sync(0xffffffffu, j, kk);
+          cp_async16(dst + sw128(BN, warp * 32 + kk, ch), src + (jk >= 0 ? jk : 0) * sn,
+                     jk >= 0);
         }
-        const int nvalid = __popc(__ballot_sync(0xffffffffu, valid));
-        if (lane == 0) sStat[st * 4 + warp] = make_int4(mn_rank, mn_j, mx_j, nvalid);
+        if (listed) {
+          sIdx[st * BN + e] = j;
+          sU[st * BN + e] = u;
+          sRank[st * BN + e] = rank;
+          // min rank, min and max key index, count of the warp's valid keys
+          const bool valid = j >= 0;
+          int mn_rank = valid ? rank : INT_MAX, mn_j = valid ? j : INT_MAX;
+          int mx_j = valid ? j : -1;
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) {
+            mn_rank = min(mn_rank, __shfl_xor_sync(0xffffffffu, mn_rank, o));
+            mn_j = min(mn_j, __shfl_xor_sync(0xffffffffu, mn_j, o));
+            mx_j = max(mx_j, __shfl_xor_sync(0xffffffffu, mx_j, o));
+          }
+          const int nvalid = __popc(__ballot_sync(0xffffffffu, valid));
+          if (lane == 0) sStat[st * 4 + warp] = make_int4(mn_rank, mn_j, mx_j, nvalid);
+        }
+        cp_async_commit();  // (wait_group counts committed groups only)
+        cp_async_wait<0>();
+        fence_proxy_async();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
+        mbar_arrive(&full[st]);
       }
-      cp_async_commit();  // (wait_group counts committed groups only)
-      cp_async_wait<0>();
-      fence_proxy_async();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
-      mbar_arrive(&full[st]);
     }
     return;
   }
@@ -226,185 +285,201 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
   const int wg = (warp >> 2) - 1;  // consumer 0 or 1: rows [64 wg, 64 wg + 64)
   const int ctid = tid - 128 * (wg + 1);
   const int g = lane >> 2, tq = lane & 3;
-  auto row_of = [&](int x) { return wg * 64 + (warp & 3) * 16 + g + 8 * x; };
-  RowInfo rows[2];
-#pragma unroll
-  for (int x = 0; x < 2; ++x) {
-    const int qi = q0 + row_of(x) / RP;
-    rows[x] = load_row(p, s, qi, qi < q1);
-  }
-
-  // Bounds over this warpgroup's valid rows (for TileMode::kPoolFast): max boundary rank,
-  // max pool start, min window start.
   __shared__ int4 s_rowstat[8];
-  {
-    int mx_rb = INT_MIN, mx_plo = INT_MIN, mn_wlo = INT_MAX;
+  auto row_of = [&](int x) { return wg * 64 + (warp & 3) * 16 + g + 8 * x; };
+  int it = 0;  // key tiles consumed so far (all items)
+
+  for (int item = blockIdx.x; item < nitems; item += gridDim.x) {
+    const Item w(p, item);
+    const int s = w.s, rgroup = w.rgroup;
+    const int q0 = p.tile_q0[w.tile], q1 = p.tile_q1[w.tile];
+    const KeyStreams ks = warp_key_streams<BN>(p, w.tile, s, q0, q1, lane);
+    const int ntiles_k = ks.tilesA + ks.tilesB;
+    RowInfo rows[2];
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
-      if (q0 + row_of(x) / RP < q1) {
-        mx_rb = max(mx_rb, rows[x].rb);
-        mx_plo = max(mx_plo, rows[x].plo);
-        mn_wlo = min(mn_wlo, rows[x].wlo);
+      const int qi = q0 + row_of(x) / RP;
+      rows[x] = load_row(p, s, qi, qi < q1);
+    }
+    // The previous item's matrix work (reads of sQ) and s_rowstat reads are done in all
+    // four warps of this warpgroup before either is overwritten.
+    named_barrier(1 + wg, 128);
+
+    // Bounds over this warpgroup's valid rows (for TileMode::kPoolFast): max boundary rank,
+    // max pool start, min window start.
+    {
+      int mx_rb = INT_MIN, mx_plo = INT_MIN, mn_wlo = INT_MAX;
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        if (q0 + row_of(x) / RP < q1) {
+          mx_rb = max(mx_rb, rows[x].rb);
+          mx_plo = max(mx_plo, rows[x].plo);
+          mn_wlo = min(mn_wlo, rows[x].wlo);
+        }
       }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        mx_rb = max(mx_rb, __shfl_xor_sync(0xffffffffu, mx_rb, o));
+        mx_plo = max(mx_plo, __shfl_xor_sync(0xffffffffu, mx_plo, o));
+        mn_wlo = min(mn_wlo, __shfl_xor_sync(0xffffffffu, mn_wlo, o));
+      }
+      if (lane == 0) s_rowstat[warp - 4] = make_int4(mx_rb, mx_plo, mn_wlo, 0);
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      mx_rb = max(mx_rb, __shfl_xor_sync(0xffffffffu, mx_rb, o));
-      mx_plo = max(mx_plo, __shfl_xor_sync(0xffffffffu, mx_plo, o));
-      mn_wlo = min(mn_wlo, __shfl_xor_sync(0xffffffffu, mn_wlo, o));
+
+    // Q rows of this consumer -> shared memory (zero rows past the tile).
+    {
+      const T* qbase = static_cast<const T*>(p.q);
+      for (int c = ctid; c < 64 * CH; c += 128) {
+        const int m = wg * 64 + c / CH, ch = c % CH;
+        const int qi = q0 + m / RP, r = rgroup * RP + m % RP;
+        const bool valid = qi < q1;
+        cp_async16(sQ + sw128(BM, m, ch),
+                   qbase + (valid ? (qi * p.q_sn + s * p.q_ss + r * p.q_sr + ch * 8) : 0),
+                   valid);
+      }
+      cp_async_commit();
+      cp_async_wait<0>();
+      fence_proxy_async();
+      named_barrier(1 + wg, 128);  // also publishes s_rowstat
     }
-    if (lane == 0) s_rowstat[warp - 4] = make_int4(mx_rb, mx_plo, mn_wlo, 0);
-  }
-
-  // Q rows of this consumer -> shared memory (zero rows past the tile).
-  {
-    const T* qbase = static_cast<const T*>(p.q);
-    for (int c = ctid; c < 64 * CH; c += 128) {
-      const int m = wg * 64 + c / CH, ch = c % CH;
-      const int qi = q0 + m / RP, r = rgroup * RP + m % RP;
-      const bool valid = qi < q1;
-      cp_async16(sQ + sw128(BM, m, ch),
-                 qbase + (valid ? (qi * p.q_sn + s * p.q_ss + r * p.q_sr + ch * 8) : 0), valid);
+    int wg_rb = INT_MIN, wg_plo = INT_MIN, wg_wlo = INT_MAX;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int4 r = s_rowstat[wg * 4 + q];
+      wg_rb = max(wg_rb, r.x);
+      wg_plo = max(wg_plo, r.y);
+      wg_wlo = min(wg_wlo, r.z);
     }
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_proxy_async();
-    named_barrier(1 + wg, 128);  // also publishes s_rowstat
-  }
-  int wg_rb = INT_MIN, wg_plo = INT_MIN, wg_wlo = INT_MAX;
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    const int4 r = s_rowstat[wg * 4 + w];
-    wg_rb = max(wg_rb, r.x);
-    wg_plo = max(wg_plo, r.y);
-    wg_wlo = min(wg_wlo, r.z);
-  }
 
-  float o[D / 2];
+    float o[D / 2];
 #pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  fence_regs(o);  // else the zeroing may sink into the wgmma pipeline and serialize it
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
-  float sc[BN / 2];
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    fence_regs(o);  // else the zeroing may sink into the wgmma pipeline and serialize it
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    float sc[BN / 2];
 #pragma unroll
-  for (int i = 0; i < BN / 2; ++i) sc[i] = 0.f;
+    for (int i = 0; i < BN / 2; ++i) sc[i] = 0.f;
 
-  for (int t = 0; t < ntiles_k; ++t) {
-    const int st = t % NST;
-    mbar_wait(&full[st], (t / NST) & 1);
+    for (int t = 0; t < ntiles_k; ++t, ++it) {
+      const int st = it % NST;
+      mbar_wait(&full[st], (it / NST) & 1);
 
-    // S = Q K^T
-    const T* cK = sK + st * BN * D;
-    const T* cV = sV + st * BN * D;
-    fence_regs(sc);
-    wgmma_fence();
+      // S = Q K^T
+      const T* cK = sK + st * BN * D;
+      const T* cV = sV + st * BN * D;
+      fence_regs(sc);
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t da = make_desc(sQ + (kk >> 2) * BM * 64 + wg * 64 * 64 + (kk & 3) * 16, 16, 1024);
-      const uint64_t db = make_desc(cK + (kk >> 2) * BN * 64 + (kk & 3) * 16, 16, 1024);
-      WgmmaSS<T, BN>::run(sc, da, db, kk > 0);
-    }
-    wgmma_commit();
-    fence_regs(sc);
-    if (t > 0) {  // P V of the previous tile done: release its stage
-      wgmma_wait<1>();
-      if (lane == 0) mbar_arrive(&empty[(t - 1) % NST]);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint64_t da =
+            make_desc(sQ + (kk >> 2) * BM * 64 + wg * 64 * 64 + (kk & 3) * 16, 16, 1024);
+        const uint64_t db = make_desc(cK + (kk >> 2) * BN * 64 + (kk & 3) * 16, 16, 1024);
+        WgmmaSS<T, BN>::run(sc, da, db, kk > 0);
+      }
+      wgmma_commit();
+      fence_regs(sc);
+      if (t > 0) {  // P V of the previous tile done: release its stage
+        wgmma_wait<1>();
+        if (lane == 0) mbar_arrive(&empty[(it - 1) % NST]);
+      }
+      wgmma_wait<0>();
+      fence_regs(sc);
+      fence_regs(o);
+
+      // Gates, masks and the online softmax (base 2).
+      const KeyRule rule = ks.rule(t);
+      const bool listed = rule == KeyRule::kPoolSelected;
+      const int* tIdx = sIdx + st * BN;
+      const float* tU = sU + st * BN;
+      const int* tRank = sRank + st * BN;
+      float tile_max[2] = {-INFINITY, -INFINITY};
+      if (listed) {
+        int mn_rank = INT_MAX, mn_j = INT_MAX, mx_j = -1, nvalid = 0;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int4 v = sStat[st * 4 + q];
+          mn_rank = min(mn_rank, v.x), mn_j = min(mn_j, v.y), mx_j = max(mx_j, v.z);
+          nvalid += v.w;
+        }
+        const int lo[2] = {0, 0};
+        if (nvalid == BN && mn_rank >= wg_rb && mn_j >= wg_plo && mx_j < wg_wlo)
+          tile_logits<TileMode::kPoolFast, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
+                                               tRank, tq, nvalid, 0);
+        else
+          tile_logits<TileMode::kPoolChecked, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx,
+                                                  tU, tRank, tq, ks.nA - t * BN, 0);
+      } else {
+        const int key0 = t < ks.tilesA ? ks.a_lo + t * BN : ks.b_lo + (t - ks.tilesA) * BN;
+        const int lo[2] = {rule == KeyRule::kWindow ? rows[0].wlo : rows[0].plo,
+                           rule == KeyRule::kWindow ? rows[1].wlo : rows[1].plo};
+        if (ks.interior(t, BN))
+          tile_logits<TileMode::kOpen, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
+                                           tRank, tq, 0, key0);
+        else
+          tile_logits<TileMode::kMasked, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
+                                             tRank, tq, 0, key0);
+      }
+      float scale_o[2], mx[2];
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        tile_max[x] = fmaxf(tile_max[x], __shfl_xor_sync(0xffffffffu, tile_max[x], 1));
+        tile_max[x] = fmaxf(tile_max[x], __shfl_xor_sync(0xffffffffu, tile_max[x], 2));
+        const float new_max = fmaxf(row_max[x], tile_max[x]);
+        scale_o[x] = (new_max == -INFINITY) ? 1.f : exp2f(row_max[x] - new_max);
+        row_max[x] = new_max;
+        row_sum[x] *= scale_o[x];
+        mx[x] = new_max == -INFINITY ? 0.f : new_max;  // exp2(-inf - 0) = 0, no NaN
+      }
+      uint32_t pf[BN / 16][4];
+      if (listed)
+        tile_probs<T, true, BN>(sc, pf, row_sum, mx, rows, tU, tq);
+      else
+        tile_probs<T, false, BN>(sc, pf, row_sum, mx, rows, tU, tq);
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        o[4 * i + 0] *= scale_o[0];
+        o[4 * i + 1] *= scale_o[0];
+        o[4 * i + 2] *= scale_o[1];
+        o[4 * i + 3] *= scale_o[1];
+      }
+
+      // O += (P * gate) V
+      fence_regs(o);
+      wgmma_fence();
+#pragma unroll
+      for (int kc = 0; kc < BN / 16; ++kc) {
+        const uint64_t db = make_desc(cV + kc * 16 * 64, BN * 128, 1024);
+        WgmmaRS<T, D>::run(o, pf[kc], db);
+      }
+      wgmma_commit();
+      fence_regs(o);
     }
     wgmma_wait<0>();
-    fence_regs(sc);
     fence_regs(o);
+    if (ntiles_k > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % NST]);  // the item's last tile
 
-    // Gates, masks and the online softmax (base 2).
-    const KeyRule rule = ks.rule(t);
-    const bool listed = rule == KeyRule::kPoolSelected;
-    const int* tIdx = sIdx + st * BN;
-    const float* tU = sU + st * BN;
-    const int* tRank = sRank + st * BN;
-    float tile_max[2] = {-INFINITY, -INFINITY};
-    if (listed) {
-      int mn_rank = INT_MAX, mn_j = INT_MAX, mx_j = -1, nvalid = 0;
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        const int4 q = sStat[st * 4 + w];
-        mn_rank = min(mn_rank, q.x), mn_j = min(mn_j, q.y), mx_j = max(mx_j, q.z), nvalid += q.w;
-      }
-      const int lo[2] = {0, 0};
-      if (nvalid == BN && mn_rank >= wg_rb && mn_j >= wg_plo && mx_j < wg_wlo)
-        tile_logits<TileMode::kPoolFast, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
-                                             tRank, tq, nvalid, 0);
-      else
-        tile_logits<TileMode::kPoolChecked, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
-                                                tRank, tq, ks.nA - t * BN, 0);
-    } else {
-      const int key0 = t < ks.tilesA ? ks.a_lo + t * BN : ks.b_lo + (t - ks.tilesA) * BN;
-      const int lo[2] = {rule == KeyRule::kWindow ? rows[0].wlo : rows[0].plo,
-                         rule == KeyRule::kWindow ? rows[1].wlo : rows[1].plo};
-      if (ks.interior(t, BN))
-        tile_logits<TileMode::kOpen, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU, tRank,
-                                         tq, 0, key0);
-      else
-        tile_logits<TileMode::kMasked, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
-                                           tRank, tq, 0, key0);
-    }
-    float scale_o[2], mx[2];
+    // ---- epilogue -----------------------------------------------------------------------
+    T* obase = static_cast<T*>(p.o);
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
-      tile_max[x] = fmaxf(tile_max[x], __shfl_xor_sync(0xffffffffu, tile_max[x], 1));
-      tile_max[x] = fmaxf(tile_max[x], __shfl_xor_sync(0xffffffffu, tile_max[x], 2));
-      const float new_max = fmaxf(row_max[x], tile_max[x]);
-      scale_o[x] = (new_max == -INFINITY) ? 1.f : exp2f(row_max[x] - new_max);
-      row_max[x] = new_max;
-      row_sum[x] *= scale_o[x];
-      mx[x] = new_max == -INFINITY ? 0.f : new_max;  // exp2(-inf - 0) = 0, no NaN
-    }
-    uint32_t pf[BN / 16][4];
-    if (listed)
-      tile_probs<T, true, BN>(sc, pf, row_sum, mx, rows, tU, tq);
-    else
-      tile_probs<T, false, BN>(sc, pf, row_sum, mx, rows, tU, tq);
+      row_sum[x] += __shfl_xor_sync(0xffffffffu, row_sum[x], 1);
+      row_sum[x] += __shfl_xor_sync(0xffffffffu, row_sum[x], 2);
+      const int qi = q0 + row_of(x) / RP, r = rgroup * RP + row_of(x) % RP;
+      if (qi >= q1) continue;
+      const float inv = row_sum[x] > 0.f ? 1.f / row_sum[x] : 0.f;
+      T* orow = obase + qi * p.o_sn + s * p.o_ss + r * p.o_sr;
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o[4 * i + 0] *= scale_o[0];
-      o[4 * i + 1] *= scale_o[0];
-      o[4 * i + 2] *= scale_o[1];
-      o[4 * i + 3] *= scale_o[1];
-    }
-
-    // O += (P * gate) V
-    fence_regs(o);
-    wgmma_fence();
-#pragma unroll
-    for (int kc = 0; kc < BN / 16; ++kc) {
-      const uint64_t db = make_desc(cV + kc * 16 * 64, BN * 128, 1024);
-      WgmmaRS<T, D>::run(o, pf[kc], db);
-    }
-    wgmma_commit();
-    fence_regs(o);
-  }
-  wgmma_wait<0>();
-  fence_regs(o);
-
-  // ---- epilogue -------------------------------------------------------------------------
-  T* obase = static_cast<T*>(p.o);
-#pragma unroll
-  for (int x = 0; x < 2; ++x) {
-    row_sum[x] += __shfl_xor_sync(0xffffffffu, row_sum[x], 1);
-    row_sum[x] += __shfl_xor_sync(0xffffffffu, row_sum[x], 2);
-    const int qi = q0 + row_of(x) / RP, r = rgroup * RP + row_of(x) % RP;
-    if (qi >= q1) continue;
-    const float inv = row_sum[x] > 0.f ? 1.f / row_sum[x] : 0.f;
-    T* orow = obase + qi * p.o_sn + s * p.o_ss + r * p.o_sr;
-#pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const int d = i * 8 + tq * 2;
-      *reinterpret_cast<uint32_t*>(orow + d) =
-          Mma<T>::pack(o[4 * i + 2 * x] * inv, o[4 * i + 2 * x + 1] * inv);
-    }
-    if (tq == 0) {
-      const float lse = row_sum[x] > 0.f
-                            ? (row_max[x] + log2f(row_sum[x])) * 0.6931471805599453f
-                            : -INFINITY;
-      p.lse[((size_t)s * p.R + r) * p.NQ + qi] = lse;
+      for (int i = 0; i < D / 8; ++i) {
+        const int d = i * 8 + tq * 2;
+        *reinterpret_cast<uint32_t*>(orow + d) =
+            Mma<T>::pack(o[4 * i + 2 * x] * inv, o[4 * i + 2 * x + 1] * inv);
+      }
+      if (tq == 0) {
+        const float lse = row_sum[x] > 0.f
+                              ? (row_max[x] + log2f(row_sum[x])) * 0.6931471805599453f
+                              : -INFINITY;
+        p.lse[((size_t)s * p.R + r) * p.NQ + qi] = lse;
+      }
     }
   }
 #else
@@ -419,8 +494,13 @@ cudaError_t run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmem);
   if (err != cudaSuccess) return err;
-  dim3 grid(p.ntiles, p.S, p.R / p.RP);
-  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p);
+  const int nitems = p.ntiles * p.S * (p.R / p.RP);
+  if (nitems == 0) return cudaSuccess;
+  int dev = 0, sms = 0;
+  if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+    return err;
+  kernel<<<std::min(nitems, sms), Tr::kThreads, Tr::kSmem, stream>>>(p, nitems);
   return cudaGetLastError();
 }
 
