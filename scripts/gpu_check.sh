@@ -5,7 +5,8 @@
 #   OUT=/some/dir SANITIZE=1 bash scripts/gpu_check.sh
 # The full suite alone takes minutes on an H100; to fit a 10-minute device call, pick steps
 # with STEPS (default "build info tests bench decode hf"; "decode" = the decode-C rows,
-# ~1-1.5 min; "hf" = scripts/hf_gpu_check.py; "profile" = benchmarks/profile_calls.py) and narrow pytest with PYTEST_ARGS, e.g.
+# ~1-1.5 min; "hf" = scripts/hf_gpu_check.py; "profile" = benchmarks/profile_calls.py;
+# "suite" = xFormers' own tests, needs .xftests carried; >3 min for a 1/4 sample) and narrow pytest with PYTEST_ARGS, e.g.
 #   STEPS="build tests" PYTEST_ARGS="-k cuda" bash scripts/gpu_check.sh
 # then, on the same warm machine (the in-place build is git-ignored, so it is kept):
 #   STEPS="bench decode hf" bash scripts/gpu_check.sh
@@ -66,6 +67,14 @@ bench() { python3 benchmarks/bench.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$
 # DESIGN.md section 5 decode-C rows (SparseKCache vs dense SDPA decoding)
 decode() { python3 benchmarks/bench_decode.py --out "$OUT" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log"; }
 
+# xFormers' own test_mem_eff_attention.py against SparseKOp (carry .xftests, made by
+# `scripts/run_xformers_suite.sh --fetch`); SUITE_SAMPLE=N runs 1/N of the big parametrizations.
+# -rf --tb=line: every failure gets one line in the summary even when the run is cut short.
+suite() {
+  SPARSEK_SUITE_SAMPLE=${SUITE_SAMPLE:-4} bash scripts/run_xformers_suite.sh .xftests -q -rf \
+    --tb=line -p no:cacheprovider 2>&1 | tee "$OUT/suite.log" | tail -n 40
+}
+
 # per-call breakdown (kernels vs host work) of the seed config and the 64K forward
 profile() { python3 benchmarks/profile_calls.py --out "$OUT" 2>&1 | tail -n 120 > "$OUT/profile.log"; }
 
@@ -87,6 +96,7 @@ if want bench && [ -f benchmarks/bench.py ]; then step "bench" bench; fi
 if want decode; then step "decode bench" decode; fi
 if want hf; then step "hf check" hf_check; fi
 if want profile; then step "profile" profile; fi
+if want suite && [ -d .xftests ]; then step "xformers suite" suite; fi
 
 failed=0
 {
