@@ -34,9 +34,6 @@ struct FwdSm90Traits {
   static constexpr int kBN = 128;  // keys per tile (= producer threads: one key each for metadata)
   static constexpr int kStages = D == 128 ? 2 : 4;
   static constexpr int kThreads = 3 * 128;
-  // Register split (setmaxnreg).  The CTA is launched with 168 x 384 registers and
-  // setmaxnreg only moves them between warpgroups, so producer + 2 x consumer <= 504 (a
-  // larger sum blocks the consumers' increase forever).  The producer spills below 56.
   static constexpr int kChunks = D / 8;
   static constexpr int kTileBytes = kBN * D * (int)sizeof(T);  // K or V of one stage
   static constexpr size_t kSmem = 1024 /* alignment slack */ + kBM * D * sizeof(T) +
@@ -45,8 +42,13 @@ struct FwdSm90Traits {
                                   kStages * 4 * sizeof(int4) +
                                   2 * kStages * sizeof(uint64_t);
   static_assert(kSmem <= 227 * 1024, "shared memory");
+  static_assert(kBN == 128, "the producer's 4 warps gather 32 keys each");
 };
 
+// Register split (setmaxnreg).  The CTA is launched with 168 x 384 registers and setmaxnreg
+// only moves them between warpgroups, so producer + 2 x consumer <= 504 (a larger sum
+// blocks the consumers' increase forever).  The producer spills below 56; the consumers hold
+// the S, P and O fragments (64 + 32 + 64 registers at D = 128).
 constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 static_assert(kProducerRegs + 2 * kConsumerRegs <= 504, "registers the CTA does not have");
 
@@ -146,25 +148,7 @@ __device__ __forceinline__ KeyStreams warp_key_streams(const FwdParams& p, int t
     in_hi = min(in_hi, __shfl_xor_sync(0xffffffffu, in_hi, o));
     pin_lo = max(pin_lo, __shfl_xor_sync(0xffffffffu, pin_lo, o));
   }
-  KeyStreams ks;
-  ks.sparse = p.u != nullptr;
-  if (ks.sparse) {
-    ks.list = p.lists + ((size_t)s * p.ntiles + tile) * p.cap;
-    ks.nA = p.counts[(size_t)s * p.ntiles + tile];
-    ks.a_lo = 0;
-  } else {
-    ks.list = nullptr;
-    ks.a_lo = plo;
-    ks.nA = max(0, whi - plo);
-  }
-  ks.b_lo = wlo;
-  ks.nB = ks.sparse ? max(0, whi - wlo) : 0;
-  ks.tilesA = (ks.nA + BN - 1) / BN;
-  ks.tilesB = (ks.nB + BN - 1) / BN;
-  ks.in_lo = in_lo;
-  ks.in_hi = in_hi;
-  ks.pin_lo = pin_lo;
-  return ks;
+  return key_streams_of<BN>(p, tile, s, plo, wlo, whi, in_lo, in_hi, pin_lo);
 }
 
 // Work item -> (query tile, selection head, head group); the tile index runs fastest, so
