@@ -78,12 +78,6 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
                    smem_addr(bar))
                : "memory");
 }
-// Arrives once every cp.async this thread issued so far has landed (the barrier's expected
-// count includes this arrival: .noinc).
-__device__ __forceinline__ void mbar_arrive_on_cp_async(uint64_t* bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar))
-               : "memory");
-}
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
   asm volatile(
       "{\n.reg .pred done;\nWAIT_%=:\n"
@@ -93,18 +87,12 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
       : "memory");
 }
 
-// 4-byte async copy (per-key score / rank / index gathers); zero-fills when !valid.
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 4 : 0));
-}
-
 // ---- wgmma m64nNk16 ----------------------------------------------------------------------
 // WgmmaSS: D[64 x N] (+)= A[64 x 16] B[16 x N], A and B K-major in shared memory
 //          (accumulate = 0 overwrites D).
 // WgmmaRS: D[64 x N] += A[64 x 16] B[16 x N], A in registers (the accumulator layout of a
 //          previous wgmma, packed to 16 bits), B MN-major in shared memory.
-// The operand lists below were written out by a script (64 accumulator registers).
+// The operand lists are spelled out: inline asm takes one operand per accumulator register.
 template <typename T, int N>
 struct WgmmaSS;
 template <typename T, int N>
