@@ -75,33 +75,6 @@ struct KeyStreams {
   }
 };
 
-// The streams of tile `tile` of head s from the bounds over the tile's queries: min pool_lo
-// (plo), min / max win_lo (wlo / in_lo), max / min win_hi (whi / in_hi), max pool_lo (pin_lo).
-template <int BN>
-__device__ __forceinline__ KeyStreams key_streams_of(const FwdParams& p, int tile, int s,
-                                                     int plo, int wlo, int whi, int in_lo,
-                                                     int in_hi, int pin_lo) {
-  KeyStreams ks;
-  ks.sparse = p.u != nullptr;
-  if (ks.sparse) {
-    ks.list = p.lists + ((size_t)s * p.ntiles + tile) * p.cap;
-    ks.nA = p.counts[(size_t)s * p.ntiles + tile];
-    ks.a_lo = 0;
-  } else {
-    ks.list = nullptr;
-    ks.a_lo = plo;
-    ks.nA = max(0, whi - plo);
-  }
-  ks.b_lo = wlo;
-  ks.nB = ks.sparse ? max(0, whi - wlo) : 0;
-  ks.tilesA = (ks.nA + BN - 1) / BN;
-  ks.tilesB = (ks.nB + BN - 1) / BN;
-  ks.in_lo = in_lo;
-  ks.in_hi = in_hi;
-  ks.pin_lo = pin_lo;
-  return ks;
-}
-
 // Call from every thread of the block (uses shared memory and __syncthreads).
 template <int BN>
 __device__ KeyStreams make_key_streams(const FwdParams& p, int tile, int s, int q0, int q1) {
@@ -122,7 +95,25 @@ __device__ KeyStreams make_key_streams(const FwdParams& p, int tile, int s, int 
     atomicMax(&s_pin_lo, a);
   }
   __syncthreads();
-  return key_streams_of<BN>(p, tile, s, s_plo, s_wlo, s_whi, s_in_lo, s_in_hi, s_pin_lo);
+  KeyStreams ks;
+  ks.sparse = p.u != nullptr;
+  if (ks.sparse) {
+    ks.list = p.lists + ((size_t)s * p.ntiles + tile) * p.cap;
+    ks.nA = p.counts[(size_t)s * p.ntiles + tile];
+    ks.a_lo = 0;
+  } else {
+    ks.list = nullptr;
+    ks.a_lo = s_plo;
+    ks.nA = max(0, s_whi - s_plo);
+  }
+  ks.b_lo = s_wlo;
+  ks.nB = ks.sparse ? max(0, s_whi - s_wlo) : 0;
+  ks.tilesA = (ks.nA + BN - 1) / BN;
+  ks.tilesB = (ks.nB + BN - 1) / BN;
+  ks.in_lo = s_in_lo;
+  ks.in_hi = s_in_hi;
+  ks.pin_lo = s_pin_lo;
+  return ks;
 }
 
 // Gathers key tile t (BN rows of K and V, D columns) into swizzled shared memory, plus each
