@@ -12,8 +12,10 @@
 #   STEPS="bench decode hf" bash scripts/gpu_check.sh
 # The device tool returns at most 8 files: every log is packed into gpu_check_logs.tgz
 # (PACK=0 keeps them loose); summary.txt and the result sections/plots stay beside it.
-# The device's copy of the tree has no .git: pass the commit for the benchmark record with
-#   BENCH_ARGS="--commit $(git rev-parse --short HEAD)" (expanded on this machine).
+# git inside the device's copy of the tree may report no commit or a stale one (2026-12-01:
+# the decode record said 707211b, several commits old): pass the commit for the record with
+#   BENCH_ARGS="--commit $(git rev-parse --short HEAD)" DECODE_ARGS="--commit ..." (expanded
+# on this machine).
 # Every step runs even if an earlier one failed; the exit code is non-zero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
