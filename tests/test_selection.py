@@ -128,6 +128,37 @@ def test_layout_intervals_match_materialize(kind):
                     assert list(range(wlo, whi)) == r.window, (base, window, b, i)
 
 
+def test_layout_cache_keys_on_everything_that_shapes_the_layout():
+    """build_layout caches (a miss copies to the device, which syncs): equal arguments share
+    one layout; a different window, bias, length, batch or block structure gets its own,
+    and the cached intervals are the freshly computed ones (the test above checks those)."""
+    causal = xab.LowerTriangularMask()
+    a = _layout.build_layout(causal, 2, 9, 9, 3, CPU)
+    assert _layout.build_layout(xab.LowerTriangularMask(), 2, 9, 9, 3, CPU) is a
+    others = [
+        _layout.build_layout(causal, 2, 9, 9, 2, CPU),
+        _layout.build_layout(None, 2, 9, 9, 0, CPU),
+        _layout.build_layout(xab.LowerTriangularFromBottomRightMask(), 2, 9, 9, 3, CPU),
+        _layout.build_layout(causal, 2, 8, 9, 3, CPU),
+        _layout.build_layout(causal, 1, 9, 9, 3, CPU),
+        _layout.build_layout(xab.BlockDiagonalCausalMask.from_seqlens([4, 14]), 1, 18, 18, 3,
+                             CPU),
+        _layout.build_layout(xab.BlockDiagonalCausalMask.from_seqlens([5, 13]), 1, 18, 18, 3,
+                             CPU),
+    ]
+    assert len({id(x) for x in [a] + others}) == len(others) + 1
+    fresh = _layout._build_layout(True, False, None, _layout.segments_of(causal, 2, 9, 9),
+                                  18, 18, 3, CPU)
+    for name in ("pool_lo", "win_lo", "win_hi"):
+        assert torch.equal(getattr(a, name), getattr(fresh, name)), name
+    # sparse attention through the cached layout leaves it untouched
+    q = torch.randn(2, 9, 1, 4, dtype=torch.float64)
+    xformers_sparsek.sparsek_attention(q, q, q, torch.randn(2, 9, 1, dtype=torch.float64), 2, 3,
+                                       causal)
+    for name in ("pool_lo", "win_lo", "win_hi"):
+        assert torch.equal(getattr(a, name), getattr(fresh, name)), name
+
+
 # ------------------------------------------------------------------------------------------
 # fast selection vs brute force
 
