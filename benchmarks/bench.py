@@ -56,6 +56,16 @@ def sm80_kernel_ms(fn, iters):
             os.environ["XFORMERS_SPARSEK_FWD"] = old
 
 
+def timed_row(config, mode, S, ms, cudnn_ms, flash_ms, flops=None, **extra):
+    """One table row: a time against the two anchors of the same run, and the TFLOP/s that
+    `flops` of work over that time make (the column "attended TFLOP/s")."""
+    row = dict(config=config, mode=mode, S=S, ms=ms, cudnn_ms=cudnn_ms, flash_ms=flash_ms,
+               speedup_cudnn=cudnn_ms / ms, speedup_flash=flash_ms / ms, **extra)
+    if flops is not None:
+        row["attended_tflops"] = flops / ms / 1e9
+    return row
+
+
 def attended_pairs(layout, topk, heads):
     pool = layout.pool_size
     sel = pool if topk is None else torch.clamp(pool, max=topk)
@@ -82,9 +92,7 @@ def seed_config(iters):
     if t80 is not None:
         timed += [("exact, mma.sync fwd", t80), ("sparse, mma.sync fwd", sm80_kernel_ms(sparse, iters))]
     for mode, t in timed:
-        rows.append(dict(config="seed", mode=mode, S=S, ms=t, us_per_head=1e3 * t / heads,
-                         cudnn_ms=t_cudnn, flash_ms=t_flash,
-                         speedup_cudnn=t_cudnn / t, speedup_flash=t_flash / t))
+        rows.append(timed_row("seed", mode, S, t, t_cudnn, t_flash, us_per_head=1e3 * t / heads))
     return rows
 
 
@@ -110,22 +118,17 @@ def long_config(S, backward, iters):
     t_cudnn = sdpa_ms(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, True, True, False, a_iters)
     t_flash = sdpa_ms(SDPBackend.FLASH_ATTENTION, qt, kt, vt, True, True, False, a_iters)
     dense_flops = 4 * (S * (S + 1) / 2) * D * Hq
-    row = dict(config=f"long-{S // 1024}K", mode="fwd", S=S, ms=t_fwd, select_ms=t_sel,
-               select_frac=t_sel / t_fwd, cudnn_ms=t_cudnn, flash_ms=t_flash,
-               speedup_cudnn=t_cudnn / t_fwd, speedup_flash=t_flash / t_fwd,
-               attended_tflops=4 * pairs * D / t_fwd / 1e9,
-               cudnn_tflops=dense_flops / t_cudnn / 1e9)
-    rows = [row]
+    config = f"long-{S // 1024}K"
+    rows = [timed_row(config, "fwd", S, t_fwd, t_cudnn, t_flash, 4 * pairs * D,
+                      select_ms=t_sel, select_frac=t_sel / t_fwd,
+                      cudnn_tflops=dense_flops / t_cudnn / 1e9)]
     # exact mode (no SparseKMask: every causal key, the same kernels) against the same anchor
     t_ex = median_ms(lambda: xs.sparsek_attention(q, ke, ve, None, None, 0, bias), a_iters)
-    rows.append(dict(config=row["config"], mode="exact fwd", S=S, ms=t_ex, cudnn_ms=t_cudnn,
-                     flash_ms=t_flash, speedup_cudnn=t_cudnn / t_ex, speedup_flash=t_flash / t_ex,
-                     attended_tflops=dense_flops / t_ex / 1e9))
+    rows.append(timed_row(config, "exact fwd", S, t_ex, t_cudnn, t_flash, dense_flops))
     t80 = sm80_kernel_ms(lambda: xs.sparsek_attention(q, ke, ve, se, topk, window, bias), iters)
     if t80 is not None:
-        rows.append(dict(config=row["config"], mode="fwd, mma.sync fwd", S=S, ms=t80,
-                         cudnn_ms=t_cudnn, flash_ms=t_flash, speedup_cudnn=t_cudnn / t80,
-                         speedup_flash=t_flash / t80, attended_tflops=4 * pairs * D / t80 / 1e9))
+        rows.append(timed_row(config, "fwd, mma.sync fwd", S, t80, t_cudnn, t_flash,
+                              4 * pairs * D))
     if backward:
         qg, kg, vg, sg = (x.detach().requires_grad_() for x in (q, k, v, sc))
 
@@ -138,10 +141,7 @@ def long_config(S, backward, iters):
         qt2, kt2, vt2 = (x.detach().requires_grad_() for x in (qt, kt, vt))
         c_fb = sdpa_ms(SDPBackend.CUDNN_ATTENTION, qt2, kt2, vt2, True, True, True, a_iters)
         f_fb = sdpa_ms(SDPBackend.FLASH_ATTENTION, qt2, kt2, vt2, True, True, True, a_iters)
-        rows.append(dict(config=f"long-{S // 1024}K", mode="fwd+bwd", S=S, ms=t_fb,
-                         cudnn_ms=c_fb, flash_ms=f_fb, speedup_cudnn=c_fb / t_fb,
-                         speedup_flash=f_fb / t_fb,
-                         attended_tflops=4 * 3.5 * pairs * D / t_fb / 1e9))
+        rows.append(timed_row(config, "fwd+bwd", S, t_fb, c_fb, f_fb, 4 * 3.5 * pairs * D))
     peak = torch.cuda.max_memory_allocated() / 2**30
     for r in rows:
         r["peak_gib"] = peak

@@ -1,5 +1,6 @@
-"""Where one call's time goes: torch.profiler over the seed config (exact and sparse) and the
-64K forward, printing the CUDA kernels and the host time per call.
+"""Where one call's time goes: torch.profiler over the seed config (exact and sparse), the
+64K forward, the 64K forward + backward and one SparseKCache decode step, printing the CUDA
+kernels and the host time per call.
 
     python benchmarks/profile_calls.py [--out OUTDIR]
 """
@@ -38,48 +39,61 @@ def report(name, fn, iters, out):
             f.write(text)
 
 
+def seed(out):
+    B, H, S, D = 16, 96, 512, 64
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.float16) for _ in range(3))
+    sc = torch.randn(B, S, H, device="cuda")
+    report("seed exact", lambda: xs.sparsek_attention(q, k, v, None, None), 20, out)
+    report("seed sparse topk=128", lambda: xs.sparsek_attention(q, k, v, sc, 128), 20, out)
+
+
+def long_64k(out):
+    S, G, Hg, D = 65536, 8, 4, 128
+    q = torch.randn(1, S, G, Hg, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, S, G, 1, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, S, G, 1, D, device="cuda", dtype=torch.bfloat16)
+    s = torch.randn(1, S, G, 1, device="cuda")
+    bias = xab.LowerTriangularMask()
+
+    def fwd(q, k, v, s):
+        return xs.sparsek_attention(q, k.expand(1, S, G, Hg, D), v.expand(1, S, G, Hg, D),
+                                    s.expand(1, S, G, Hg), 2048, 512, bias)
+
+    report("long-64K fwd", lambda: fwd(q, k, v, s), 3, out)
+    qg, kg, vg, sg = (x.detach().requires_grad_() for x in (q, k, v, s))
+
+    def fwd_bwd():
+        o = fwd(qg, kg, vg, sg)
+        o.backward(torch.ones_like(o))
+
+    report("long-64K fwd+bwd", fwd_bwd, 2, out)
+
+
+def decode_step(out):
+    """One SparseKCache step at 32K context (the decode-C config of bench_decode.py)."""
+    from xformers_sparsek.cache import SparseKCache
+
+    B, G, Hg, D, ctx = 16, 8, 4, 128, 32768
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    cache = SparseKCache(B, G, D, topk=2048, window=512, **bf)
+    for _ in range(ctx // 4096):
+        kk = torch.randn(B, 4096, G, D, **bf)
+        cache.update_and_attend(torch.randn(B, 4096, G, Hg, D, **bf), kk, kk,
+                                torch.randn(B, 4096, G, device="cuda"))
+    q1 = torch.randn(B, 1, G, Hg, D, **bf)
+    k1 = torch.randn(B, 1, G, D, **bf)
+    u1 = torch.randn(B, 1, G, device="cuda")
+    report("decode step (eager, 32K context)",
+           lambda: cache.update_and_attend(q1, k1, k1, u1), 10, out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    B, H, S, D = 16, 96, 512, 64
-    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.float16) for _ in range(3))
-    sc = torch.randn(B, S, H, device="cuda")
-    report("seed exact", lambda: xs.sparsek_attention(q, k, v, None, None), 20, args.out)
-    report("seed sparse topk=128", lambda: xs.sparsek_attention(q, k, v, sc, 128), 20, args.out)
-    S, G, Hg, D = 65536, 8, 4, 128
-    q = torch.randn(1, S, G, Hg, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, S, G, 1, D, device="cuda", dtype=torch.bfloat16).expand(1, S, G, Hg, D)
-    v = torch.randn(1, S, G, 1, D, device="cuda", dtype=torch.bfloat16).expand(1, S, G, Hg, D)
-    s = torch.randn(1, S, G, 1, device="cuda").expand(1, S, G, Hg)
-    bias = xab.LowerTriangularMask()
-    report("long-64K fwd", lambda: xs.sparsek_attention(q, k, v, s, 2048, 512, bias), 3, args.out)
-    qg, kg, vg, sg = (x.detach().requires_grad_() for x in (q, k[:, :, :, :1], v[:, :, :, :1],
-                                                            s[:, :, :, :1]))
-
-    def fwd_bwd():
-        o = xs.sparsek_attention(qg, kg.expand(1, S, G, Hg, D), vg.expand(1, S, G, Hg, D),
-                                 sg.expand(1, S, G, Hg), 2048, 512, bias)
-        o.backward(torch.ones_like(o))
-
-    report("long-64K fwd+bwd", fwd_bwd, 2, args.out)
-    del q, k, v, s, qg, kg, vg, sg
-    torch.cuda.empty_cache()
-
-    # one decode step of SparseKCache at 32K context (the decode-C config of bench_decode.py)
-    from xformers_sparsek.cache import SparseKCache
-
-    B, G, Hg, D, ctx = 16, 8, 4, 128, 32768
-    cache = SparseKCache(B, G, D, topk=2048, window=512, dtype=torch.bfloat16, device="cuda")
-    for _ in range(ctx // 4096):
-        kk = torch.randn(B, 4096, G, D, device="cuda", dtype=torch.bfloat16)
-        cache.update_and_attend(torch.randn(B, 4096, G, Hg, D, device="cuda", dtype=torch.bfloat16),
-                                kk, kk, torch.randn(B, 4096, G, device="cuda"))
-    q1 = torch.randn(B, 1, G, Hg, D, device="cuda", dtype=torch.bfloat16)
-    k1 = torch.randn(B, 1, G, D, device="cuda", dtype=torch.bfloat16)
-    u1 = torch.randn(B, 1, G, device="cuda")
-    report("decode step (eager, 32K context)",
-           lambda: cache.update_and_attend(q1, k1, k1, u1), 10, args.out)
+    for config in (seed, long_64k, decode_step):  # each frees its tensors on return
+        config(args.out)
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

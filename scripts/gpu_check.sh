@@ -6,7 +6,8 @@
 # The full suite alone takes minutes on an H100; to fit a 10-minute device call, pick steps
 # with STEPS (default "build info tests bench decode hf"; "decode" = the decode-C rows,
 # ~1-1.5 min; "hf" = scripts/hf_gpu_check.py; "profile" = benchmarks/profile_calls.py;
-# "suite" = xFormers' own tests, needs .xftests carried; >3 min for a 1/4 sample) and narrow pytest with PYTEST_ARGS, e.g.
+# "suite" = xFormers' own tests, needs .xftests carried; >3 min for a 1/4 sample) and
+# narrow pytest with PYTEST_ARGS, e.g.
 #   STEPS="build tests" PYTEST_ARGS="-k cuda" bash scripts/gpu_check.sh
 # then, on the same warm machine (the in-place build is git-ignored, so it is kept):
 #   STEPS="bench decode hf" bash scripts/gpu_check.sh
@@ -77,7 +78,8 @@ suite() {
     --tb=line -p no:cacheprovider 2>&1 | tee "$OUT/suite.log" | tail -n 40
 }
 
-# per-call breakdown (kernels vs host work) of the seed config and the 64K forward
+# per-call breakdown (kernels vs host work): seed config, 64K forward and forward+backward,
+# one decode step
 profile() { python3 benchmarks/profile_calls.py --out "$OUT" 2>&1 | tail -n 120 > "$OUT/profile.log"; }
 
 # transformers integration on a random Llama (exact bf16 vs sdpa, training step, generation)

@@ -23,7 +23,6 @@ Methods (generation with transformers' DynamicCache; every decode step sees the 
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 import time
