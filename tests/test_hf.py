@@ -136,6 +136,43 @@ def test_scorer_init_is_sliding_window_with_fractional_boundary():
                                            [True, True, True, True, False, False]]
 
 
+def test_scorers_at_init_are_a_window_with_sinks():
+    """Regression (docs/quality.md side study, 2026-12-01): fresh scorers must act as the
+    window-sink baseline of the same budget, i.e. the first `sinks` keys plus the last
+    `window + topk - sinks` keys.  With init_slope=1 every gate is exactly 0 or 1, so the logits
+    equal SDPA under that mask (GQA: 4 query heads on 2 KV heads); with the default slope 0.5
+    the oldest recent key gets gate 0.75 and the output is only close."""
+    import torch.nn.functional as F
+    from transformers import AttentionInterface
+
+    topk, window, sinks, S = 6, 3, 2, 40
+    recent = window + topk - sinks
+
+    def window_sink(module, q, k, v, mask, scaling=None, dropout=0.0, **kw):
+        i = torch.arange(q.shape[2]).view(-1, 1)
+        j = torch.arange(k.shape[2]).view(1, -1)
+        keep = (j <= i) & ((i - j < recent) | (j < sinks))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2), None
+
+    AttentionInterface.register("test_window_sink", window_sink)
+    m = _model()
+    ids = _ids(2, S)
+    with torch.no_grad():
+        m.set_attn_implementation("test_window_sink")
+        ref = m(ids).logits
+        m.set_attn_implementation("sdpa")
+        dense = m(ids).logits
+        sk_hf.add_scorers(m, topk=topk, window=window, sinks=sinks, init_slope=1.0)
+        hard = m(ids).logits
+        sk_hf.remove_scorers(m)
+        sk_hf.add_scorers(m, topk=topk, window=window, sinks=sinks)  # init_slope 0.5
+        soft = m(ids).logits
+    torch.testing.assert_close(hard, ref, atol=2e-5, rtol=2e-5)
+    assert (dense - ref).abs().max() > 1e-2  # the budget binds
+    assert (soft - ref).abs().max() < 0.5 * (dense - ref).abs().max()
+
+
 def _sink_probe():
     """A stand-in for ``sparsek_scores`` that records the scores the attention function uses."""
     from xformers_sparsek.hf import attention as hf_att
@@ -335,6 +372,21 @@ def test_save_pretrained_round_trip(tmp_path):
     # plain checkpoint without topk -> exact attention, no scorers
     m4 = sk_hf.from_pretrained(str(tmp_path / "plain"))
     assert not sk_hf.scorer_parameters(m4) and m4.config._attn_implementation == "sparsek"
+
+
+def test_load_scorer_weights_from_a_scorers_only_file(tmp_path):
+    """scripts/gpu_finetune.py saves only the scorer parameters; load_scorer_weights takes
+    that file as well as a checkpoint directory."""
+    from safetensors.torch import save_file
+
+    m, ids, before = _model_with_moved_scorers(init_slope=0.75)
+    sd = {n: p.detach().contiguous() for n, p in m.named_parameters() if ".sparsek_scorer." in n}
+    save_file(sd, str(tmp_path / "scorers.safetensors"))
+    m2 = _model("llama")
+    sk_hf.add_scorers(m2, topk=3, window=2)
+    assert sk_hf.load_scorer_weights(m2, str(tmp_path / "scorers.safetensors")) == len(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(ids).logits, before, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])

@@ -159,6 +159,20 @@ def test_layout_cache_keys_on_everything_that_shapes_the_layout():
         assert torch.equal(getattr(a, name), getattr(fresh, name)), name
 
 
+def test_layout_cached_under_inference_mode_serves_autograd():
+    """A layout first built under torch.inference_mode() (evaluation) is reused by a later
+    call that autograd records (training): it must not be an inference tensor."""
+    q = torch.randn(1, 37, 2, 8, dtype=torch.float64)
+    s = torch.randn(1, 37, 2, dtype=torch.float64)
+    base = xab.LowerTriangularMask()
+    _layout._LAYOUT_CACHE.clear()
+    with torch.inference_mode():
+        xformers_sparsek.sparsek_attention(q, q, q, s, 5, 3, base)
+    qg, sg = q.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    xformers_sparsek.sparsek_attention(qg, qg, qg, sg, 5, 3, base).sum().backward()
+    assert torch.isfinite(sg.grad).all() and sg.grad.abs().sum() > 0
+
+
 # ------------------------------------------------------------------------------------------
 # fast selection vs brute force
 

@@ -114,7 +114,8 @@ def segments_of(base, batch: int, mq: int, mk: int) -> List[Segment]:
 # Layouts of recent calls, keyed by what determines them.  A layout is built on the CPU
 # and copied to the device, and a pageable host-to-device copy waits for the stream: a miss
 # per call would stall the GPU once per call.  Layouts are never modified after creation,
-# so calls share them.
+# so calls share them.  They are built outside inference mode: a layout first built under
+# torch.inference_mode() must still serve a later call that autograd records.
 _LAYOUT_CACHE: "OrderedDict[tuple, QueryLayout]" = OrderedDict()
 _LAYOUT_CACHE_SIZE = 64
 
@@ -135,8 +136,9 @@ def build_layout(
            tuple((g.q_start, g.q_len, g.k_start, g.k_len) for g in segments))
     layout = _LAYOUT_CACHE.get(key)
     if layout is None:
-        layout = _build_layout(causal, bottom_right, local_window, segments, batch * mq,
-                               batch * mk, window, device)
+        with torch.inference_mode(False):
+            layout = _build_layout(causal, bottom_right, local_window, segments, batch * mq,
+                                   batch * mk, window, device)
         _LAYOUT_CACHE[key] = layout
         if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
             _LAYOUT_CACHE.popitem(last=False)

@@ -31,7 +31,13 @@ def register(name: str = NAME) -> str:
     return name
 
 
-from .model import add_scorers, from_pretrained, remove_scorers, scorer_parameters  # noqa: E402
+from .model import (  # noqa: E402
+    add_scorers,
+    from_pretrained,
+    load_scorer_weights,
+    remove_scorers,
+    scorer_parameters,
+)
 
 
 def __getattr__(name):
@@ -49,6 +55,7 @@ __all__ = [
     "add_scorers",
     "remove_scorers",
     "scorer_parameters",
+    "load_scorer_weights",
     "from_pretrained",
     "SparseKHFCache",
     "NAME",

@@ -123,13 +123,14 @@ def _checkpoint_files(path: str) -> List[str]:
 
 
 def load_scorer_weights(model: nn.Module, path: str) -> int:
-    """Load ``*.sparsek_scorer.*`` tensors from the safetensors checkpoint in directory
-    ``path`` into ``model``; returns how many tensors were loaded."""
+    """Load ``*.sparsek_scorer.*`` tensors into ``model`` from the safetensors checkpoint in
+    directory ``path``, or from the safetensors file ``path`` (e.g. one holding only the scorer
+    parameters); returns how many tensors were loaded."""
     from safetensors import safe_open
 
     own = {n: t for n, t in model.state_dict().items() if f".{SCORER_ATTR}." in f".{n}"}
     loaded = {}
-    for file in _checkpoint_files(path):
+    for file in [path] if os.path.isfile(path) else _checkpoint_files(path):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 if f".{SCORER_ATTR}." not in f".{name}":
