@@ -17,5 +17,17 @@ for gqa, dtype, D in [(True, torch.bfloat16, 128), (False, torch.float16, 64)]:
     out.backward(torch.randn_like(out))
     exact = xs.sparsek_attention(q, k.expand(*e, D), v.expand(*e, D), None, None, 0,
                                  xab.LowerTriangularMask())
+# the fused decode step (csrc/sparsek/decode.cu): filling, then full pools with overflow
+for dtype, D, R, window in [(torch.bfloat16, 128, 4, 8), (torch.float16, 64, 1, 0)]:
+    B, G, topk = 2, 2, 16
+    cache = xs.SparseKCache(B, G, D, topk, window, dtype=dtype, capacity=8, device="cuda")
+    assert cache.fused_decode_reason is None, cache.fused_decode_reason
+    valid = torch.ones(B, 1, dtype=torch.bool, device="cuda")
+    for t in range(60):
+        valid[1] = t % 5 != 0
+        cache.update_and_attend(torch.randn(B, 1, G, R, D, device="cuda", dtype=dtype),
+                                torch.randn(B, 1, G, D, device="cuda", dtype=dtype),
+                                torch.randn(B, 1, G, D, device="cuda", dtype=dtype),
+                                torch.randn(B, 1, G, device="cuda"), valid=valid)
 torch.cuda.synchronize()
 print("sanitize_small: ok", float(out.float().abs().sum()), float(q.grad.float().abs().sum()))

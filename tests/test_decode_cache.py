@@ -9,7 +9,7 @@ decode matmuls; float32 / float64 run the PyTorch path on the GPU.
 
 import pytest
 import torch
-from conftest import brute_sparsek, max_abs, rel_err, requires_cuda
+from conftest import brute_sparsek, cuda_kernels, max_abs, rel_err, requires_cuda
 from xformers.ops.fmha import attn_bias as xab
 
 import xformers_sparsek as xs
@@ -323,6 +323,39 @@ def test_capture_matches_eager(device, dtype, flat):
         step(q[:, :1], k[:, :2], v[:, :1], u[:, :1])
     with pytest.raises(ValueError, match="M must be 1"):
         graph.capture(q[:, :2], k[:, :2], v[:, :2], u[:, :2])
+
+
+@cuda_kernels
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("D,R", [(64, 4), (128, 8), (128, 1)], ids=["d64r4", "d128r8", "d128r1"])
+@pytest.mark.parametrize("window", [0, 9])
+@pytest.mark.parametrize("scores", ["normal", "ties", "near_equal"])
+def test_fused_decode_step_matches_pytorch_step(dtype, D, R, window, scores):
+    """The fused CUDA step (csrc/sparsek/decode.cu) against the PyTorch tensor step, fed the
+    same tokens one at a time: after every step the same lengths, top set (slot for slot),
+    K/V buffers, overflow counts and pool scores (exactly), tau to float64 rounding, and
+    outputs within half-precision tolerance.  The capacity is small so that it overflows,
+    and one sequence has padding rows (valid = False)."""
+    B, N, G, topk, cap = 3, 400, 2, 24, 16
+    q, k, v, u = _inputs(B, N, G, R, D, D, dtype, scores)
+    valid = torch.ones(B, N, dtype=torch.bool)
+    valid[1, ::7] = False
+    q, k, v, u, valid = to("cuda", q, k, v, u, valid)
+    fused, ref = (SparseKCache(B, G, D, topk, window, dtype=dtype, capacity=cap, device="cuda")
+                  for _ in range(2))
+    assert fused.fused_decode_reason is None
+    ref.fused_decode_reason = "test: the PyTorch step"
+    for t in range(N):
+        sl = slice(t, t + 1)
+        got, want = (c.update_and_attend(q[:, sl], k[:, sl], v[:, sl], u[:, sl], valid=valid[:, sl])
+                     for c in (fused, ref))
+        for name in ("lens", "top_pos", "overflow", "pool_u", "kv_k", "kv_v", "win_u", "top_u"):
+            assert torch.equal(getattr(fused, name), getattr(ref, name)), (name, t)
+        torch.testing.assert_close(fused.tau, ref.tau, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fused.tau_min, ref.tau_min, rtol=1e-12, atol=1e-12)
+        assert rel_err(got, want) <= REL_TOL[dtype], t
+    if scores != "normal":  # (these fill the fractional list: the capacity overflows)
+        assert fused.overflow_count > 0
 
 
 def test_capture_compiles_fullgraph():

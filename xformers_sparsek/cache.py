@@ -27,6 +27,7 @@ it as a CUDA graph (no check, one replay per step), optionally compiled first
 (``compile=True``).  See docs/decoding.md, "Cost of a step on the GPU".
 """
 
+import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -50,6 +51,34 @@ def _half_bmm_ok(device: torch.device, dtype: torch.dtype) -> bool:
         return True
     except (RuntimeError, TypeError):
         return False
+
+
+def _fused_decode_reason(device: torch.device, dtype: torch.dtype, head_dim: int,
+                         value_dim: int, pool_slots: int) -> Optional[str]:
+    """Why the fused CUDA decode step (csrc/sparsek/decode.cu) cannot serve a cache of this
+    kind, or None.  ``XFORMERS_SPARSEK_DECODE=torch`` forces the PyTorch step (the one
+    ``capture(compile=True)`` compiles), e.g. to compare the two."""
+    if device.type != "cuda":
+        return "not a CUDA cache"
+    if os.environ.get("XFORMERS_SPARSEK_DECODE", "") == "torch":
+        return "XFORMERS_SPARSEK_DECODE=torch"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} (the fused step takes float16 / bfloat16)"
+    if head_dim != value_dim or head_dim not in (64, 128):
+        return f"head_dim {head_dim} / value_dim {value_dim} (the fused step takes 64 or 128, equal)"
+    from ._ext import cuda_unavailable_reason, load_extension
+
+    reason = cuda_unavailable_reason(device)
+    if reason is not None:
+        return reason
+    ext = load_extension()
+    if not hasattr(ext, "decode_step"):
+        return "the extension predates the fused decode step (rebuild it)"
+    with torch.cuda.device(device):
+        limit = ext.decode_max_pool_slots(head_dim)
+    if pool_slots > limit:
+        return f"topk + capacity = {pool_slots} > {limit} (shared memory of this GPU)"
+    return None
 
 
 def _tau_sorted(w: Tensor, topk: int) -> Tuple[Tensor, Tensor]:
@@ -176,6 +205,9 @@ class SparseKCache:
         # the CPU they skip the threshold solve when it changes nothing (tests may set it)
         self._sync_free = self.device.type != "cpu"
         self._half_bmm = _half_bmm_ok(self.device, dtype)
+        # the fused CUDA step (one update, one attention and one merge kernel) where it applies
+        self.fused_decode_reason = _fused_decode_reason(self.device, dtype, head_dim, value_dim,
+                                                        K + C)
 
     # ------------------------------------------------------------------ state / stats
 
@@ -460,10 +492,35 @@ class SparseKCache:
         """One new token per sequence (sequences may have different lengths; rows with
         valid False append nothing and get a zero output): O(window + topk + capacity) per
         KV head, vectorised over batch and heads, static shapes, no host sync on CUDA."""
-        out = self._decode_tensors(q, k, v, scores, scale, valid)
+        out = self._decode_fn(q.shape[3])(q, k, v, scores, scale, valid)
         if self._lens_host is not None:
             self._lens_host = [n + 1 for n in self._lens_host] if valid is None else None
         return out
+
+    def _decode_fn(self, rows: int):
+        """The single-token step for ``rows`` query heads per KV head: the fused CUDA kernels
+        where they apply, else the PyTorch tensor step."""
+        if self.fused_decode_reason is None:
+            from ._ext import load_extension
+
+            if rows <= load_extension().decode_max_rows():
+                return self._decode_fused
+        return self._decode_tensors
+
+    def _decode_fused(self, q, k, v, scores, scale, valid: Optional[Tensor]):
+        """``_decode_tensors`` in three CUDA kernels (csrc/sparsek/decode.cu): the same state
+        updates (the threshold solve in another summation order: tau may differ in the last
+        bits) and fp32 attention."""
+        from ._ext import load_extension
+
+        dt = self.dtype
+        out = load_extension().decode_step(
+            q[:, 0].to(dt).contiguous(), k[:, 0].to(dt).contiguous(), v[:, 0].to(dt).contiguous(),
+            scores[:, 0].to(torch.float64).contiguous(),
+            None if valid is None else valid[:, 0].contiguous(),
+            self.kv_k, self.kv_v, self.win_u, self.top_u, self.top_pos, self.pool_u, self.tau,
+            self.tau_min, self.overflow, self.lens, self.window, scale)
+        return out.to(q.dtype).unsqueeze(1)
 
     def _decode_tensors(self, q, k, v, scores, scale, valid: Optional[Tensor]):
         """The tensor work of ``_decode`` (state updated in place; what capture() records
@@ -632,7 +689,7 @@ class DecodeStep:
             raise ValueError("graph=True needs a CUDA cache")
         self.graph = None
         self.out = None
-        self._fn = cache._decode_tensors
+        self._fn = cache._decode_fn(self.q.shape[-2] if not self.flat else self.q.shape[2] // scores.shape[2])
         if compile:
             fn = _compiled_decode(compile_backend)
             self._fn = lambda *args: fn(cache, *args)

@@ -318,6 +318,83 @@ std::vector<at::Tensor> bwd_reduce(const at::Tensor& part_kv, const at::Tensor& 
 
 }  // namespace
 
+// Largest pool-score array (topk + capacity) the fused decode step handles on this device:
+// its update kernel keeps two copies of it in shared memory.
+int64_t decode_max_pool_slots(int64_t head_dim) {
+  int dev = 0, optin = 0;
+  CHECK_CUDA_OK(cudaGetDevice(&dev));
+  CHECK_CUDA_OK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  const int row = static_cast<int>(head_dim) * 2;
+  int64_t n = 0;
+  while (xsk::decode_update_smem_bytes(static_cast<int>(n + 1024), row, row) <= (size_t)optin) n += 1024;
+  return n;
+}
+
+// One fused SparseKCache decode step (csrc/sparsek/decode.cu): updates the state tensors in
+// place (lens too) and returns out [B, G, R, D] in the K/V dtype.
+at::Tensor decode_step(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                       const at::Tensor& u_new, const c10::optional<at::Tensor>& valid,
+                       const at::Tensor& kv_k, const at::Tensor& kv_v, const at::Tensor& win_u,
+                       const at::Tensor& top_u, const at::Tensor& top_pos,
+                       const at::Tensor& pool_u, const at::Tensor& tau, const at::Tensor& tau_min,
+                       const at::Tensor& overflow, const at::Tensor& lens, int64_t window,
+                       double scale) {
+  const auto dt = kv_k.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "kv_k must be float16 or bfloat16");
+  check(kv_k, "kv_k", dt);
+  check(kv_v, "kv_v", dt);
+  check(q, "q", dt);
+  check(k_new, "k_new", dt);
+  check(v_new, "v_new", dt);
+  check(u_new, "u_new", at::kDouble);
+  check(win_u, "win_u", at::kDouble);
+  check(top_u, "top_u", at::kDouble);
+  check(top_pos, "top_pos", at::kLong);
+  check(pool_u, "pool_u", at::kDouble);
+  check(tau, "tau", at::kDouble);
+  check(tau_min, "tau_min", at::kDouble);
+  check(overflow, "overflow", at::kLong);
+  check(lens, "lens", at::kLong);
+  if (valid) check(*valid, "valid", at::kBool);
+  TORCH_CHECK(kv_k.dim() == 4 && q.dim() == 4, "kv_k must be [B, G, W + K, D], q [B, G, R, D]");
+  const int B = kv_k.size(0), G = kv_k.size(1), S = kv_k.size(2), D = kv_k.size(3);
+  const int W = static_cast<int>(window), K = S - W, R = q.size(2);
+  TORCH_CHECK(kv_v.sizes() == kv_k.sizes(), "kv_v must match kv_k (value_dim == head_dim)");
+  TORCH_CHECK(q.size(0) == B && q.size(1) == G && q.size(3) == D, "q must be [B, G, R, D]");
+  TORCH_CHECK(k_new.numel() == (int64_t)B * G * D && v_new.numel() == k_new.numel(),
+              "k_new / v_new must be [B, G, D]");
+  TORCH_CHECK(W >= 0 && K >= 1, "window must be in [0, W + K)");
+  TORCH_CHECK(top_u.numel() == (int64_t)B * G * K && pool_u.size(-1) >= K, "top set / pool shapes");
+  const at::cuda::OptionalCUDAGuard guard(kv_k.device());
+  xsk::DecodeParams p{};
+  p.B = B, p.G = G, p.R = R, p.W = W, p.K = K, p.N = pool_u.size(-1);
+  p.k_row_bytes = p.v_row_bytes = D * 2;
+  p.slots_per_split = 256;
+  p.splits = (S + p.slots_per_split - 1) / p.slots_per_split;
+  p.scale = static_cast<float>(scale);
+  auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor part_o = at::empty({B, G, p.splits, R, D}, f32);
+  at::Tensor part_m = at::empty({B, G, p.splits, R}, f32);
+  at::Tensor part_l = at::empty({B, G, p.splits, R}, f32);
+  at::Tensor lens_next = at::empty_like(lens);
+  at::Tensor out = at::empty({B, G, R, D}, q.options());
+  p.q = q.data_ptr(), p.k_new = k_new.data_ptr(), p.v_new = v_new.data_ptr();
+  p.u_new = u_new.data_ptr<double>();
+  p.valid = valid ? valid->data_ptr<bool>() : nullptr;
+  p.kv_k = kv_k.data_ptr(), p.kv_v = kv_v.data_ptr();
+  p.win_u = win_u.data_ptr<double>(), p.top_u = top_u.data_ptr<double>();
+  p.top_pos = top_pos.data_ptr<int64_t>(), p.pool_u = pool_u.data_ptr<double>();
+  p.tau = tau.data_ptr<double>(), p.tau_min = tau_min.data_ptr<double>();
+  p.overflow = overflow.data_ptr<int64_t>();
+  p.lens = lens.data_ptr<int64_t>(), p.lens_next = lens_next.data_ptr<int64_t>();
+  p.part_o = part_o.data_ptr<float>(), p.part_m = part_m.data_ptr<float>();
+  p.part_l = part_l.data_ptr<float>();
+  p.out = out.data_ptr();
+  CHECK_CUDA_OK(xsk::launch_decode(p, dt == at::kBFloat16 ? 1 : 0, D, at::cuda::getCurrentCUDAStream()));
+  lens.copy_(lens_next);
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "xformers_sparsek CUDA kernels";
   m.def("build_info", &build_info, "CUDA runtime version and compiled archs");
@@ -326,5 +403,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_lists", &build_lists, "gathered pool-key list per (query tile, head)");
   m.def("fwd", &fwd, "SparseK attention forward");
   m.def("bwd", &bwd, "SparseK attention backward, passes 1 (dq) and 2 (dk/dv partials)");
+  m.def("decode_step", &decode_step, "one fused SparseKCache decode step (state in place)");
+  m.def("decode_max_pool_slots", &decode_max_pool_slots,
+        "largest topk + capacity the fused decode step handles on the current device");
+  m.def("decode_max_rows", &xsk::decode_max_rows, "query heads per KV head of the fused decode step");
   m.def("bwd_reduce", &bwd_reduce, "SparseK backward pass 3: ordered sums of the partials");
 }

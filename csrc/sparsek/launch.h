@@ -25,4 +25,10 @@ cudaError_t launch_bwd_reduce(const float* part_kv, const float* part_u, const i
                               int D, int64_t group_slots, float* dk, float* dv, float* du,
                               cudaStream_t stream);
 
+// One SparseKCache decode step (decode.cu); dtype 0 = fp16, 1 = bf16; head_dim 64 or 128
+// (K and V); cudaErrorInvalidValue otherwise or for R > decode_max_rows().
+cudaError_t launch_decode(const DecodeParams& p, int dtype, int head_dim, cudaStream_t stream);
+size_t decode_update_smem_bytes(int N, int k_row_bytes, int v_row_bytes);
+int decode_max_rows();
+
 }  // namespace xsk

@@ -97,4 +97,36 @@ struct BwdDkvParams {
   int list_slots;         // pad64(cap): where the window stream's slots start
 };
 
+// One single-token decode step of SparseKCache (decode.cu). Shapes: B sequences, G KV
+// heads, R query heads per KV head, window W, top set K, pool-score array N = K + capacity.
+struct DecodeParams {
+  // the step's inputs
+  const void* q;        // [B, G, R, D] (K/V dtype)
+  const void* k_new;    // [B, G, D]
+  const void* v_new;    // [B, G, D]
+  const double* u_new;  // [B, G] scores of the new tokens
+  const bool* valid;    // [B] or nullptr (every row appends)
+  // the cache's state, updated in place
+  void* kv_k;           // [B, G, W + K, D]: ring (slot = pos % W), then the top set
+  void* kv_v;
+  double* win_u;        // [B, G, W]
+  double* top_u;        // [B, G, K]
+  int64_t* top_pos;     // [B, G, K]
+  double* pool_u;       // [B, G, N] ascending, -inf padding first
+  double* tau;          // [B, G]
+  double* tau_min;      // [B, G]
+  int64_t* overflow;    // [B, G]
+  const int64_t* lens;  // [B] tokens seen before the step
+  int64_t* lens_next;   // [B] after it (copied into lens by the caller)
+  // split-K attention scratch and the output
+  float* part_o;        // [B, G, splits, R, D]
+  float* part_m;        // [B, G, splits, R]
+  float* part_l;        // [B, G, splits, R]
+  void* out;            // [B, G, R, D] (K/V dtype)
+  int B, G, R, W, K, N;
+  int k_row_bytes, v_row_bytes;
+  int splits, slots_per_split;
+  float scale;
+};
+
 }  // namespace xsk
