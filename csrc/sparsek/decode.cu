@@ -5,8 +5,8 @@
 //                   the insertion into the sorted pool scores, the threshold solve and the
 //                   pruning, all in shared memory (the PyTorch step's exact algorithm);
 //   decode_attend   (sequence, KV head, split) CTAs: the gated attention of the R query rows
-//                   of the KV head over one slice of the window + top-set slots (fp32 online
-//                   softmax; no atomics);
+//                   of the KV head over one 256-slot slice of the window + top-set slots
+//                   (fp32; the split's softmax statistics go to the merge; no atomics);
 //   decode_combine  merges the splits in a fixed order (deterministic).
 //
 // The state layout is SparseKCache's: K/V of window and top set in one [B, G, W + K, D]
