@@ -623,19 +623,24 @@ def plot_study(ft, path):
             pts = [(L, recs[f"{m}@{L}"][key]) for L in Ls if f"{m}@{L}" in recs]
             if pts:
                 ax.plot(*zip(*pts), style[m], label=m)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(Ls)
-        ax.set_xticklabels([str(L) for L in Ls])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("perplexity")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _ppl_axes(ax, Ls, name)
     fig.suptitle(f"SmolLM2-135M, scorer fine-tuning at topk={c['topk']} + window={c['window']} "
                  f"({c['device']}, {c['dtype']}, {ft['training']['steps']} steps)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _ppl_axes(ax, lengths, title):
+    """Perplexity against context length (log2 axis, one tick per length)."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths)
+    ax.set_xticklabels([str(L) for L in lengths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def plot(db, lengths, methods, get, docs):
@@ -652,14 +657,7 @@ def plot(db, lengths, methods, get, docs):
             pts = [(L, get(m, L)[key]) for L in lengths if get(m, L) and get(m, L).get(key)]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style.get(m, "-o"), label=m)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths)
-        ax.set_xticklabels([str(L) for L in lengths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("perplexity")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _ppl_axes(ax, lengths, title)
     s = db["settings"]
     fig.suptitle(f"SmolLM2-135M on pydoc topics, budget {s.get('budget', '')} (CPU)", fontsize=10)
     fig.tight_layout()
