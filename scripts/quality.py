@@ -358,6 +358,29 @@ def machine():
             f"({torch.get_num_threads()} threads), CPU only")
 
 
+def ruler_section(docs):
+    """The RULER scores of docs/ruler.json (written by scripts/ruler_eval.py, which also
+    writes docs/ruler.md with the details), as one table; [] when there are none."""
+    path = os.path.join(docs, "ruler.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        db = json.load(f)
+    lines = ["## Retrieval: RULER through lm-eval (CPU)\n",
+             "`niah_single_1` and `ruler_vt` scores (%) at the same key budget, from docs/ruler.json "
+             "(scripts/ruler_eval.py; settings, run times and the scorer file in docs/ruler.md). "
+             "`sparsek` uses the training-free scorer, `sparsek-hf` the scorers fine-tuned on the "
+             "GPU (section above). With n = 10 samples per task a score's standard error is up "
+             "to 16 points: only large gaps mean anything.\n",
+             "| length | budget (topk + window) | method | n | niah_single_1 | ruler_vt |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key in sorted(db):
+        r = db[key]
+        lines.append(f"| {r['length']} | {r['topk']} + {r['window']} | {r['method']} | {r['limit']} | "
+                     f"{100 * r['niah_single_1']:.0f} | {100 * r['ruler_vt']:.0f} |")
+    return lines + [""]
+
+
 def write_report(db, docs=None):
     docs = docs or DOCS
     for key, name in (("finetune_study", FT_JSON), ("gpu_study", GPU_JSON)):
@@ -427,6 +450,7 @@ def write_report(db, docs=None):
     if db.get("finetune_study"):
         lines.extend(study_section(db["finetune_study"], "Scorer fine-tuning side study (CPU, tiny)",
                                    db))
+    lines.extend(ruler_section(docs))
     lines.append("## Where SparseK stands (generated from the numbers above)\n")
     lines.extend(summary(db, lengths, get))
     lines.append("")
