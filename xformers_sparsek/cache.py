@@ -23,8 +23,10 @@ too).  The fractional list is what ``tau`` still needs; it is exact while it fit
 
 GPU notes: a single-token step (``M = 1``) has static shapes and no host synchronisation
 apart from the input check of ``update_and_attend`` (finite scores); ``capture()`` records
-it as a CUDA graph (no check, one replay per step), optionally compiled first
-(``compile=True``).  See docs/decoding.md, "Cost of a step on the GPU".
+it as a CUDA graph (no check, one replay per step).  On CUDA, fp16/bf16 caches with head
+dim 64 or 128 run it as three fused kernels (csrc/sparsek/decode.cu; see
+``fused_decode_reason``); the others run the PyTorch tensor step, which ``capture(
+compile=True)`` can compile.  See docs/decoding.md, "The fused CUDA step".
 """
 
 import os
@@ -526,7 +528,7 @@ class SparseKCache:
         """The tensor work of ``_decode`` (state updated in place; what capture() records
         and may compile)."""
         B, _, G = scores.shape
-        W, K, dev = self.window, self.topk, self.device
+        W, dev = self.window, self.device
         L = self.lens.clone()
         vb = torch.ones(B, dtype=torch.bool, device=dev) if valid is None else valid[:, 0]
         u_new = scores[:, 0].to(torch.float64)  # [B, G]
@@ -689,7 +691,8 @@ class DecodeStep:
             raise ValueError("graph=True needs a CUDA cache")
         self.graph = None
         self.out = None
-        self._fn = cache._decode_fn(self.q.shape[-2] if not self.flat else self.q.shape[2] // scores.shape[2])
+        rows = q.shape[2] // scores.shape[2] if self.flat else q.shape[3]  # per KV head
+        self._fn = cache._decode_fn(rows)
         if compile:
             fn = _compiled_decode(compile_backend)
             self._fn = lambda *args: fn(cache, *args)
@@ -698,7 +701,6 @@ class DecodeStep:
             self._record()
 
     def _run(self):
-        c = self.cache
         B, _, G = self.scores.shape
         q5 = self.q.view(B, 1, G, self.q.shape[2] // G, self.q.shape[3]) if self.flat else self.q
         with torch.no_grad():
