@@ -340,6 +340,8 @@ __global__ void __launch_bounds__(kAttendWarps * 32) decode_attend_kernel(Decode
   const int n_ring = (int)(L < W ? L : W), n_top = (int)(n_pool < K ? n_pool : K);
   const double tau = p.tau[bg];
   const int s0 = split * span, n_here = min(S - s0, span);
+  // slot i holds a key: ring slots written so far, top-set slots filled so far
+  auto holds_key = [&](int i) { return i < W ? i < n_ring : i - W < n_top; };
   const T* qb = static_cast<const T*>(p.q) + (size_t)bg * R * D;
   for (int i = threadIdx.x; i < R * D; i += blockDim.x) sq[i] = static_cast<float>(qb[i]);
   __syncthreads();
@@ -357,7 +359,7 @@ __global__ void __launch_bounds__(kAttendWarps * 32) decode_attend_kernel(Decode
 #pragma unroll
     for (int t = 0; t < 2; ++t) {  // both slots' loads first
       const int j = j0 + t * kAttendWarps * kSlotsPerWarp, i = s0 + j;
-      ok[t] = j < n_here && (i < W ? i < n_ring : i - W < n_top);
+      ok[t] = j < n_here && holds_key(i);
       // as cache._attend: the float64 gate rounded to float32
       gate[t] = !ok[t] || i < W ? 1.f : (float)fmin(fmax(top_u[i - W] - tau, 0.0), 1.0);
 #pragma unroll
@@ -424,7 +426,7 @@ __global__ void __launch_bounds__(kAttendWarps * 32) decode_attend_kernel(Decode
 #pragma unroll
     for (int t = 0; t < kUnroll; ++t) {
       const int j = j0 + t * kAttendWarps, i = s0 + j;
-      ok[t] = j < n_here && (i < W ? i < n_ring : i - W < n_top);
+      ok[t] = j < n_here && holds_key(i);
 #pragma unroll
       for (int e = 0; e < EPL; e += 2) {
         const float2 f = ok[t] ? Vec<T>::two(vbuf + (size_t)i * D + lane * EPL + e) : make_float2(0.f, 0.f);
