@@ -210,6 +210,12 @@ class SparseKCache:
         # the fused CUDA step (one update, one attention and one merge kernel) where it applies
         self.fused_decode_reason = _fused_decode_reason(self.device, dtype, head_dim, value_dim,
                                                         K + C)
+        # query heads per KV head the fused step takes (read once: not on every step)
+        self._fused_max_rows = 0
+        if self.fused_decode_reason is None:
+            from ._ext import load_extension
+
+            self._fused_max_rows = load_extension().decode_max_rows()
 
     # ------------------------------------------------------------------ state / stats
 
@@ -502,11 +508,8 @@ class SparseKCache:
     def _decode_fn(self, rows: int):
         """The single-token step for ``rows`` query heads per KV head: the fused CUDA kernels
         where they apply, else the PyTorch tensor step."""
-        if self.fused_decode_reason is None:
-            from ._ext import load_extension
-
-            if rows <= load_extension().decode_max_rows():
-                return self._decode_fused
+        if self.fused_decode_reason is None and rows <= self._fused_max_rows:
+            return self._decode_fused
         return self._decode_tensors
 
     def _decode_fused(self, q, k, v, scores, scale, valid: Optional[Tensor]):
