@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import commit, median_ms, pyplot
+from common import back_to_back_ms, commit, median_ms, pyplot
 from xformers_sparsek import SparseKCache
 
 
@@ -84,10 +84,11 @@ def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chu
         n_eager = cuda_activities(lambda: cache.update_and_attend(q1, k1, v1, u1))
         print(f"  eager step: {t_eager:.3f} ms, {n_eager} GPU activities", flush=True)
     # captured step: the same kernels replayed as one CUDA graph (CPU: run eagerly)
-    t_graph, graph_error = float("nan"), None
+    t_graph, t_b2b, graph_error = float("nan"), float("nan"), None
     try:
         step = cache.capture(q1, k1, v1, u1)
         t_graph = median_ms(lambda: step(q1, k1, v1, u1), steps, 3, cuda)
+        t_b2b = back_to_back_ms(lambda: step(q1, k1, v1, u1), 50, 3, cuda)
         del step
     except Exception as e:  # noqa: BLE001  (report, keep the eager numbers)
         graph_error = f"{type(e).__name__}: {e}"
@@ -101,7 +102,8 @@ def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chu
         del step
         cache.fused_decode_reason = None
     print(f"  step: {'fused CUDA kernels' if fused is None else 'PyTorch (' + fused + ')'}; "
-          f"graph {t_graph:.3f} ms, eager {t_eager:.3f} ms, PyTorch step graph {t_torch:.3f} ms",
+          f"graph {t_graph:.3f} ms (back to back {t_b2b:.3f}), eager {t_eager:.3f} ms, PyTorch step "
+          f"graph {t_torch:.3f} ms",
           flush=True)
     # the PyTorch step compiled by inductor first (--compile; failed in inductor's codegen
     # on torch 2.11)
@@ -131,8 +133,9 @@ def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chu
     # Dense anchor: one query against the full C-token cache (what a dense model holds).
     kd, vd = rnd(B, Hkv, C, D), rnd(B, Hkv, C, D)
     qd = rnd(B, Hq, 1, D)
-    t_dense = median_ms(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True),
-                        steps, 2, cuda)
+    dense = lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True)  # noqa: E731
+    t_dense = median_ms(dense, steps, 2, cuda)
+    t_dense_b2b = back_to_back_ms(dense, 20, 3, cuda)
     dense_bytes = (kd.numel() + vd.numel()) * kd.element_size()
     del kd, vd
     best = t_graph if t_graph == t_graph else t_eager
@@ -141,6 +144,8 @@ def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chu
                 sparse_compiled_graph_ms=t_comp, compile_s=comp_s, compile_error=comp_error,
                 gpu_activities_eager=n_eager, gpu_activities_compiled=n_comp,
                 dense_ms=t_dense, speedup=t_dense / best,
+                sparse_graph_b2b_ms=t_b2b, dense_b2b_ms=t_dense_b2b,
+                speedup_b2b=t_dense_b2b / t_b2b,
                 speedup_compiled=t_dense / t_comp if t_comp == t_comp else float("nan"),
                 prefill_s=prefill_s, peak_gib=peak / 2**30, graph_error=graph_error,
                 sparse_kv_bytes=sparse_bytes, dense_kv_bytes=dense_bytes)
@@ -149,14 +154,17 @@ def decode_row(C, B, Hq, Hkv, D, topk, window, steps, dtype, device, prefill_chu
 def table(rows):
     lines = ["| context | SparseK step, CUDA graph (ms) | SparseK step, eager (ms) | PyTorch "
              "step, graph (ms) | dense SDPA step (ms) | speedup (graph) | SparseK KV (MiB) | "
-             "dense KV (MiB) | prefill (s) |",
-             "|" + "---|" * 9]
+             "dense KV (MiB) | prefill (s) | SparseK graph, back to back (ms/step) | dense, back "
+             "to back (ms/step) | speedup (back to back) |",
+             "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['context']} | {r['sparse_graph_ms']:.3f} | {r['sparse_eager_ms']:.3f} | "
                      f"{r.get('sparse_torch_graph_ms', float('nan')):.3f} | "
                      f"{r['dense_ms']:.3f} | {r['speedup']:.2f}x | "
                      f"{r['sparse_kv_bytes'] / 2**20:.1f} | {r['dense_kv_bytes'] / 2**20:.1f} | "
-                     f"{r['prefill_s']:.2f} |")
+                     f"{r['prefill_s']:.2f} | {r.get('sparse_graph_b2b_ms', float('nan')):.3f} | "
+                     f"{r.get('dense_b2b_ms', float('nan')):.3f} | "
+                     f"{r.get('speedup_b2b', float('nan')):.2f}x |")
     if len(rows) > 1:
         lines.append(f"\nStep latency at the longest context / the shortest: "
                      f"{rows[-1]['sparse_ms'] / rows[0]['sparse_ms']:.2f}x (SparseK), "

@@ -30,6 +30,33 @@ def median_ms(fn, iters=10, warmup=3, cuda=True):
     return statistics.median(ts)
 
 
+def back_to_back_ms(fn, n=50, reps=3, cuda=True):
+    """Milliseconds per call of `fn` issued n times back to back (median of reps): the GPU
+    time per call once the host runs ahead, as in a generation loop (no launch gaps)."""
+    import torch
+
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        if cuda:
+            a = torch.cuda.Event(enable_timing=True)
+            b = torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(n):
+                fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b) / n)
+        else:
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            ts.append(1e3 * (time.perf_counter() - t) / n)
+    return statistics.median(ts)
+
+
 def pyplot():
     """matplotlib.pyplot with the Agg backend, or None (and a note) without matplotlib."""
     try:

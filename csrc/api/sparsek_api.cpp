@@ -369,7 +369,8 @@ at::Tensor decode_step(const at::Tensor& q, const at::Tensor& k_new, const at::T
   xsk::DecodeParams p{};
   p.B = B, p.G = G, p.R = R, p.W = W, p.K = K, p.N = pool_u.size(-1);
   p.k_row_bytes = p.v_row_bytes = D * 2;
-  p.slots_per_split = 256;
+  p.slots_per_split = xsk::decode_attend_slots_per_split(
+      B * G, S, D, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   p.splits = (S + p.slots_per_split - 1) / p.slots_per_split;
   p.scale = static_cast<float>(scale);
   auto f32 = q.options().dtype(at::kFloat);

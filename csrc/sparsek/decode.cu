@@ -5,26 +5,30 @@
 //                   the insertion into the sorted pool scores, the threshold solve and the
 //                   pruning, all in shared memory (the PyTorch step's exact algorithm);
 //   decode_attend   (sequence, KV head, split) CTAs: the gated attention of the R query rows
-//                   of the KV head over one 256-slot slice of the window + top-set slots
-//                   (fp32; the split's softmax statistics go to the merge; no atomics);
-//   decode_combine  merges the splits in a fixed order (deterministic).
+//                   of the KV head over one slice of the window + top-set slots, on tensor
+//                   cores with a cp.async pipeline per warp (as many splits as fill the GPU
+//                   in one wave: decode_attend_slots_per_split);
+//   decode_combine  merges the splits in a fixed order (deterministic; skipped when one
+//                   split covers the slots).
 //
 // The state layout is SparseKCache's: K/V of window and top set in one [B, G, W + K, D]
 // buffer per tensor (ring slot = pos % W first), float64 scores, int64 positions.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cstdint>
 
 #include "launch.h"
+#include "mma.cuh"
 
 namespace xsk {
 namespace {
 
 constexpr int kUpdateThreads = 512;
 constexpr int kAttendWarps = 4;
-constexpr int kMaxRows = 16;  // query heads per KV head handled by decode_attend
+constexpr int kMaxRows = 16;  // query heads per KV head handled by decode_attend (one m16 tile)
 
 // Block-wide exclusive scan of one double per thread (kUpdateThreads threads); returns the
 // thread's exclusive prefix. `tmp` holds kUpdateThreads / 32 doubles.
@@ -296,180 +300,233 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(DecodePar
 }
 
 // ------------------------------------------------------------------------------------------
-// decode_attend: the R query rows of KV head (b, g) over the slots [s0, s1) of its window +
-// top set. Logits q.k * scale * gate, softmax over every valid slot, weights p * gate
-// (DESIGN.md section 1); gate 1 in the ring, clip(u - tau, 0, 1) in the top set.
-// Phase 1: the logits of every slot (8 lanes per slot, 4 slots per warp at a time) into
-// shared memory; phase 2: each row's max and sum; phase 3: the weighted V sum (lanes over
-// D, each warp a quarter of the slots), merged over the warps in a fixed order.
-template <typename T>
-struct Vec;  // conversions of packed pairs to float2
-template <>
-struct Vec<__half> {
-  static __device__ __forceinline__ float2 two(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
-  static __device__ __forceinline__ float2 two(uint32_t x) { return __half22float2(*reinterpret_cast<const __half2*>(&x)); }
-};
-template <>
-struct Vec<__nv_bfloat16> {
-  static __device__ __forceinline__ float2 two(const __nv_bfloat16* p) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
-  }
-  static __device__ __forceinline__ float2 two(uint32_t x) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
-  }
-};
+// decode_attend: the R <= 16 query rows of KV head (b, g) over the slots [s0, s1) of its
+// window + top set, as a small FlashAttention forward on mma.sync: the R rows padded to one
+// m16 tile, 16-slot tiles, logits q.k * scale * gate, online softmax over every valid slot,
+// weights p * gate (DESIGN.md section 1; gate 1 in the ring, clip(u - tau, 0, 1) in the top
+// set). Each warp streams every kAttendWarps-th tile of the split through its own
+// kAttendStages-deep cp.async ring (no block barriers in the loop: loads of the next tiles
+// are in flight while the current one is computed; the step is bandwidth-bound). The warps'
+// results are merged in warp order (deterministic); with one split the CTA writes the
+// output, otherwise the split's partial (decode_combine merges them).
+constexpr int kAttendTile = 16;    // slots per tile: one k-step of the P V product
+constexpr int kAttendStages = 3;   // tiles per warp in flight or being computed
+constexpr int kSmemPerSM = 227 * 1024;
+
+template <int D>
+constexpr size_t attend_stage_bytes() {  // K and V tiles, then the tile's float64 scores
+  return 2 * (size_t)kAttendTile * D * 2 + kAttendTile * sizeof(double);
+}
+template <int D>
+constexpr size_t attend_smem_bytes() {
+  return (size_t)kAttendWarps * kAttendStages * attend_stage_bytes<D>();
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kAttendWarps * 32) decode_attend_kernel(DecodeParams p) {
-  constexpr int kLanesPerSlot = 8, kSlotsPerWarp = 32 / kLanesPerSlot;
-  constexpr int kChunk = D / kLanesPerSlot;  // K elements per lane in phase 1 (8 or 16)
-  constexpr int EPL = D / 32;                // V elements per lane in phase 3 (2 or 4)
-  extern __shared__ float sm[];
+  constexpr int kChunks = D / 8;  // 16-byte chunks per K/V row
+  extern __shared__ __align__(16) unsigned char smem[];
   const int bg = blockIdx.x, split = blockIdx.y, b = bg / p.G;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int W = p.W, K = p.K, S = W + K, R = p.R, span = p.slots_per_split;
-  float* sq = sm;                    // [R][D] the query rows
-  float* sp = sq + R * D;            // [R][span] logits, then weights p * gate
-  float* sgate = sp + R * span;      // [span]
-  float* sstat = sgate + span;       // [R][2] max, sum
-  float* sacc = sstat + 2 * R;       // [R][D] the merged V sums
+  const int W = p.W, K = p.K, S = W + K, R = p.R;
+  const bool direct = p.splits == 1;  // write the output here (no decode_combine)
   const bool vb = p.valid == nullptr || p.valid[b];
-  if (!vb) return;  // decode_combine writes zeros
+  if (!vb) {  // a row that does not append: output 0 (decode_combine writes it otherwise)
+    if (direct)
+      for (int i = threadIdx.x; i < R * D; i += blockDim.x)
+        static_cast<T*>(p.out)[(size_t)bg * R * D + i] = static_cast<T>(0.f);
+    return;
+  }
   const int64_t L = p.lens_next[b];
   const int64_t n_pool = L - W > 0 ? L - W : 0;
   const int n_ring = (int)(L < W ? L : W), n_top = (int)(n_pool < K ? n_pool : K);
   const double tau = p.tau[bg];
-  const int s0 = split * span, n_here = min(S - s0, span);
-  // slot i holds a key: ring slots written so far, top-set slots filled so far
-  auto holds_key = [&](int i) { return i < W ? i < n_ring : i - W < n_top; };
+  const int s0 = split * p.slots_per_split, s1 = min(S, s0 + p.slots_per_split);
+  const int n_tiles = (s1 - s0 + kAttendTile - 1) / kAttendTile;
+  const int n_mine = n_tiles > warp ? (n_tiles - warp + kAttendWarps - 1) / kAttendWarps : 0;
+  auto slot_ok = [&](int i) { return i < s1 && (i < W ? i < n_ring : i - W < n_top); };
+
+  // This warp's stages.
+  unsigned char* wsm = smem + (size_t)warp * kAttendStages * attend_stage_bytes<D>();
+  auto stage_k = [&](int st) { return reinterpret_cast<T*>(wsm + st * attend_stage_bytes<D>()); };
+  auto stage_v = [&](int st) { return stage_k(st) + kAttendTile * D; };
+  auto stage_u = [&](int st) { return reinterpret_cast<double*>(stage_v(st) + kAttendTile * D); };
+  const T* kbase = static_cast<const T*>(p.kv_k) + (size_t)bg * S * D;
+  const T* vbase = static_cast<const T*>(p.kv_v) + (size_t)bg * S * D;
+  const double* ubase = p.top_u + (size_t)bg * K;
+  auto load_tile = [&](int it) {  // this warp's it-th tile into stage it % kAttendStages
+    const int st = it % kAttendStages, first = s0 + (warp + it * kAttendWarps) * kAttendTile;
+    T* sk = stage_k(st);
+    T* sv = stage_v(st);
+#pragma unroll
+    for (int c = lane; c < kAttendTile * kChunks; c += 32) {
+      const int row = c / kChunks, chunk = c % kChunks, i = first + row;
+      const bool ok = slot_ok(i);  // invalid slots are zero-filled (0 * garbage may be NaN)
+      const size_t off = (size_t)(ok ? i : 0) * D + chunk * 8;
+      cp_async16(sk + swz<D>(row, chunk), kbase + off, ok);
+      cp_async16(sv + swz<D>(row, chunk), vbase + off, ok);
+    }
+    if (lane < kAttendTile) {
+      const int i = first + lane;
+      const bool top = i >= W && slot_ok(i);
+      const int n = top ? 8 : 0;
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(stage_u(st) + lane)),
+                   "l"(ubase + (top ? i - W : 0)), "r"(n));
+    }
+  };
+
+  // The query rows as A fragments (rows >= R are zero).
   const T* qb = static_cast<const T*>(p.q) + (size_t)bg * R * D;
-  for (int i = threadIdx.x; i < R * D; i += blockDim.x) sq[i] = static_cast<float>(qb[i]);
-  __syncthreads();
+  const int r_lo = lane >> 2, r_hi = r_lo + 8;
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int c = kk * 16 + (lane & 3) * 2;
+    auto q2 = [&](int r, int col) {
+      return r < R ? *reinterpret_cast<const uint32_t*>(qb + r * D + col) : 0u;
+    };
+    qa[kk][0] = q2(r_lo, c), qa[kk][1] = q2(r_hi, c);
+    qa[kk][2] = q2(r_lo, c + 8), qa[kk][3] = q2(r_hi, c + 8);
+  }
 
-  // Phase 1: logits.
-  const T* kb = static_cast<const T*>(p.kv_k) + (size_t)bg * S * D;
-  const double* top_u = p.top_u + (size_t)bg * K;
-  const int grp = lane / kLanesPerSlot, sub = lane % kLanesPerSlot;
-  // (the loop bound is warp-uniform: the shuffles below need every lane)
-  for (int base = warp * kSlotsPerWarp; base < n_here; base += 2 * kAttendWarps * kSlotsPerWarp) {
-    const int j0 = base + grp;
-    uint4 kr[2][kChunk / 8];
-    bool ok[2];
-    float gate[2];
+  float o[D / 8][4];
 #pragma unroll
-    for (int t = 0; t < 2; ++t) {  // both slots' loads first
-      const int j = j0 + t * kAttendWarps * kSlotsPerWarp, i = s0 + j;
-      ok[t] = j < n_here && holds_key(i);
-      // as cache._attend: the float64 gate rounded to float32
-      gate[t] = !ok[t] || i < W ? 1.f : (float)fmin(fmax(top_u[i - W] - tau, 0.0), 1.0);
+  for (int n = 0; n < D / 8; ++n)
 #pragma unroll
-      for (int c = 0; c < kChunk / 8; ++c)
-        kr[t][c] = ok[t] ? reinterpret_cast<const uint4*>(kb + (size_t)i * D + sub * kChunk)[c]
-                         : make_uint4(0, 0, 0, 0);
+    for (int c = 0; c < 4; ++c) o[n][c] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  const float scale_log2 = p.scale * 1.4426950408889634f;
+
+#pragma unroll
+  for (int it = 0; it < kAttendStages - 1; ++it) {
+    if (it < n_mine) load_tile(it);
+    cp_async_commit();
+  }
+  for (int it = 0; it < n_mine; ++it) {
+    if (it + kAttendStages - 1 < n_mine) load_tile(it + kAttendStages - 1);
+    cp_async_commit();
+    cp_async_wait<kAttendStages - 1>();  // tile `it` has landed (this lane's copies)
+    __syncwarp();                        // ... and every lane's
+    const int st = it % kAttendStages, first = s0 + (warp + it * kAttendWarps) * kAttendTile;
+    const T* sk = stage_k(st);
+    const T* sv = stage_v(st);
+    const double* su = stage_u(st);
+    const int mi = lane >> 3;
+
+    // S = Q K^T: 16 rows x 16 slots.
+    float s[2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t kb[4];
+      ldmatrix_x4(kb, sk + swz<D>((mi >> 1) * 8 + (lane & 7), kk * 2 + (mi & 1)));
+      Mma<T>::run(s[0], qa[kk], kb[0], kb[1]);
+      Mma<T>::run(s[1], qa[kk], kb[2], kb[3]);
+    }
+    // Gates (as cache._attend: the float64 gate rounded to float32), masks, online softmax.
+    float gate[2][2], tmax[2] = {-INFINITY, -INFINITY};
+    bool ok[2][2];
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int col = n * 8 + (lane & 3) * 2 + c, i = first + col;
+        ok[n][c] = slot_ok(i);
+        gate[n][c] = i < W ? 1.f : (float)fmin(fmax(su[col] - tau, 0.0), 1.0);
+      }
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const float v = ok[n][c & 1] ? s[n][c] * (scale_log2 * gate[n][c & 1]) : -INFINITY;
+        s[n][c] = v;
+        tmax[c >> 1] = fmaxf(tmax[c >> 1], v);
+      }
+    float rescale[2];
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+      tmax[x] = fmaxf(tmax[x], __shfl_xor_sync(0xffffffffu, tmax[x], 1));
+      tmax[x] = fmaxf(tmax[x], __shfl_xor_sync(0xffffffffu, tmax[x], 2));
+      const float m = fmaxf(row_max[x], tmax[x]);
+      rescale[x] = m == -INFINITY ? 1.f : exp2f(row_max[x] - m);
+      row_max[x] = m;
+      row_sum[x] *= rescale[x];
+    }
+    uint32_t pa[4];  // (P * gate) as the A fragment of the P V product
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      float pe[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const float m = row_max[c >> 1] == -INFINITY ? 0.f : row_max[c >> 1];
+        pe[c] = exp2f(s[n][c] - m);  // masked slots: exp2(-inf) = 0
+        row_sum[c >> 1] += pe[c];    // the softmax denominator counts gated slots in full
+        pe[c] *= gate[n][c & 1];
+      }
+      pa[n * 2 + 0] = Mma<T>::pack(pe[0], pe[1]);
+      pa[n * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
     }
 #pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      const int j = j0 + t * kAttendWarps * kSlotsPerWarp;
-      float kx[kChunk];
-#pragma unroll
-      for (int c = 0; c < kChunk / 8; ++c) {
-        const uint32_t w4[4] = {kr[t][c].x, kr[t][c].y, kr[t][c].z, kr[t][c].w};
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          const float2 f = Vec<T>::two(w4[h]);
-          kx[c * 8 + 2 * h] = f.x, kx[c * 8 + 2 * h + 1] = f.y;
-        }
-      }
-      const float sg = p.scale * gate[t];  // the scale times the gate in float32, as there
-      for (int r = 0; r < R; ++r) {
-        const float* qr = sq + r * D + sub * kChunk;
-        float d = 0.f;
-#pragma unroll
-        for (int e = 0; e < kChunk; ++e) d += qr[e] * kx[e];
-#pragma unroll
-        for (int o = kLanesPerSlot / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-        if (sub == 0 && j < n_here) sp[r * span + j] = ok[t] ? d * sg : -INFINITY;
-      }
-      if (sub == 0 && j < n_here) sgate[j] = ok[t] ? gate[t] : 0.f;
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= rescale[0], o[n][1] *= rescale[0];
+      o[n][2] *= rescale[1], o[n][3] *= rescale[1];
     }
+#pragma unroll
+    for (int n2 = 0; n2 < D / 16; ++n2) {
+      uint32_t vbf[4];
+      ldmatrix_x4_trans(vbf, sv + swz<D>((mi & 1) * 8 + (lane & 7), n2 * 2 + (mi >> 1)));
+      Mma<T>::run(o[2 * n2], pa, vbf[0], vbf[1]);
+      Mma<T>::run(o[2 * n2 + 1], pa, vbf[2], vbf[3]);
+    }
+    __syncwarp();  // every lane is done with stage st before it is refilled
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int x = 0; x < 2; ++x) {
+    row_sum[x] += __shfl_xor_sync(0xffffffffu, row_sum[x], 1);
+    row_sum[x] += __shfl_xor_sync(0xffffffffu, row_sum[x], 2);
+  }
+
+  // Merge the warps in warp order through shared memory (the stages are free now).
+  __syncthreads();
+  float* so = reinterpret_cast<float*>(smem);         // [warps][16][D]
+  float* sm_ = so + kAttendWarps * 16 * D;            // [warps][16] running max (log2)
+  float* sl = sm_ + kAttendWarps * 16;                // [warps][16] sums
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int r = (c >> 1) ? r_hi : r_lo, d = n * 8 + (lane & 3) * 2 + (c & 1);
+      so[(warp * 16 + r) * D + d] = o[n][c];
+    }
+  if ((lane & 3) == 0) {
+    sm_[warp * 16 + r_lo] = row_max[0], sm_[warp * 16 + r_hi] = row_max[1];
+    sl[warp * 16 + r_lo] = row_sum[0], sl[warp * 16 + r_hi] = row_sum[1];
   }
   __syncthreads();
-
-  // Phase 2: per row, the max and the sum of exp over the valid slots; weights p * gate.
-  for (int r = warp; r < R; r += kAttendWarps) {
-    float* row = sp + r * span;
-    float mx = -INFINITY;
-    for (int j = lane; j < n_here; j += 32) mx = fmaxf(mx, row[j]);
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    float sum = 0.f;
-    for (int j = lane; j < n_here; j += 32) {
-      const float e = mx == -INFINITY ? 0.f : __expf(row[j] - mx);  // -inf logits give 0
-      sum += e;
-      row[j] = e * sgate[j];
-    }
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) sstat[2 * r] = mx, sstat[2 * r + 1] = sum;
-  }
-  __syncthreads();
-
-  // Phase 3: acc[r] = sum_j p[r][j] v_j, each warp over every kAttendWarps-th slot.
-  const T* vbuf = static_cast<const T*>(p.kv_v) + (size_t)bg * S * D;
-  constexpr int kUnroll = 4;
-  float acc[kMaxRows][EPL];
-#pragma unroll
-  for (int r = 0; r < kMaxRows; ++r)
-#pragma unroll
-    for (int e = 0; e < EPL; ++e) acc[r][e] = 0.f;
-  for (int j0 = warp; j0 < n_here; j0 += kAttendWarps * kUnroll) {
-    float vx[kUnroll][EPL];
-    bool ok[kUnroll];
-#pragma unroll
-    for (int t = 0; t < kUnroll; ++t) {
-      const int j = j0 + t * kAttendWarps, i = s0 + j;
-      ok[t] = j < n_here && holds_key(i);
-#pragma unroll
-      for (int e = 0; e < EPL; e += 2) {
-        const float2 f = ok[t] ? Vec<T>::two(vbuf + (size_t)i * D + lane * EPL + e) : make_float2(0.f, 0.f);
-        vx[t][e] = f.x, vx[t][e + 1] = f.y;
-      }
-    }
-#pragma unroll
-    for (int t = 0; t < kUnroll; ++t) {
-      if (!ok[t]) continue;
-      const int j = j0 + t * kAttendWarps;
-#pragma unroll
-      for (int r = 0; r < kMaxRows; ++r) {
-        if (r >= R) break;
-        const float w = sp[r * span + j];
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) acc[r][e] += w * vx[t][e];
-      }
-    }
-  }
-  // Merge the warps' sums in warp order (deterministic), then write the split's partial.
-  for (int w = 0; w < kAttendWarps; ++w) {
-    if (warp == w) {
-#pragma unroll
-      for (int r = 0; r < kMaxRows; ++r) {
-        if (r >= R) break;
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) {
-          float* dst = sacc + r * D + lane * EPL + e;
-          *dst = w == 0 ? acc[r][e] : *dst + acc[r][e];
-        }
-      }
-    }
-    __syncthreads();
-  }
   for (int idx = threadIdx.x; idx < R * D; idx += blockDim.x) {
-    const int r = idx / D;
-    const size_t part = ((size_t)bg * p.splits + split) * R + r;
-    p.part_o[part * D + idx % D] = sacc[idx];
-    if (idx % D == 0) p.part_m[part] = sstat[2 * r], p.part_l[part] = sstat[2 * r + 1];
+    const int r = idx / D, d = idx % D;
+    float mm = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kAttendWarps; ++w) mm = fmaxf(mm, sm_[w * 16 + r]);
+    float ll = 0.f, aa = 0.f;
+#pragma unroll
+    for (int w = 0; w < kAttendWarps; ++w) {
+      const float mw = sm_[w * 16 + r], f = mw == -INFINITY ? 0.f : exp2f(mw - mm);
+      ll += sl[w * 16 + r] * f;
+      aa += so[(w * 16 + r) * D + d] * f;
+    }
+    if (direct) {
+      static_cast<T*>(p.out)[(size_t)bg * R * D + idx] = static_cast<T>(aa / fmaxf(ll, FLT_MIN));
+    } else {
+      const size_t part = ((size_t)bg * p.splits + split) * R + r;
+      p.part_o[part * D + d] = aa;
+      if (d == 0) p.part_m[part] = mm, p.part_l[part] = ll;
+    }
   }
 }
 
-// decode_combine: out[b, g, r, :] from the splits' partials, in split order.
+// decode_combine: out[b, g, r, :] from the splits' partials (max in log2 units), in split
+// order.
 template <typename T>
 __global__ void decode_combine_kernel(DecodeParams p, int D) {
   const int bg = blockIdx.x, b = bg / p.G, R = p.R;
@@ -484,7 +541,7 @@ __global__ void decode_combine_kernel(DecodeParams p, int D) {
       float ll = 0.f, aa = 0.f;
       for (int s = 0; s < p.splits; ++s) {
         const size_t part = ((size_t)bg * p.splits + s) * R + r;
-        const float f = p.part_m[part] == -INFINITY ? 0.f : __expf(p.part_m[part] - mm);
+        const float f = p.part_m[part] == -INFINITY ? 0.f : exp2f(p.part_m[part] - mm);
         ll += p.part_l[part] * f;
         aa += p.part_o[part * D + d] * f;
       }
@@ -494,20 +551,38 @@ __global__ void decode_combine_kernel(DecodeParams p, int D) {
   }
 }
 
-template <typename T>
-cudaError_t launch_attend(const DecodeParams& p, int D, cudaStream_t stream) {
-  dim3 grid(p.B * p.G, p.splits);
-  const size_t smem = ((size_t)2 * p.R * D + (size_t)(p.R + 1) * p.slots_per_split + 2 * p.R) * sizeof(float);
-  if (D == 64) decode_attend_kernel<T, 64><<<grid, kAttendWarps * 32, smem, stream>>>(p);
-  else if (D == 128) decode_attend_kernel<T, 128><<<grid, kAttendWarps * 32, smem, stream>>>(p);
-  else return cudaErrorInvalidValue;
-  cudaError_t err = cudaGetLastError();
+template <typename T, int D>
+cudaError_t launch_attend(const DecodeParams& p, cudaStream_t stream) {
+  constexpr size_t smem = attend_smem_bytes<D>();
+  cudaError_t err = cudaFuncSetAttribute(decode_attend_kernel<T, D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
+  decode_attend_kernel<T, D><<<dim3(p.B * p.G, p.splits), kAttendWarps * 32, smem, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || p.splits == 1) return err;
   decode_combine_kernel<T><<<p.B * p.G, 128, 0, stream>>>(p, D);
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t launch_attend(const DecodeParams& p, int D, cudaStream_t stream) {
+  if (D == 64) return launch_attend<T, 64>(p, stream);
+  if (D == 128) return launch_attend<T, 128>(p, stream);
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
+
+int decode_attend_slots_per_split(int BG, int S, int head_dim, int num_sms) {
+  // As many splits as fill the GPU in one wave of resident CTAs, but at least one tile per warp.
+  const size_t smem = head_dim == 64 ? attend_smem_bytes<64>() : attend_smem_bytes<128>();
+  const int per_sm = std::max(1, (int)(kSmemPerSM / smem));
+  const int min_slots = kAttendTile * kAttendWarps;
+  const int max_splits = std::max(1, (S + min_slots - 1) / min_slots);
+  const int splits = std::min(max_splits, std::max(1, num_sms * per_sm / std::max(1, BG)));
+  const int per = (S + splits - 1) / splits;
+  return (per + kAttendTile - 1) / kAttendTile * kAttendTile;
+}
 
 size_t decode_update_smem_bytes(int N, int k_row_bytes, int v_row_bytes) {
   return 2 * (size_t)(N + 2) * sizeof(double) + k_row_bytes + v_row_bytes;
