@@ -29,8 +29,10 @@ def report(name, fn, iters, out):
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18,
-                                      max_name_column_width=60)
+    avg = prof.key_averages()
+    table = avg.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
+    # the host side too: where the launch-side time goes (syncs show up as long CPU ops)
+    table += "\n" + avg.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
     text = (f"\n===== {name}: host {1e3 * host:.3f} ms/call, wall {1e3 * wall:.3f} ms/call "
             f"({iters} calls)\n{table}\n")
     print(text, flush=True)
@@ -90,9 +92,11 @@ def decode_step(out):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--configs", nargs="*", default=["seed", "long_64k", "decode_step"],
+                    choices=["seed", "long_64k", "decode_step"])
     args = ap.parse_args()
-    for config in (seed, long_64k, decode_step):  # each frees its tensors on return
-        config(args.out)
+    for name in args.configs:  # each frees its tensors on return
+        globals()[name](args.out)
         torch.cuda.empty_cache()
 
 

@@ -310,3 +310,22 @@ def test_wavelet_matrix_brute_force(n):
     for t in range(lo.numel()):
         expect = ranks[int(row[t]), int(lo[t]):int(hi[t])].sort().values[int(kk[t])]
         assert int(got[t]) == int(expect)
+
+
+@pytest.mark.parametrize("kind", BIAS_TYPES, ids=kind_id)
+@pytest.mark.parametrize("dist", DISTS)
+def test_backward_rank_tables_from_forward_outputs(dist, kind):
+    """The CUDA backward rebuilds the boundary ranks from the forward's (ub, jb) and one
+    sort of the scores (_cuda._with_ranks) instead of a second selection: the same rb."""
+    from xformers_sparsek import _cuda
+
+    base, B, Mq, Mk, causal = make_bias(kind, max_len=15, allow_empty=True)
+    u = draw_scores(dist, (2, B * Mk)).float()  # the CUDA path selects on float32 scores
+    for window in ([0, 3] if causal else [0]):
+        for topk in (1, 3, Mk + 1):
+            lay, sel = select_rows(u.double(), base, B, Mq, Mk, window, topk)
+            got = _cuda._with_ranks(u, _selection.Selection(sel.tau, sel.ub, sel.jb, sel.nF))
+            assert torch.equal(got.rb, sel.rb), (window, topk)
+            _, perm, ranks = _selection._row_ranks(u.double())
+            assert torch.equal(got.key_of_rank.long(), perm)
+            assert torch.equal(got.rank_of_key.long(), ranks)

@@ -14,7 +14,7 @@ import torch
 
 from . import _ext
 from ._layout import QueryLayout
-from ._selection import Selection, build_tables, score_gradient
+from ._selection import Selection, _row_ranks, build_tables, score_gradient
 
 _TILE_ROWS = 128  # rows (query x packed head) of one forward CTA (FwdTraits::kBM)
 
@@ -69,6 +69,15 @@ class _KernelWavelet:
         )
 
 
+def _range_sum(ranks, weights, lo, hi, th_lo, th_hi) -> torch.Tensor:
+    """_selection.fractional_mean_sum's wavelet matrix over the thresholds, built and
+    queried by the CUDA kernels (a few launches instead of ~700 small PyTorch ops)."""
+    C = _ext.load_extension()
+    zeros, wsum, nzeros = C.wavelet_build(ranks.int().contiguous(), weights.contiguous())
+    i32 = lambda t: t.int().contiguous()  # noqa: E731
+    return C.wavelet_range_sum(zeros, wsum, nzeros, i32(lo), i32(hi), i32(th_lo), i32(th_hi))
+
+
 def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
     C = _ext.load_extension()
     u = scores.float().to(torch.float64).contiguous()
@@ -82,6 +91,17 @@ def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
     )
     return Selection(tau, ub, jb, nF, rb, key_of_rank=tb.perm.int().contiguous(),
                      rank_of_key=tb.ranks.int().contiguous())
+
+
+def _with_ranks(scores: torch.Tensor, sel: Selection) -> Selection:
+    """The forward's selection (tau, ub, jb, nF) plus the rank tables the backward kernels
+    read, from one sort of the scores (the same (score, index) order select() uses) instead
+    of a second selection: the boundary's rank is the rank of its key jb, -1 where the whole
+    pool is selected (ub = -inf there, a finite score otherwise)."""
+    _, perm, ranks = _row_ranks(scores.float().to(torch.float64).contiguous())
+    rb = torch.where(torch.isneginf(sel.ub), -1, ranks.gather(1, sel.jb.clamp(min=0)))
+    return Selection(sel.tau, sel.ub, sel.jb, sel.nF, rb, key_of_rank=perm.int().contiguous(),
+                     rank_of_key=ranks.int().contiguous())
 
 
 def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: float):
@@ -151,8 +171,10 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     q, k, v, dout = _aligned(q), _aligned(k), _aligned(v), _aligned(dout.to(q.dtype))
     if rp > 1 and (k.stride(2) != 0 or v.stride(2) != 0):
         rp = 1
-    if sel is None or sel.rank_of_key is None:
+    if sel is None:
         sel = select(scores, layout, topk)
+    elif sel.rank_of_key is None:
+        sel = _with_ranks(scores, sel)
     u = scores.float().contiguous()
     delta = (dout.float() * out.float()).sum(-1).permute(1, 2, 0).contiguous()  # [S, R, NQ]
     lse = lse.contiguous()
@@ -166,41 +188,49 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     cap_s = int(topk) + qs
     slists, scounts, ovf2 = C.build_lists(sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo,
                                           s0, s1, NK, cap_s)
-    if int(ovf1.item()) or int(ovf2.item()):
-        return None
     wlo_min, whi_max = _tile_extents(layout, s0, s1)
     n_win = torch.clamp(whi_max - wlo_min, min=0)
+    # the one host sync of the backward: overflow flags and the window extents' sizes
+    zero = torch.zeros(1, dtype=torch.int64, device=q.device)
+    ovf, win_max, win_total = torch.cat([
+        (ovf1.sum() + ovf2.sum()).view(1).long(), n_win.max().view(1) if n_win.numel() else zero,
+        n_win.sum().view(1) if n_win.numel() else zero]).tolist()
+    if ovf:
+        return None
     list_slots = _pad64(cap_s)
-    slots = list_slots + _pad64(int(n_win.max()) if n_win.numel() else 0)
+    slots = list_slots + _pad64(win_max)
     dq, grow, part_kv, part_u = C.bwd(
         dout, q, k, v, u, sel.tau, sel.rb, sel.rank_of_key, layout.pool_lo, layout.win_lo,
         layout.win_hi, lse, delta, t0, t1, lists, counts, s0, s1, slists, scounts, rp, rp_kv,
         scale, slots, list_slots,
     )
-    # Where each key's partials are: its list slots and its window slots, per head.
+    # Where each key's partials are: its list slots and its window slots, per head.  Every
+    # list slot takes part (unused ones under the key S * NK, sorted past the real keys),
+    # so no nonzero() and no bincount() (each a host sync).
     nsup = s0.numel()
-    valid = torch.arange(cap_s, device=q.device) < scounts.unsqueeze(-1)  # [S, nsup, cap]
-    hs, ts, ps = valid.nonzero(as_tuple=True)
-    keys = [slists[hs, ts, ps].long() + hs * NK]
-    flats = [ts * slots + ps]
-    t_rep = torch.repeat_interleave(torch.arange(nsup, device=q.device), n_win)
-    i_win = torch.arange(t_rep.numel(), device=q.device) - (torch.cumsum(n_win, 0) - n_win)[t_rep]
+    dev = q.device
+    valid = torch.arange(cap_s, device=dev) < scounts.unsqueeze(-1)  # [S, nsup, cap]
+    head = torch.arange(S, device=dev).view(S, 1, 1)
+    keys = [torch.where(valid, slists.long() + head * NK, S * NK).view(-1)]
+    flats = [(torch.arange(nsup, device=dev).view(1, nsup, 1) * slots
+              + torch.arange(cap_s, device=dev)).expand(S, nsup, cap_s).reshape(-1)]
+    t_rep = torch.repeat_interleave(torch.arange(nsup, device=dev), n_win, output_size=win_total)
+    i_win = torch.arange(win_total, device=dev) - (torch.cumsum(n_win, 0) - n_win)[t_rep]
     for h in range(S):
         keys.append(wlo_min[t_rep] + i_win + h * NK)
         flats.append(t_rep * slots + list_slots + i_win)
     keys, flats = torch.cat(keys), torch.cat(flats)
-    order = torch.argsort(keys, stable=True)
-    off = torch.zeros(S * NK + 1, dtype=torch.int64, device=q.device)
-    off[1:] = torch.cumsum(torch.bincount(keys, minlength=S * NK), 0)
+    keys_sorted, order = torch.sort(keys, stable=True)
+    off = torch.searchsorted(keys_sorted, torch.arange(S * NK + 1, device=dev))
     rg = R // rp_kv
     dk_g, dv_g, du_g = C.bwd_reduce(part_kv, part_u, off, flats[order].contiguous(), rg, NK)
     # Group (s, rgroup) holds the gradient of the K/V its rp heads share; put it on the
     # group's first head (autograd of the stride-0 expansion sums over the heads).
-    dk = torch.zeros(NK, S, R, D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(NK, S, R, D, dtype=q.dtype, device=dev)
     dv = torch.zeros_like(dk)
-    dk[:, :, ::rp_kv] = dk_g.view(S, rg, NK, D).permute(2, 0, 1, 3)
+    dk[:, :, ::rp_kv] = dk_g.view(S, rg, NK, D).permute(2, 0, 1, 3)  # (rounded once, here)
     dv[:, :, ::rp_kv] = dv_g.view(S, rg, NK, D).permute(2, 0, 1, 3)
     du_direct = du_g.view(S, rg, NK).sum(1)
     g_row = grow.view(S, R, NQ).sum(1)
-    dscores = score_gradient(scores, layout, sel, du_direct, g_row)
-    return dq, dk.to(q.dtype), dv.to(q.dtype), dscores
+    dscores = score_gradient(scores, layout, sel, du_direct, g_row, range_sum=_range_sum)
+    return dq, dk, dv, dscores

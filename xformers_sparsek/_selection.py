@@ -172,7 +172,8 @@ def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
 
 
 def fractional_mean_sum(
-    scores: torch.Tensor, layout: QueryLayout, sel: Selection, mean: torch.Tensor
+    scores: torch.Tensor, layout: QueryLayout, sel: Selection, mean: torch.Tensor,
+    range_sum=None,
 ) -> torch.Tensor:
     """For every key j: sum of mean[i] over the queries i with j in F_i.
 
@@ -180,6 +181,8 @@ def fractional_mean_sum(
     contiguous range (``layout.key_query_ranges``); within it we need the mean-weighted
     count of thresholds in (u_j - 1, u_j): a wavelet matrix over the thresholds answers
     that for all keys at once.  scores: [S, NK]; mean: float64 [S, NQ] -> float64 [S, NK].
+    ``range_sum(ranks, weights, lo, hi, th_lo, th_hi)`` (the CUDA path's kernels) builds
+    and queries the matrix in place of the PyTorch ``WaveletMatrix``.
     """
     S, NK = scores.shape
     NQ = layout.num_queries
@@ -187,24 +190,29 @@ def fractional_mean_sum(
     if NQ == 0 or NK == 0:
         return torch.zeros((S, NK), dtype=torch.float64, device=dev)
     st, _, ranks = _row_ranks(sel.tau.contiguous())
-    wm = WaveletMatrix(ranks, mean.to(torch.float64))
     first, last = layout.key_query_ranges()
     u = scores.to(torch.float64).contiguous()
+    th_lt_u = torch.searchsorted(st, u, right=False)      # ranks of thresholds < u_j
+    th_le_u1 = torch.searchsorted(st, u - 1.0, right=True)  # ... <= u_j - 1
+    if range_sum is not None:
+        return range_sum(ranks, mean.to(torch.float64), first, last, th_le_u1, th_lt_u)
+    wm = WaveletMatrix(ranks, mean.to(torch.float64))
     row = torch.arange(S, device=dev).repeat_interleave(NK)
     lo, hi = first.repeat(S), last.repeat(S)
-    th_lt_u = torch.searchsorted(st, u, right=False).reshape(-1)
-    th_le_u1 = torch.searchsorted(st, u - 1.0, right=True).reshape(-1)
-    w_hi = wm.count_sum_below(row, lo, hi, th_lt_u)[1]
-    w_lo = wm.count_sum_below(row, lo, hi, th_le_u1)[1]
+    w_hi = wm.count_sum_below(row, lo, hi, th_lt_u.reshape(-1))[1]
+    w_lo = wm.count_sum_below(row, lo, hi, th_le_u1.reshape(-1))[1]
     return (w_hi - w_lo).reshape(S, NK)
 
 
-def score_gradient(scores, layout: QueryLayout, sel: Selection, du_direct, g_row):
+def score_gradient(scores, layout: QueryLayout, sel: Selection, du_direct, g_row,
+                   range_sum=None):
     """d(scores) [S, NK] float64 from the attention backward's two sums.
 
     du_direct[s, j] = sum_i [j in F_i] g_ij and g_row[s, i] = sum_{l in F_i} g_il, where
     g_ij = dL/dm_ij (DESIGN.md section 1): du_j = du_direct_j - sum_{i: j in F_i} g_row_i / |F_i|.
+    range_sum: see ``fractional_mean_sum``.
     """
     nF = sel.nF.to(torch.float64)
     mean = torch.where(sel.nF > 0, g_row.to(torch.float64) / nF.clamp(min=1.0), 0.0)
-    return du_direct.to(torch.float64) - fractional_mean_sum(scores, layout, sel, mean)
+    return du_direct.to(torch.float64) - fractional_mean_sum(scores, layout, sel, mean,
+                                                             range_sum)

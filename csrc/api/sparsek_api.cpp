@@ -67,6 +67,31 @@ std::vector<at::Tensor> wavelet_build(const at::Tensor& ranks, const at::Tensor&
   return {zeros, wsum, nzeros};
 }
 
+// Per row and j: the weight sum over [lo[j], hi[j]) of the elements with th_lo <= rank < th_hi.
+at::Tensor wavelet_range_sum(const at::Tensor& zeros, const at::Tensor& wsum,
+                             const at::Tensor& nzeros, const at::Tensor& lo, const at::Tensor& hi,
+                             const at::Tensor& th_lo, const at::Tensor& th_hi) {
+  check(zeros, "zeros", at::kInt);
+  check(wsum, "wsum", at::kDouble);
+  check(nzeros, "nzeros", at::kInt);
+  check(lo, "lo", at::kInt);
+  check(hi, "hi", at::kInt);
+  check(th_lo, "th_lo", at::kInt);
+  check(th_hi, "th_hi", at::kInt);
+  TORCH_CHECK(zeros.dim() == 3 && wsum.sizes() == zeros.sizes(), "zeros / wsum: [rows, L, n + 1]");
+  const int rows = zeros.size(0), nbits = zeros.size(1), n = zeros.size(2) - 1, m = lo.numel();
+  TORCH_CHECK(hi.numel() == m && th_lo.dim() == 2 && th_lo.size(0) == rows && th_lo.size(1) == m &&
+                  th_hi.sizes() == th_lo.sizes(),
+              "lo / hi: [m], th_lo / th_hi: [rows, m]");
+  const at::cuda::OptionalCUDAGuard guard(zeros.device());
+  at::Tensor out = at::empty({rows, m}, wsum.options());
+  CHECK_CUDA_OK(xsk::launch_wavelet_range_sum(
+      zeros.data_ptr<int>(), wsum.data_ptr<double>(), nzeros.data_ptr<int>(), rows, n, nbits, m,
+      lo.data_ptr<int>(), hi.data_ptr<int>(), th_lo.data_ptr<int>(), th_hi.data_ptr<int>(),
+      out.data_ptr<double>(), at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 // Per-query tau, boundary and |F| from the selection tables.
 std::vector<at::Tensor> select_queries(const at::Tensor& zeros, const at::Tensor& wsum,
                                const at::Tensor& nzeros, const at::Tensor& cb,
@@ -400,6 +425,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "xformers_sparsek CUDA kernels";
   m.def("build_info", &build_info, "CUDA runtime version and compiled archs");
   m.def("wavelet_build", &wavelet_build, "per-row wavelet matrices over ranks");
+  m.def("wavelet_range_sum", &wavelet_range_sum,
+        "per row: weight sums over index ranges between two rank thresholds");
   m.def("select_queries", &select_queries, "SparseK selection: per-query tau, top-k boundary, |F|");
   m.def("build_lists", &build_lists, "gathered pool-key list per (query tile, head)");
   m.def("fwd", &fwd, "SparseK attention forward");

@@ -11,6 +11,12 @@ namespace xsk {
 cudaError_t launch_wavelet_build(int* r, double* w, int* r_tmp, double* w_tmp, int rows, int n,
                                  int nbits, int* chunk_cnt, double* chunk_w, int* zeros,
                                  double* wsum, int* nzeros, cudaStream_t stream);
+// out[row, j] = sum of weights over [lo[j], hi[j]) of row's matrix with th_lo <= rank < th_hi
+// (th_* [rows, m]; the backward's fractional-mean term, _selection.fractional_mean_sum).
+cudaError_t launch_wavelet_range_sum(const int* zeros, const double* wsum, const int* nzeros,
+                                     int rows, int n, int nbits, int m, const int* lo,
+                                     const int* hi, const int* th_lo, const int* th_hi,
+                                     double* out, cudaStream_t stream);
 cudaError_t launch_select(const SelectParams& p, cudaStream_t stream);
 cudaError_t launch_build_lists(const ListParams& p, cudaStream_t stream);
 // dtype: 0 = fp16, 1 = bf16. Returns cudaErrorInvalidValue for unsupported head dims.

@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "launch.h"
+#include "wavelet.cuh"
 
 namespace xsk {
 namespace {
@@ -30,24 +31,8 @@ struct Query {
 
   // Count and score sum of the pool keys whose rank is below theta.
   __device__ void count_sum_below(int theta, int& cnt, double& sum) const {
-    cnt = 0;
-    sum = 0.0;
-    int a = lo, b = hi;
-    for (int li = 0; li < p.nbits; ++li) {
-      const int* z = zeros(li);
-      const int za = __ldg(z + a), zb = __ldg(z + b);
-      if ((theta >> (p.nbits - 1 - li)) & 1) {
-        const double* ws = wsum(li);
-        cnt += zb - za;
-        sum += __ldg(ws + b) - __ldg(ws + a);
-        const int nz = nzeros(li);
-        a = nz + a - za;
-        b = nz + b - zb;
-      } else {
-        a = za;
-        b = zb;
-      }
-    }
+    wavelet_count_sum_below(zeros(0), wsum(0), p.nzeros + s * p.nbits, p.nbits, p.NK, lo, hi,
+                            theta, cnt, sum);
   }
 
   __device__ int kth_smallest(int k) const {

@@ -6,6 +6,7 @@
 // over chunks of the rows: count the zeros of every chunk, then scan within the chunk
 // (offset by the earlier chunks), write the tables and scatter to the next order.
 #include "launch.h"
+#include "wavelet.cuh"
 
 namespace xsk {
 namespace {
@@ -120,7 +121,35 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// out[row, j] = (weight sum of the elements of [lo_j, hi_j) with rank < th_hi[row, j]) minus
+// (the same below th_lo[row, j]): one thread per (row, j).
+__global__ void __launch_bounds__(kThreads)
+    wavelet_range_sum_kernel(const int* zeros, const double* wsum, const int* nzeros, int rows,
+                             int n, int nbits, int m, const int* lo, const int* hi,
+                             const int* th_lo, const int* th_hi, double* out) {
+  const int j = blockIdx.x * kThreads + threadIdx.x, row = blockIdx.y;
+  if (j >= m) return;
+  const size_t tab = (size_t)row * nbits * (n + 1), g = (size_t)row * m + j;
+  int c_hi, c_lo;
+  double s_hi, s_lo;
+  wavelet_count_sum_below(zeros + tab, wsum + tab, nzeros + row * nbits, nbits, n, lo[j], hi[j],
+                          th_hi[g], c_hi, s_hi);
+  wavelet_count_sum_below(zeros + tab, wsum + tab, nzeros + row * nbits, nbits, n, lo[j], hi[j],
+                          th_lo[g], c_lo, s_lo);
+  out[g] = s_hi - s_lo;
+}
+
 }  // namespace
+
+cudaError_t launch_wavelet_range_sum(const int* zeros, const double* wsum, const int* nzeros,
+                                     int rows, int n, int nbits, int m, const int* lo,
+                                     const int* hi, const int* th_lo, const int* th_hi,
+                                     double* out, cudaStream_t stream) {
+  if (rows == 0 || m == 0) return cudaSuccess;
+  wavelet_range_sum_kernel<<<dim3((m + kThreads - 1) / kThreads, rows), kThreads, 0, stream>>>(
+      zeros, wsum, nzeros, rows, n, nbits, m, lo, hi, th_lo, th_hi, out);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_wavelet_build(int* r, double* w, int* r_tmp, double* w_tmp, int rows, int n,
                                  int nbits, int* chunk_cnt, double* chunk_w, int* zeros,
