@@ -1,10 +1,15 @@
 """Driver of the CUDA kernels (csrc/): prepares their inputs and says when they apply.
 
 Forward pipeline on the GPU:
-  1. selection tables (sorted scores, wavelet matrix, breakpoints) in PyTorch,
-  2. ``_C.select``: per-query tau / top-k boundary / |F| (one thread per query),
-  3. ``_C.build_lists``: per query tile, the pool keys any of its queries may select,
-  4. ``_C.fwd``: gathered-tile attention with gates (mma.sync, online softmax).
+  1. selection tables (sorted scores, a wavelet matrix built by ``wavelet_build``, the
+     breakpoints),
+  2. ``select_queries``: per-query tau / top-k boundary / |F| (one thread per query),
+  3. ``build_lists``: per query tile, the pool keys any of its queries may select,
+  4. ``fwd``: gathered-tile attention with gates (wgmma on sm_90a, mma.sync elsewhere).
+Backward: the rank tables from the forward's selection outputs (``_with_ranks``), the key
+lists of the dq tiles and dk/dv super-tiles, ``bwd`` (pass 1 dq, pass 2 per-super-tile
+dk/dv partials), the ordered reduction ``bwd_reduce``, and the score gradient's
+fractional-mean term on ``wavelet_range_sum``.  One host sync (list overflow, window sizes).
 The selection is computed on float32 scores (what the kernels compare against).
 """
 

@@ -8,9 +8,13 @@
 // over the row's selected fractional keys.  Pass 2 (bwd_dkv_kernel) is key-centric within a
 // super-tile of queries: for every key the super-tile attends it sums over all the tile's
 // rows and writes partial dk, dv and sum_i g_ij (fractional) to its own slot; a reduction
-// (bwd_reduce.cu) adds each key's slots in a fixed order.
+// (bwd_reduce.cu) adds each key's slots in a fixed order.  In both passes each warp decides
+// per block of (row, key) pairs whether the rule can attend none of them (skipped), all of
+// them (gate only) or some (the per-element rule): BlockMode.
 #pragma once
+#include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "tile_common.cuh"
 
@@ -18,15 +22,107 @@ namespace xsk {
 
 constexpr float kLog2e = 1.4426950408889634f;
 
+// How a warp treats one block of (row, key) pairs, decided once per block from the rows' and
+// keys' bounds: kSkip when the rule attends no pair (its contributions would be exact
+// zeros), kAll when it attends every pair (the gate is all that is left of the rule), else
+// kRule, the per-element rule of tile_common.cuh.  Results are the same bits in every mode.
+enum class BlockMode { kSkip, kAll, kRule };
+
+struct RowBounds {  // over a block's rows (invalid rows: plo = wlo = whi = 0, rb = -1)
+  int plo_min, plo_max, wlo_min, wlo_max, whi_min, whi_max, rb_max;
+};
+struct KeyBounds {  // over a block's valid keys (j_max < 0: none)
+  int j_min, j_max, rank_min;
+  bool all_valid;
+};
+
+__device__ __forceinline__ int warp_min(int x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = min(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ int warp_max(int x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// Bounds of the rows (or keys) the lanes of a warp hold, one or more each (call from all
+// lanes; a lane may hold none: pass the neutral values).
+__device__ __forceinline__ RowBounds warp_row_bounds(RowBounds r) {
+  return RowBounds{warp_min(r.plo_min), warp_max(r.plo_max), warp_min(r.wlo_min),
+                   warp_max(r.wlo_max), warp_min(r.whi_min), warp_max(r.whi_max),
+                   warp_max(r.rb_max)};
+}
+__device__ __forceinline__ RowBounds row_bounds_of(const RowInfo& r) {
+  return RowBounds{r.plo, r.plo, r.wlo, r.wlo, r.whi, r.whi, r.rb};
+}
+__device__ __forceinline__ RowBounds merge(const RowBounds& a, const RowBounds& b) {
+  return RowBounds{min(a.plo_min, b.plo_min), max(a.plo_max, b.plo_max), min(a.wlo_min, b.wlo_min),
+                   max(a.wlo_max, b.wlo_max), min(a.whi_min, b.whi_min), max(a.whi_max, b.whi_max),
+                   max(a.rb_max, b.rb_max)};
+}
+__device__ __forceinline__ KeyBounds warp_key_bounds(int j, int rank) {  // one key per lane
+  const bool valid = j >= 0;
+  const int invalid = __popc(__ballot_sync(0xffffffffu, !valid));
+  return KeyBounds{warp_min(valid ? j : INT_MAX), warp_max(valid ? j : -1),
+                   warp_min(valid ? rank : INT_MAX), invalid == 0};
+}
+
+// The block's mode under attends()'s rule; `interior` (every row of the CTA attends the
+// contiguous tile) is what attends() takes.
+__device__ __forceinline__ BlockMode block_mode(KeyRule rule, bool interior, const KeyBounds& k,
+                                                const RowBounds& r) {
+  if (k.j_max < 0) return BlockMode::kSkip;  // no valid key
+  if (rule == KeyRule::kPoolSelected) {  // a row attends keys in [plo, wlo) at/above its rb
+    if (k.j_max < r.plo_min || k.j_min >= r.wlo_max) return BlockMode::kSkip;
+    if (k.all_valid && k.j_min >= r.plo_max && k.j_max < r.wlo_min && k.rank_min >= r.rb_max)
+      return BlockMode::kAll;
+    return BlockMode::kRule;
+  }
+  if (interior) return k.all_valid ? BlockMode::kAll : BlockMode::kRule;
+  // a row attends keys in [wlo, whi) (window) or [plo, whi) (allowed)
+  const bool win = rule == KeyRule::kWindow;
+  const int lo_min = win ? r.wlo_min : r.plo_min, lo_max = win ? r.wlo_max : r.plo_max;
+  if (k.j_max < lo_min || k.j_min >= r.whi_max) return BlockMode::kSkip;
+  if (k.all_valid && k.j_min >= lo_max && k.j_max < r.whi_min) return BlockMode::kAll;
+  return BlockMode::kRule;
+}
+
+// Runs f(std::true_type) for a kAll block (no rule per element), else f(std::false_type).
+template <typename F>
+__device__ __forceinline__ void with_block_mode(BlockMode mode, F&& f) {
+  if (mode == BlockMode::kAll)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
+// The backward of one (row, key) pair with raw score s and dp = do.v, under gate g (att: the
+// row attends the key): P, dS * g * scale, and whether the pair is a fractional pool key, with
+// its term of the score gradient's sums (DESIGN.md section 1).
+__device__ __forceinline__ bool pair_backward(bool att, bool pool, float g, float s, float dp,
+                                              float lse2, float delta, float scale_log2,
+                                              float scale, float& pr, float& ds, float& term) {
+  pr = att ? exp2f(s * (scale_log2 * g) - lse2) : 0.f;
+  const float dsv = pr * (g * dp - delta);
+  ds = dsv * g * scale;
+  term = pr * dp + dsv * scale * s;
+  return pool && att && g > 0.f && g < 1.f;
+}
+
 template <typename T, int D>
 struct BwdDqTraits {
   static constexpr int kBM = 64, kBN = 32, kWarps = 4, kThreads = kWarps * 32, kStages = 2;
+  // 3 CTAs per SM (as shared memory allows at D = 128): at most 168 registers per thread
+  static constexpr int kMinBlocks = 3;
   static constexpr size_t kSmem = sizeof(T) * (2 * kBM * D + kStages * 2 * kBN * D) +
                                   kStages * kBN * (2 * sizeof(int) + sizeof(float));
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(BwdDqTraits<T, D>::kThreads) bwd_dq_kernel(const BwdDqParams b) {
+__global__ void __launch_bounds__(BwdDqTraits<T, D>::kThreads, BwdDqTraits<T, D>::kMinBlocks)
+    bwd_dq_kernel(const BwdDqParams b) {
   using Tr = BwdDqTraits<T, D>;
   constexpr int BM = Tr::kBM, BN = Tr::kBN, NST = Tr::kStages;
   const FwdParams& p = b.f;
@@ -59,6 +155,8 @@ __global__ void __launch_bounds__(BwdDqTraits<T, D>::kThreads) bwd_dq_kernel(con
     lse2[h] = valid ? b.lse[g] * kLog2e : 0.f;
     delta[h] = valid ? b.delta[g] : 0.f;
   }
+  // this warp's 16 rows, for the per-tile BlockMode
+  const RowBounds wrows = warp_row_bounds(merge(row_bounds_of(rows[0]), row_bounds_of(rows[1])));
   load_rows<T, D>(static_cast<const T*>(p.q), p.q_sn, p.q_ss, p.q_sr, s, q0, q1, rgroup * RP,
                   RP, BM, sQ);
   load_rows<T, D>(static_cast<const T*>(b.dout), b.do_sn, b.do_ss, b.do_sr, s, q0, q1,
@@ -86,6 +184,13 @@ __global__ void __launch_bounds__(BwdDqTraits<T, D>::kThreads) bwd_dq_kernel(con
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
+    const KeyRule rule = ks.rule(t);
+    const bool interior = ks.interior(t, BN);
+    static_assert(BN == 32, "one key of the tile per lane");
+    const BlockMode mode = block_mode(rule, interior,
+                                      warp_key_bounds(sIdx[st * BN + lane], sRank[st * BN + lane]),
+                                      wrows);
+    if (mode != BlockMode::kSkip) {  // (a skipped block adds exact zeros)
     const T* cK = sK + st * BN * D;
     const T* cV = sV + st * BN * D;
     float sc[BN / 8][4], dp[BN / 8][4];
@@ -112,26 +217,35 @@ __global__ void __launch_bounds__(BwdDqTraits<T, D>::kThreads) bwd_dq_kernel(con
         Mma<T>::run(dp[2 * n2 + 1], oa, vb[2], vb[3]);
       }
     }
-    const KeyRule rule = ks.rule(t);
-    const bool interior = ks.interior(t, BN);
     uint32_t dsf[BN / 16][4];
+    // dS * g * scale (the A fragment of dQ's product) and the rows' sums G; kAllPairs: the
+    // block's mode is kAll (no rule per element).
+    auto elementwise = [&](auto all_pairs) {
+      constexpr bool kAllPairs = decltype(all_pairs)::value;
 #pragma unroll
-    for (int n = 0; n < BN / 8; ++n) {
-      float ds[4];
+      for (int n = 0; n < BN / 8; ++n) {
+        float ds[4];
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int h = c >> 1, e = st * BN + n * 8 + (lane & 3) * 2 + (c & 1);
-        float g;
-        const bool att = attends(rule, interior, rows[h], sIdx[e], sRank[e], sU[e], g);
-        const float pr = att ? exp2f(sc[n][c] * (p.scale_log2 * g) - lse2[h]) : 0.f;
-        const float dsv = pr * (g * dp[n][c] - delta[h]);
-        if (rule == KeyRule::kPoolSelected && att && g > 0.f && g < 1.f)
-          grow[h] += pr * dp[n][c] + dsv * b.scale * sc[n][c];
-        ds[c] = dsv * g * b.scale;
+        for (int c = 0; c < 4; ++c) {
+          const int h = c >> 1, e = st * BN + n * 8 + (lane & 3) * 2 + (c & 1);
+          float g;
+          bool att;
+          if constexpr (kAllPairs) {  // attends()'s gate, without its tests
+            att = true;
+            g = rule == KeyRule::kPoolSelected ? fminf(fmaxf(sU[e] - rows[h].tau, 0.f), 1.f) : 1.f;
+          } else {
+            att = attends(rule, interior, rows[h], sIdx[e], sRank[e], sU[e], g);
+          }
+          float pr, term;
+          if (pair_backward(att, rule == KeyRule::kPoolSelected, g, sc[n][c], dp[n][c], lse2[h],
+                            delta[h], p.scale_log2, b.scale, pr, ds[c], term))
+            grow[h] += term;
+        }
+        dsf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
+        dsf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
       }
-      dsf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
-      dsf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
-    }
+    };
+    with_block_mode(mode, elementwise);
     // dQ += dS K  (K rows as the k16 x n8 operand: transposed load)
 #pragma unroll
     for (int kc = 0; kc < BN / 16; ++kc) {
@@ -145,6 +259,7 @@ __global__ void __launch_bounds__(BwdDqTraits<T, D>::kThreads) bwd_dq_kernel(con
         Mma<T>::run(dq_acc[2 * n2 + 1], dsf[kc], kb[2], kb[3]);
       }
     }
+    }  // mode != kSkip
     __syncthreads();
   }
   cp_async_wait<0>();
@@ -169,10 +284,11 @@ __global__ void __launch_bounds__(BwdDqTraits<T, D>::kThreads) bwd_dq_kernel(con
 template <typename T, int D>
 struct BwdDkvTraits {
   static constexpr int kBK = 64, kRows = 64, kWarps = 4, kThreads = kWarps * 32;
-  // K, V of one key tile; Q, dO of two row chunks; per-row metadata of two row chunks.
+  // K, V of one key tile; Q, dO of two row chunks; per-row metadata of two row chunks and
+  // the RowBounds of each chunk's two 32-row halves.
   static constexpr size_t kSmem = sizeof(T) * (2 * kBK * D + 2 * 2 * kRows * D) +
                                   kBK * (2 * sizeof(int) + sizeof(float)) +
-                                  2 * kRows * 7 * sizeof(float);
+                                  2 * kRows * 7 * sizeof(float) + 2 * 2 * sizeof(RowBounds);
 };
 
 template <typename T, int D>
@@ -198,6 +314,8 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, D>::kThreads)
   float* rTau = reinterpret_cast<float*>(rRb + 2 * RW);
   float* rLse2 = rTau + 2 * RW;
   float* rDelta = rLse2 + 2 * RW;
+  RowBounds* rBounds = reinterpret_cast<RowBounds*>(rDelta + 2 * RW);  // [2][2 halves]
+  static_assert(RW == 64, "load_chunk: one row per thread of warps 0 and 1");
 
   const int tile = blockIdx.x, s = blockIdx.y, rgroup = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -216,7 +334,8 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, D>::kThreads)
                     RP, RW, sQ + st * RW * D);
     load_rows<T, D>(static_cast<const T*>(b.dout), b.do_sn, b.do_ss, b.do_sr, s, qa, qb,
                     rgroup * RP, RP, RW, sO + st * RW * D);
-    for (int m = threadIdx.x; m < RW; m += blockDim.x) {
+    if (threadIdx.x < RW) {
+      const int m = threadIdx.x;
       const int qi = qa + m / RP, r = rgroup * RP + m % RP;
       const bool valid = qi < qb;
       const RowInfo ri = load_row(p, s, qi, valid);
@@ -228,6 +347,8 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, D>::kThreads)
       const size_t g = ((size_t)s * p.R + r) * p.NQ + qi;
       rLse2[st * RW + m] = valid ? b.lse[g] * kLog2e : INFINITY;  // invalid rows: P = 0
       rDelta[st * RW + m] = valid ? b.delta[g] : 0.f;
+      const RowBounds rb = warp_row_bounds(row_bounds_of(ri));
+      if ((threadIdx.x & 31) == 0) rBounds[st * 2 + (threadIdx.x >> 5)] = rb;
     }
   };
 
@@ -248,6 +369,7 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, D>::kThreads)
     float du[2] = {0.f, 0.f};
     int kj[2], krank[2];
     float ku[2];
+    KeyBounds kbound;  // of this warp's 16 keys
 
     for (int c = 0; c < nchunks; ++c) {
       const int st = c & 1;
@@ -263,7 +385,15 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, D>::kThreads)
           krank[h] = sRank[e];
           ku[h] = sU[e];
         }
+        const bool v0 = kj[0] >= 0, v1 = kj[1] >= 0;
+        kbound.j_min = warp_min(min(v0 ? kj[0] : INT_MAX, v1 ? kj[1] : INT_MAX));
+        kbound.j_max = warp_max(max(v0 ? kj[0] : -1, v1 ? kj[1] : -1));
+        kbound.rank_min = warp_min(min(v0 ? krank[0] : INT_MAX, v1 ? krank[1] : INT_MAX));
+        kbound.all_valid = __all_sync(0xffffffffu, v0 && v1);
       }
+      const BlockMode mode =
+          block_mode(rule, interior, kbound, merge(rBounds[st * 2], rBounds[st * 2 + 1]));
+      if (mode != BlockMode::kSkip) {  // (a skipped block adds exact zeros)
       const T* cQ = sQ + st * RW * D;
       const T* cO = sO + st * RW * D;
       // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x RW rows.
@@ -292,28 +422,39 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, D>::kThreads)
         }
       }
       uint32_t pf[RW / 16][4], dsf[RW / 16][4];
+      // P * g and dS * g * scale (A fragments of the products below); the score gradient's
+      // direct sums du.  kAllPairs: the block's mode is kAll (no rule per element).
+      auto elementwise = [&](auto all_pairs) {
+        constexpr bool kAllPairs = decltype(all_pairs)::value;
 #pragma unroll
-      for (int n = 0; n < RW / 8; ++n) {
-        float pv[4], ds[4];
+        for (int n = 0; n < RW / 8; ++n) {
+          float pv[4], ds[4];
 #pragma unroll
-        for (int cc = 0; cc < 4; ++cc) {
-          const int h = cc >> 1;  // which of the thread's two keys
-          const int m = st * RW + n * 8 + (lane & 3) * 2 + (cc & 1);
-          const RowInfo ri{rPlo[m], rWlo[m], rWhi[m], rRb[m], rTau[m]};
-          float g;
-          const bool att = kj[h] >= 0 && attends(rule, interior, ri, kj[h], krank[h], ku[h], g);
-          const float pr = att ? exp2f(sct[n][cc] * (p.scale_log2 * g) - rLse2[m]) : 0.f;
-          const float dsv = pr * (g * dpt[n][cc] - rDelta[m]);
-          if (rule == KeyRule::kPoolSelected && att && g > 0.f && g < 1.f)
-            du[h] += pr * dpt[n][cc] + dsv * b.scale * sct[n][cc];
-          pv[cc] = pr * g;
-          ds[cc] = dsv * g * b.scale;
+          for (int cc = 0; cc < 4; ++cc) {
+            const int h = cc >> 1;  // which of the thread's two keys
+            const int m = st * RW + n * 8 + (lane & 3) * 2 + (cc & 1);
+            float g;
+            bool att;
+            if constexpr (kAllPairs) {  // attends()'s gate, without its tests
+              att = true;
+              g = rule == KeyRule::kPoolSelected ? fminf(fmaxf(ku[h] - rTau[m], 0.f), 1.f) : 1.f;
+            } else {
+              const RowInfo ri{rPlo[m], rWlo[m], rWhi[m], rRb[m], rTau[m]};
+              att = kj[h] >= 0 && attends(rule, interior, ri, kj[h], krank[h], ku[h], g);
+            }
+            float pr, term;
+            if (pair_backward(att, rule == KeyRule::kPoolSelected, g, sct[n][cc], dpt[n][cc],
+                              rLse2[m], rDelta[m], p.scale_log2, b.scale, pr, ds[cc], term))
+              du[h] += term;
+            pv[cc] = pr * g;
+          }
+          pf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(pv[0], pv[1]);
+          pf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pv[2], pv[3]);
+          dsf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
+          dsf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
         }
-        pf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(pv[0], pv[1]);
-        pf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pv[2], pv[3]);
-        dsf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
-        dsf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
-      }
+      };
+      with_block_mode(mode, elementwise);
       // dV += (P g) dO and dK += (dS g scale) Q over this chunk's rows.
 #pragma unroll
       for (int kc = 0; kc < RW / 16; ++kc) {
@@ -330,6 +471,7 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, D>::kThreads)
           Mma<T>::run(dk_acc[2 * n2 + 1], dsf[kc], qb[2], qb[3]);
         }
       }
+      }  // mode != kSkip
       __syncthreads();  // chunk st is refilled next iteration
     }
     cp_async_wait<0>();
