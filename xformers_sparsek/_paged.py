@@ -75,7 +75,8 @@ def unpaged_bias(base):
     q_seqlen = [qs[i + 1] - qs[i] for i in range(len(qs) - 1)]
     padding = base.block_tables.shape[1] * base.page_size
     return base._UNPAGED_TYPE.from_seqlens(
-        q_seqlen=q_seqlen, kv_padding=padding, kv_seqlen=base.k_seqinfo.seqlen_py
+        q_seqlen=q_seqlen, kv_padding=padding, kv_seqlen=base.k_seqinfo.seqlen_py,
+        device=base.block_tables.device,  # (xFormers' default is CUDA whenever it exists)
     )
 
 

@@ -49,10 +49,13 @@ def _base_dense(causal: bool, sliding_window: Optional[int]):
     return xab.LowerTriangularFromBottomRightMask()
 
 
-def _base_varlen(causal: bool, sliding_window: Optional[int], q_lens, k_lens):
+def _base_varlen(causal: bool, sliding_window: Optional[int], q_lens, k_lens, device):
+    # (device: xFormers puts the bias on CUDA by default whenever CUDA exists, which its input
+    # check then rejects for a model on the CPU)
     if not causal:
-        return xab.BlockDiagonalMask.from_seqlens(q_seqlen=q_lens, kv_seqlen=k_lens)
-    base = xab.BlockDiagonalCausalFromBottomRightMask.from_seqlens(q_seqlen=q_lens, kv_seqlen=k_lens)
+        return xab.BlockDiagonalMask.from_seqlens(q_seqlen=q_lens, kv_seqlen=k_lens, device=device)
+    base = xab.BlockDiagonalCausalFromBottomRightMask.from_seqlens(
+        q_seqlen=q_lens, kv_seqlen=k_lens, device=device)
     if sliding_window:
         base = base.make_local_attention_from_bottomright(sliding_window)
     return base
@@ -205,7 +208,7 @@ def sparsek_attention_forward(
         v = v.reshape(B * KV, Hkv, Dv)[packing.k_idx].unsqueeze(0)
         if scores is not None:
             scores = scores.reshape(B * KV, Hkv)[packing.k_idx].unsqueeze(0)
-        base = _base_varlen(causal, sw, packing.q_lens, packing.k_lens)
+        base = _base_varlen(causal, sw, packing.q_lens, packing.k_lens, q.device)
     nb, nk = k.shape[0], k.shape[1]
     k = k.unsqueeze(3).expand(nb, nk, Hkv, R, D)
     v = v.unsqueeze(3).expand(nb, nk, Hkv, R, Dv)
