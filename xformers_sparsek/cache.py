@@ -736,11 +736,11 @@ class DecodeStep:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, scores: Tensor) -> Tensor:
         c = self.cache
-        for name, src, dst in (("q", q, self.q), ("k", k, self.k), ("v", v, self.v),
-                               ("scores", scores, self.scores)):
+        dsts, srcs = (self.q, self.k, self.v, self.scores), (q, k, v, scores)
+        for name, src, dst in zip(("q", "k", "v", "scores"), srcs, dsts):
             if not isinstance(src, torch.Tensor) or src.shape != dst.shape or src.device != dst.device:
                 raise ValueError(f"{name} must be shaped {tuple(dst.shape)} on {dst.device} (as captured)")
-            dst.copy_(src)
+        torch._foreach_copy_(dsts, srcs)  # one launch for the four static inputs, not four
         if self.graph is None:
             out = self._run()
         else:
