@@ -394,8 +394,9 @@ at::Tensor decode_step(const at::Tensor& q, const at::Tensor& k_new, const at::T
   xsk::DecodeParams p{};
   p.B = B, p.G = G, p.R = R, p.W = W, p.K = K, p.N = pool_u.size(-1);
   p.k_row_bytes = p.v_row_bytes = D * 2;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   p.slots_per_split = xsk::decode_attend_slots_per_split(
-      B * G, S, D, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+      B * G, S, D, prop->multiProcessorCount, prop->sharedMemPerMultiprocessor);
   p.splits = (S + p.slots_per_split - 1) / p.slots_per_split;
   p.scale = static_cast<float>(scale);
   auto f32 = q.options().dtype(at::kFloat);

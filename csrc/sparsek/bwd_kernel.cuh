@@ -47,8 +47,7 @@ __device__ __forceinline__ int warp_max(int x) {
   return x;
 }
 
-// Bounds of the rows (or keys) the lanes of a warp hold, one or more each (call from all
-// lanes; a lane may hold none: pass the neutral values).
+// Bounds over the rows the lanes of a warp hold (call from all lanes).
 __device__ __forceinline__ RowBounds warp_row_bounds(RowBounds r) {
   return RowBounds{warp_min(r.plo_min), warp_max(r.plo_max), warp_min(r.wlo_min),
                    warp_max(r.wlo_max), warp_min(r.whi_min), warp_max(r.whi_max),
@@ -191,74 +190,75 @@ __global__ void __launch_bounds__(BwdDqTraits<T, D>::kThreads, BwdDqTraits<T, D>
                                       warp_key_bounds(sIdx[st * BN + lane], sRank[st * BN + lane]),
                                       wrows);
     if (mode != BlockMode::kSkip) {  // (a skipped block adds exact zeros)
-    const T* cK = sK + st * BN * D;
-    const T* cV = sV + st * BN * D;
-    float sc[BN / 8][4], dp[BN / 8][4];
+      const T* cK = sK + st * BN * D;
+      const T* cV = sV + st * BN * D;
+      float sc[BN / 8][4], dp[BN / 8][4];
 #pragma unroll
-    for (int n = 0; n < BN / 8; ++n)
+      for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) sc[n][c] = dp[n][c] = 0.f;
+        for (int c = 0; c < 4; ++c) sc[n][c] = dp[n][c] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const int mi = lane >> 3;
-      uint32_t qa[4], oa[4];
-      const int row = warp * 16 + (mi & 1) * 8 + (lane & 7);
-      ldmatrix_x4(qa, sQ + swz<D>(row, kk * 2 + (mi >> 1)));
-      ldmatrix_x4(oa, sO + swz<D>(row, kk * 2 + (mi >> 1)));
-#pragma unroll
-      for (int n2 = 0; n2 < BN / 16; ++n2) {
-        uint32_t kb[4], vb[4];
-        const int key = n2 * 16 + (mi >> 1) * 8 + (lane & 7);
-        ldmatrix_x4(kb, cK + swz<D>(key, kk * 2 + (mi & 1)));
-        ldmatrix_x4(vb, cV + swz<D>(key, kk * 2 + (mi & 1)));
-        Mma<T>::run(sc[2 * n2], qa, kb[0], kb[1]);
-        Mma<T>::run(sc[2 * n2 + 1], qa, kb[2], kb[3]);
-        Mma<T>::run(dp[2 * n2], oa, vb[0], vb[1]);
-        Mma<T>::run(dp[2 * n2 + 1], oa, vb[2], vb[3]);
-      }
-    }
-    uint32_t dsf[BN / 16][4];
-    // dS * g * scale (the A fragment of dQ's product) and the rows' sums G; kAllPairs: the
-    // block's mode is kAll (no rule per element).
-    auto elementwise = [&](auto all_pairs) {
-      constexpr bool kAllPairs = decltype(all_pairs)::value;
-#pragma unroll
-      for (int n = 0; n < BN / 8; ++n) {
-        float ds[4];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int h = c >> 1, e = st * BN + n * 8 + (lane & 3) * 2 + (c & 1);
-          float g;
-          bool att;
-          if constexpr (kAllPairs) {  // attends()'s gate, without its tests
-            att = true;
-            g = rule == KeyRule::kPoolSelected ? fminf(fmaxf(sU[e] - rows[h].tau, 0.f), 1.f) : 1.f;
-          } else {
-            att = attends(rule, interior, rows[h], sIdx[e], sRank[e], sU[e], g);
-          }
-          float pr, term;
-          if (pair_backward(att, rule == KeyRule::kPoolSelected, g, sc[n][c], dp[n][c], lse2[h],
-                            delta[h], p.scale_log2, b.scale, pr, ds[c], term))
-            grow[h] += term;
-        }
-        dsf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
-        dsf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
-      }
-    };
-    with_block_mode(mode, elementwise);
-    // dQ += dS K  (K rows as the k16 x n8 operand: transposed load)
-#pragma unroll
-    for (int kc = 0; kc < BN / 16; ++kc) {
-#pragma unroll
-      for (int n2 = 0; n2 < D / 16; ++n2) {
-        uint32_t kb[4];
+      for (int kk = 0; kk < D / 16; ++kk) {
         const int mi = lane >> 3;
-        const int key = kc * 16 + (mi & 1) * 8 + (lane & 7);
-        ldmatrix_x4_trans(kb, cK + swz<D>(key, n2 * 2 + (mi >> 1)));
-        Mma<T>::run(dq_acc[2 * n2], dsf[kc], kb[0], kb[1]);
-        Mma<T>::run(dq_acc[2 * n2 + 1], dsf[kc], kb[2], kb[3]);
+        uint32_t qa[4], oa[4];
+        const int row = warp * 16 + (mi & 1) * 8 + (lane & 7);
+        ldmatrix_x4(qa, sQ + swz<D>(row, kk * 2 + (mi >> 1)));
+        ldmatrix_x4(oa, sO + swz<D>(row, kk * 2 + (mi >> 1)));
+#pragma unroll
+        for (int n2 = 0; n2 < BN / 16; ++n2) {
+          uint32_t kb[4], vb[4];
+          const int key = n2 * 16 + (mi >> 1) * 8 + (lane & 7);
+          ldmatrix_x4(kb, cK + swz<D>(key, kk * 2 + (mi & 1)));
+          ldmatrix_x4(vb, cV + swz<D>(key, kk * 2 + (mi & 1)));
+          Mma<T>::run(sc[2 * n2], qa, kb[0], kb[1]);
+          Mma<T>::run(sc[2 * n2 + 1], qa, kb[2], kb[3]);
+          Mma<T>::run(dp[2 * n2], oa, vb[0], vb[1]);
+          Mma<T>::run(dp[2 * n2 + 1], oa, vb[2], vb[3]);
+        }
       }
-    }
+      uint32_t dsf[BN / 16][4];
+      // dS * g * scale (the A fragment of dQ's product) and the rows' sums G; kAllPairs: the
+      // block's mode is kAll (no rule per element).
+      auto elementwise = [&](auto all_pairs) {
+        constexpr bool kAllPairs = decltype(all_pairs)::value;
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) {
+          float ds[4];
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int h = c >> 1, e = st * BN + n * 8 + (lane & 3) * 2 + (c & 1);
+            float g;
+            bool att;
+            if constexpr (kAllPairs) {  // attends()'s gate, without its tests
+              att = true;
+              g = rule == KeyRule::kPoolSelected ? fminf(fmaxf(sU[e] - rows[h].tau, 0.f), 1.f)
+                                                 : 1.f;
+            } else {
+              att = attends(rule, interior, rows[h], sIdx[e], sRank[e], sU[e], g);
+            }
+            float pr, term;
+            if (pair_backward(att, rule == KeyRule::kPoolSelected, g, sc[n][c], dp[n][c], lse2[h],
+                              delta[h], p.scale_log2, b.scale, pr, ds[c], term))
+              grow[h] += term;
+          }
+          dsf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
+          dsf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
+        }
+      };
+      with_block_mode(mode, elementwise);
+      // dQ += dS K  (K rows as the k16 x n8 operand: transposed load)
+#pragma unroll
+      for (int kc = 0; kc < BN / 16; ++kc) {
+#pragma unroll
+        for (int n2 = 0; n2 < D / 16; ++n2) {
+          uint32_t kb[4];
+          const int mi = lane >> 3;
+          const int key = kc * 16 + (mi & 1) * 8 + (lane & 7);
+          ldmatrix_x4_trans(kb, cK + swz<D>(key, n2 * 2 + (mi >> 1)));
+          Mma<T>::run(dq_acc[2 * n2], dsf[kc], kb[0], kb[1]);
+          Mma<T>::run(dq_acc[2 * n2 + 1], dsf[kc], kb[2], kb[3]);
+        }
+      }
     }  // mode != kSkip
     __syncthreads();
   }
@@ -394,83 +394,83 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, D>::kThreads)
       const BlockMode mode =
           block_mode(rule, interior, kbound, merge(rBounds[st * 2], rBounds[st * 2 + 1]));
       if (mode != BlockMode::kSkip) {  // (a skipped block adds exact zeros)
-      const T* cQ = sQ + st * RW * D;
-      const T* cO = sO + st * RW * D;
-      // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x RW rows.
-      float sct[RW / 8][4], dpt[RW / 8][4];
+        const T* cQ = sQ + st * RW * D;
+        const T* cO = sO + st * RW * D;
+        // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys x RW rows.
+        float sct[RW / 8][4], dpt[RW / 8][4];
 #pragma unroll
-      for (int n = 0; n < RW / 8; ++n)
+        for (int n = 0; n < RW / 8; ++n)
 #pragma unroll
-        for (int cc = 0; cc < 4; ++cc) sct[n][cc] = dpt[n][cc] = 0.f;
+          for (int cc = 0; cc < 4; ++cc) sct[n][cc] = dpt[n][cc] = 0.f;
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const int mi = lane >> 3;
-        uint32_t ka[4], va[4];
-        const int key = warp * 16 + (mi & 1) * 8 + (lane & 7);
-        ldmatrix_x4(ka, sK + swz<D>(key, kk * 2 + (mi >> 1)));
-        ldmatrix_x4(va, sV + swz<D>(key, kk * 2 + (mi >> 1)));
-#pragma unroll
-        for (int n2 = 0; n2 < RW / 16; ++n2) {
-          uint32_t qb[4], ob[4];
-          const int row = n2 * 16 + (mi >> 1) * 8 + (lane & 7);
-          ldmatrix_x4(qb, cQ + swz<D>(row, kk * 2 + (mi & 1)));
-          ldmatrix_x4(ob, cO + swz<D>(row, kk * 2 + (mi & 1)));
-          Mma<T>::run(sct[2 * n2], ka, qb[0], qb[1]);
-          Mma<T>::run(sct[2 * n2 + 1], ka, qb[2], qb[3]);
-          Mma<T>::run(dpt[2 * n2], va, ob[0], ob[1]);
-          Mma<T>::run(dpt[2 * n2 + 1], va, ob[2], ob[3]);
-        }
-      }
-      uint32_t pf[RW / 16][4], dsf[RW / 16][4];
-      // P * g and dS * g * scale (A fragments of the products below); the score gradient's
-      // direct sums du.  kAllPairs: the block's mode is kAll (no rule per element).
-      auto elementwise = [&](auto all_pairs) {
-        constexpr bool kAllPairs = decltype(all_pairs)::value;
-#pragma unroll
-        for (int n = 0; n < RW / 8; ++n) {
-          float pv[4], ds[4];
-#pragma unroll
-          for (int cc = 0; cc < 4; ++cc) {
-            const int h = cc >> 1;  // which of the thread's two keys
-            const int m = st * RW + n * 8 + (lane & 3) * 2 + (cc & 1);
-            float g;
-            bool att;
-            if constexpr (kAllPairs) {  // attends()'s gate, without its tests
-              att = true;
-              g = rule == KeyRule::kPoolSelected ? fminf(fmaxf(ku[h] - rTau[m], 0.f), 1.f) : 1.f;
-            } else {
-              const RowInfo ri{rPlo[m], rWlo[m], rWhi[m], rRb[m], rTau[m]};
-              att = kj[h] >= 0 && attends(rule, interior, ri, kj[h], krank[h], ku[h], g);
-            }
-            float pr, term;
-            if (pair_backward(att, rule == KeyRule::kPoolSelected, g, sct[n][cc], dpt[n][cc],
-                              rLse2[m], rDelta[m], p.scale_log2, b.scale, pr, ds[cc], term))
-              du[h] += term;
-            pv[cc] = pr * g;
-          }
-          pf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(pv[0], pv[1]);
-          pf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pv[2], pv[3]);
-          dsf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
-          dsf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
-        }
-      };
-      with_block_mode(mode, elementwise);
-      // dV += (P g) dO and dK += (dS g scale) Q over this chunk's rows.
-#pragma unroll
-      for (int kc = 0; kc < RW / 16; ++kc) {
-#pragma unroll
-        for (int n2 = 0; n2 < D / 16; ++n2) {
-          uint32_t ob[4], qb[4];
+        for (int kk = 0; kk < D / 16; ++kk) {
           const int mi = lane >> 3;
-          const int row = kc * 16 + (mi & 1) * 8 + (lane & 7);
-          ldmatrix_x4_trans(ob, cO + swz<D>(row, n2 * 2 + (mi >> 1)));
-          ldmatrix_x4_trans(qb, cQ + swz<D>(row, n2 * 2 + (mi >> 1)));
-          Mma<T>::run(dv_acc[2 * n2], pf[kc], ob[0], ob[1]);
-          Mma<T>::run(dv_acc[2 * n2 + 1], pf[kc], ob[2], ob[3]);
-          Mma<T>::run(dk_acc[2 * n2], dsf[kc], qb[0], qb[1]);
-          Mma<T>::run(dk_acc[2 * n2 + 1], dsf[kc], qb[2], qb[3]);
+          uint32_t ka[4], va[4];
+          const int key = warp * 16 + (mi & 1) * 8 + (lane & 7);
+          ldmatrix_x4(ka, sK + swz<D>(key, kk * 2 + (mi >> 1)));
+          ldmatrix_x4(va, sV + swz<D>(key, kk * 2 + (mi >> 1)));
+#pragma unroll
+          for (int n2 = 0; n2 < RW / 16; ++n2) {
+            uint32_t qb[4], ob[4];
+            const int row = n2 * 16 + (mi >> 1) * 8 + (lane & 7);
+            ldmatrix_x4(qb, cQ + swz<D>(row, kk * 2 + (mi & 1)));
+            ldmatrix_x4(ob, cO + swz<D>(row, kk * 2 + (mi & 1)));
+            Mma<T>::run(sct[2 * n2], ka, qb[0], qb[1]);
+            Mma<T>::run(sct[2 * n2 + 1], ka, qb[2], qb[3]);
+            Mma<T>::run(dpt[2 * n2], va, ob[0], ob[1]);
+            Mma<T>::run(dpt[2 * n2 + 1], va, ob[2], ob[3]);
+          }
         }
-      }
+        uint32_t pf[RW / 16][4], dsf[RW / 16][4];
+        // P * g and dS * g * scale (A fragments of the products below); the score gradient's
+        // direct sums du.  kAllPairs: the block's mode is kAll (no rule per element).
+        auto elementwise = [&](auto all_pairs) {
+          constexpr bool kAllPairs = decltype(all_pairs)::value;
+#pragma unroll
+          for (int n = 0; n < RW / 8; ++n) {
+            float pv[4], ds[4];
+#pragma unroll
+            for (int cc = 0; cc < 4; ++cc) {
+              const int h = cc >> 1;  // which of the thread's two keys
+              const int m = st * RW + n * 8 + (lane & 3) * 2 + (cc & 1);
+              float g;
+              bool att;
+              if constexpr (kAllPairs) {  // attends()'s gate, without its tests
+                att = true;
+                g = rule == KeyRule::kPoolSelected ? fminf(fmaxf(ku[h] - rTau[m], 0.f), 1.f) : 1.f;
+              } else {
+                const RowInfo ri{rPlo[m], rWlo[m], rWhi[m], rRb[m], rTau[m]};
+                att = kj[h] >= 0 && attends(rule, interior, ri, kj[h], krank[h], ku[h], g);
+              }
+              float pr, term;
+              if (pair_backward(att, rule == KeyRule::kPoolSelected, g, sct[n][cc], dpt[n][cc],
+                                rLse2[m], rDelta[m], p.scale_log2, b.scale, pr, ds[cc], term))
+                du[h] += term;
+              pv[cc] = pr * g;
+            }
+            pf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(pv[0], pv[1]);
+            pf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(pv[2], pv[3]);
+            dsf[n >> 1][(n & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
+            dsf[n >> 1][(n & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
+          }
+        };
+        with_block_mode(mode, elementwise);
+        // dV += (P g) dO and dK += (dS g scale) Q over this chunk's rows.
+#pragma unroll
+        for (int kc = 0; kc < RW / 16; ++kc) {
+#pragma unroll
+          for (int n2 = 0; n2 < D / 16; ++n2) {
+            uint32_t ob[4], qb[4];
+            const int mi = lane >> 3;
+            const int row = kc * 16 + (mi & 1) * 8 + (lane & 7);
+            ldmatrix_x4_trans(ob, cO + swz<D>(row, n2 * 2 + (mi >> 1)));
+            ldmatrix_x4_trans(qb, cQ + swz<D>(row, n2 * 2 + (mi >> 1)));
+            Mma<T>::run(dv_acc[2 * n2], pf[kc], ob[0], ob[1]);
+            Mma<T>::run(dv_acc[2 * n2 + 1], pf[kc], ob[2], ob[3]);
+            Mma<T>::run(dk_acc[2 * n2], dsf[kc], qb[0], qb[1]);
+            Mma<T>::run(dk_acc[2 * n2 + 1], dsf[kc], qb[2], qb[3]);
+          }
+        }
       }  // mode != kSkip
       __syncthreads();  // chunk st is refilled next iteration
     }

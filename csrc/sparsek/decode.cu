@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(kUpdateThreads) decode_update_kernel(DecodePar
 // output, otherwise the split's partial (decode_combine merges them).
 constexpr int kAttendTile = 16;    // slots per tile: one k-step of the P V product
 constexpr int kAttendStages = 3;   // tiles per warp in flight or being computed
-constexpr int kSmemPerSM = 227 * 1024;
+constexpr size_t kSmemReservedPerCta = 1024;  // shared memory the driver keeps per CTA
 
 template <int D>
 constexpr size_t attend_stage_bytes() {  // K and V tiles, then the tile's float64 scores
@@ -573,10 +573,10 @@ cudaError_t launch_attend(const DecodeParams& p, int D, cudaStream_t stream) {
 
 }  // namespace
 
-int decode_attend_slots_per_split(int BG, int S, int head_dim, int num_sms) {
+int decode_attend_slots_per_split(int BG, int S, int head_dim, int num_sms, size_t smem_per_sm) {
   // As many splits as fill the GPU in one wave of resident CTAs, but at least one tile per warp.
   const size_t smem = head_dim == 64 ? attend_smem_bytes<64>() : attend_smem_bytes<128>();
-  const int per_sm = std::max(1, (int)(kSmemPerSM / smem));
+  const int per_sm = std::max(1, (int)(smem_per_sm / (smem + kSmemReservedPerCta)));
   const int min_slots = kAttendTile * kAttendWarps;
   const int max_splits = std::max(1, (S + min_slots - 1) / min_slots);
   const int splits = std::min(max_splits, std::max(1, num_sms * per_sm / std::max(1, BG)));

@@ -36,7 +36,8 @@ cudaError_t launch_bwd_reduce(const float* part_kv, const float* part_u, const i
 cudaError_t launch_decode(const DecodeParams& p, int dtype, int head_dim, cudaStream_t stream);
 size_t decode_update_smem_bytes(int N, int k_row_bytes, int v_row_bytes);
 int decode_max_rows();
-// Slots per decode_attend CTA for B * G KV heads of S slots (a multiple of its 16-slot tile).
-int decode_attend_slots_per_split(int BG, int S, int head_dim, int num_sms);
+// Slots per decode_attend CTA for B * G KV heads of S slots (a multiple of its 16-slot tile),
+// on a device with num_sms SMs of smem_per_sm bytes of shared memory each.
+int decode_attend_slots_per_split(int BG, int S, int head_dim, int num_sms, size_t smem_per_sm);
 
 }  // namespace xsk
