@@ -5,56 +5,46 @@ import subprocess
 import time
 
 
-def median_ms(fn, iters=10, warmup=3, cuda=True):
-    """Median milliseconds of single calls of `fn`: CUDA events, or perf_counter on the CPU."""
+def _elapsed_ms(fn, calls, cuda):
+    """Milliseconds for `calls` calls of `fn` issued back to back: CUDA events around them,
+    or perf_counter on the CPU."""
+    import torch
+
+    if cuda:
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b)
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return 1e3 * (time.perf_counter() - t)
+
+
+def _warm(fn, warmup, cuda):
     import torch
 
     for _ in range(warmup):
         fn()
     if cuda:
         torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        if cuda:
-            a = torch.cuda.Event(enable_timing=True)
-            b = torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            ts.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(ts)
+
+
+def median_ms(fn, iters=10, warmup=3, cuda=True):
+    """Median milliseconds of single calls of `fn`: CUDA events, or perf_counter on the CPU."""
+    _warm(fn, warmup, cuda)
+    return statistics.median(_elapsed_ms(fn, 1, cuda) for _ in range(iters))
 
 
 def back_to_back_ms(fn, n=50, reps=3, cuda=True):
     """Milliseconds per call of `fn` issued n times back to back (median of reps): the GPU
     time per call once the host runs ahead, as in a generation loop (no launch gaps)."""
-    import torch
-
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        if cuda:
-            a = torch.cuda.Event(enable_timing=True)
-            b = torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(n):
-                fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b) / n)
-        else:
-            t = time.perf_counter()
-            for _ in range(n):
-                fn()
-            ts.append(1e3 * (time.perf_counter() - t) / n)
-    return statistics.median(ts)
+    _warm(fn, 1, cuda)
+    return statistics.median(_elapsed_ms(fn, n, cuda) / n for _ in range(reps))
 
 
 def pyplot():
