@@ -75,7 +75,37 @@ struct KeyStreams {
   }
 };
 
-// Call from every thread of the block (uses shared memory and __syncthreads).
+// The key streams of query tile `tile` of head s from its queries' bounds: plo / wlo the
+// smallest pool / window start, whi the largest window end, [in_lo, in_hi) / pin_lo as in
+// KeyStreams.  Int: int, or const int& to read block-wide bounds from shared memory where
+// each field is set.
+template <int BN, typename Int = int>
+__device__ __forceinline__ KeyStreams key_streams_from_bounds(const FwdParams& p, int tile, int s,
+                                                              Int plo, Int wlo, Int whi,
+                                                              Int in_lo, Int in_hi, Int pin_lo) {
+  KeyStreams ks;
+  ks.sparse = p.u != nullptr;
+  if (ks.sparse) {
+    ks.list = p.lists + ((size_t)s * p.ntiles + tile) * p.cap;
+    ks.nA = p.counts[(size_t)s * p.ntiles + tile];
+    ks.a_lo = 0;
+  } else {
+    ks.list = nullptr;
+    ks.a_lo = plo;
+    ks.nA = max(0, whi - plo);
+  }
+  ks.b_lo = wlo;
+  ks.nB = ks.sparse ? max(0, whi - wlo) : 0;
+  ks.tilesA = (ks.nA + BN - 1) / BN;
+  ks.tilesB = (ks.nB + BN - 1) / BN;
+  ks.in_lo = in_lo;
+  ks.in_hi = in_hi;
+  ks.pin_lo = pin_lo;
+  return ks;
+}
+
+// The same from block-wide bounds. Call from every thread of the block (uses shared memory
+// and __syncthreads).
 template <int BN>
 __device__ KeyStreams make_key_streams(const FwdParams& p, int tile, int s, int q0, int q1) {
   __shared__ int s_plo, s_wlo, s_whi, s_in_lo, s_in_hi, s_pin_lo;
@@ -95,25 +125,8 @@ __device__ KeyStreams make_key_streams(const FwdParams& p, int tile, int s, int 
     atomicMax(&s_pin_lo, a);
   }
   __syncthreads();
-  KeyStreams ks;
-  ks.sparse = p.u != nullptr;
-  if (ks.sparse) {
-    ks.list = p.lists + ((size_t)s * p.ntiles + tile) * p.cap;
-    ks.nA = p.counts[(size_t)s * p.ntiles + tile];
-    ks.a_lo = 0;
-  } else {
-    ks.list = nullptr;
-    ks.a_lo = s_plo;
-    ks.nA = max(0, s_whi - s_plo);
-  }
-  ks.b_lo = s_wlo;
-  ks.nB = ks.sparse ? max(0, s_whi - s_wlo) : 0;
-  ks.tilesA = (ks.nA + BN - 1) / BN;
-  ks.tilesB = (ks.nB + BN - 1) / BN;
-  ks.in_lo = s_in_lo;
-  ks.in_hi = s_in_hi;
-  ks.pin_lo = s_pin_lo;
-  return ks;
+  return key_streams_from_bounds<BN, const int&>(p, tile, s, s_plo, s_wlo, s_whi, s_in_lo,
+                                                 s_in_hi, s_pin_lo);
 }
 
 // Gathers key tile t (BN rows of K and V, D columns) into swizzled shared memory, plus each

@@ -148,26 +148,7 @@ __device__ __forceinline__ KeyStreams warp_key_streams(const FwdParams& p, int t
     in_hi = min(in_hi, __shfl_xor_sync(0xffffffffu, in_hi, o));
     pin_lo = max(pin_lo, __shfl_xor_sync(0xffffffffu, pin_lo, o));
   }
-  // (make_key_streams in tile_common.cuh builds the same struct from block-wide bounds)
-  KeyStreams ks;
-  ks.sparse = p.u != nullptr;
-  if (ks.sparse) {
-    ks.list = p.lists + ((size_t)s * p.ntiles + tile) * p.cap;
-    ks.nA = p.counts[(size_t)s * p.ntiles + tile];
-    ks.a_lo = 0;
-  } else {
-    ks.list = nullptr;
-    ks.a_lo = plo;
-    ks.nA = max(0, whi - plo);
-  }
-  ks.b_lo = wlo;
-  ks.nB = ks.sparse ? max(0, whi - wlo) : 0;
-  ks.tilesA = (ks.nA + BN - 1) / BN;
-  ks.tilesB = (ks.nB + BN - 1) / BN;
-  ks.in_lo = in_lo;
-  ks.in_hi = in_hi;
-  ks.pin_lo = pin_lo;
-  return ks;
+  return key_streams_from_bounds<BN>(p, tile, s, plo, wlo, whi, in_lo, in_hi, pin_lo);
 }
 
 // Work item -> (query tile, selection head, head group); the tile index runs fastest, so
