@@ -25,7 +25,6 @@ struct SelectParams {
   int S, NQ, NK, topk;
   // Two passes: pass 0 solves every 32nd query (and the last) with a full search and
   // records its piece; pass 1 searches the others between their neighbours' pieces.
-  int pass;
   int* piece;            // [S, NQ] scratch
   // Outputs [S, NQ]
   double* tau;
