@@ -1,20 +1,39 @@
-// Backward instantiations for bf16 (head dims 64 and 128).
+// Backward instantiations for bf16 (head dims 64 and 128), and the backward launcher.
 #include "bwd_kernel.cuh"
+#include "launch.h"
 
 namespace xsk {
-cudaError_t run_bwd_bf16(const BwdDqParams& b, const BwdDkvParams& kp, int head_dim,
-                         cudaStream_t stream) {
+cudaError_t run_bwd_dq_bf16(const BwdDqParams& b, int head_dim, cudaStream_t stream) {
   switch (head_dim) {
-    case 64: return run_bwd<__nv_bfloat16, 64>(b, kp, stream);
-    case 128: return run_bwd<__nv_bfloat16, 128>(b, kp, stream);
+    case 64: return run_bwd_dq<__nv_bfloat16, 64>(b, stream);
+    case 128: return run_bwd_dq<__nv_bfloat16, 128>(b, stream);
     default: return cudaErrorInvalidValue;
   }
 }
-cudaError_t run_bwd_fp16(const BwdDqParams& b, const BwdDkvParams& kp, int head_dim,
-                         cudaStream_t stream);
+cudaError_t run_bwd_dkv_bf16(const BwdDkvParams& kp, int head_dim, cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return run_bwd_dkv<__nv_bfloat16, 64>(kp, stream);
+    case 128: return run_bwd_dkv<__nv_bfloat16, 128>(kp, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+cudaError_t run_bwd_dq_fp16(const BwdDqParams& b, int head_dim, cudaStream_t stream);
+cudaError_t run_bwd_dkv_fp16(const BwdDkvParams& kp, int head_dim, cudaStream_t stream);
+cudaError_t run_bwd_dkv_sm90_bf16(const BwdDkvParams& kp, int head_dim, cudaStream_t stream);
+cudaError_t run_bwd_dkv_sm90_fp16(const BwdDkvParams& kp, int head_dim, cudaStream_t stream);
 
+// Pass 1 (dq) runs the mma.sync kernel; pass 2 (dk / dv) the Hopper kernel (sm90/) where the
+// forward's would run (use_sm90: compute capability 9.x, a build with sm_90a code), unless
+// XFORMERS_SPARSEK_BWD=sm80 forces the mma.sync kernel (tests and benchmarks compare both).
 cudaError_t launch_bwd(const BwdDqParams& b, const BwdDkvParams& kp, int dtype, int head_dim,
                        cudaStream_t stream) {
-  return dtype == 1 ? run_bwd_bf16(b, kp, head_dim, stream) : run_bwd_fp16(b, kp, head_dim, stream);
+  const bool bf16 = dtype == 1;
+  cudaError_t err = bf16 ? run_bwd_dq_bf16(b, head_dim, stream)
+                         : run_bwd_dq_fp16(b, head_dim, stream);
+  if (err != cudaSuccess) return err;
+  if (use_sm90("XFORMERS_SPARSEK_BWD"))
+    return bf16 ? run_bwd_dkv_sm90_bf16(kp, head_dim, stream)
+                : run_bwd_dkv_sm90_fp16(kp, head_dim, stream);
+  return bf16 ? run_bwd_dkv_bf16(kp, head_dim, stream) : run_bwd_dkv_fp16(kp, head_dim, stream);
 }
 }  // namespace xsk

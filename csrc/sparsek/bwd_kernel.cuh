@@ -499,27 +499,27 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, D>::kThreads)
 }
 
 template <typename T, int D>
-cudaError_t run_bwd(const BwdDqParams& b, const BwdDkvParams& kp, cudaStream_t stream) {
-  {
-    using Tr = BwdDqTraits<T, D>;
-    auto kernel = bwd_dq_kernel<T, D>;
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmem);
-    if (err != cudaSuccess) return err;
-    dim3 grid(b.f.ntiles, b.f.S, b.f.R / b.f.RP);
-    kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(b);
-    if ((err = cudaGetLastError()) != cudaSuccess) return err;
-  }
-  {
-    using Tr = BwdDkvTraits<T, D>;
-    auto kernel = bwd_dkv_kernel<T, D>;
-    cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmem);
-    if (err != cudaSuccess) return err;
-    dim3 grid(kp.b.f.ntiles, kp.b.f.S, kp.b.f.R / kp.b.f.RP);
-    kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(kp);
-    return cudaGetLastError();
-  }
+cudaError_t run_bwd_dq(const BwdDqParams& b, cudaStream_t stream) {
+  using Tr = BwdDqTraits<T, D>;
+  auto kernel = bwd_dq_kernel<T, D>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmem);
+  if (err != cudaSuccess) return err;
+  dim3 grid(b.f.ntiles, b.f.S, b.f.R / b.f.RP);
+  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(b);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t run_bwd_dkv(const BwdDkvParams& kp, cudaStream_t stream) {
+  using Tr = BwdDkvTraits<T, D>;
+  auto kernel = bwd_dkv_kernel<T, D>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmem);
+  if (err != cudaSuccess) return err;
+  dim3 grid(kp.b.f.ntiles, kp.b.f.S, kp.b.f.R / kp.b.f.RP);
+  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(kp);
+  return cudaGetLastError();
 }
 
 }  // namespace xsk

@@ -22,7 +22,11 @@ cudaError_t launch_build_lists(const ListParams& p, cudaStream_t stream);
 // dtype: 0 = fp16, 1 = bf16. Returns cudaErrorInvalidValue for unsupported head dims.
 cudaError_t launch_fwd(const FwdParams& p, int dtype, int head_dim, cudaStream_t stream);
 
-// Backward passes 1 and 2 (bwd_kernel.cuh), then the deterministic reduction of pass 2's
+// Whether the Hopper (sm90/) kernels run: a compute capability 9.x device, a build with
+// sm_90a code, and the environment variable env_name not set to "sm80" (fwd_bf16.cu).
+bool use_sm90(const char* env_name);
+
+// Backward passes 1 and 2 (bwd_kernel.cuh; pass 2 on Hopper: sm90/bwd_dkv_sm90.cuh), then the deterministic reduction of pass 2's
 // partials (bwd_reduce.cu).
 cudaError_t launch_bwd(const BwdDqParams& b, const BwdDkvParams& kp, int dtype, int head_dim,
                        cudaStream_t stream);

@@ -1,4 +1,4 @@
-// Thin wrappers over the sm_90a instructions of the Hopper forward: wgmma (warpgroup MMA,
+// Thin wrappers over the sm_90a instructions of the Hopper kernels: wgmma (warpgroup MMA,
 // fp16/bf16 in, fp32 accumulate), its shared-memory matrix descriptors, and mbarriers.
 // Compiled for every target, used only under XSK_SM90A (set when compiling for sm_90a).
 #pragma once
@@ -137,6 +137,21 @@ struct WgmmaSS<T, 128> {                                                        
   }                                                                                              \
 };
 
+#define XSK_WGMMA_SS_N64(T, TN)                                                                  \
+template <>                                                                                      \
+struct WgmmaSS<T, 64> {                                                                          \
+  static __device__ __forceinline__ void run(float (&d)[32], uint64_t da, uint64_t db,           \
+                                             int accumulate) {                                   \
+    asm volatile(                                                                                \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                             \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." TN "." TN " {"                             \
+        XSK_WGMMA_D32_REGS                                                                       \
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                       \
+        : XSK_WGMMA_D32_OPS                                                                      \
+        : "l"(da), "l"(db), "r"(accumulate));                                                    \
+  }                                                                                              \
+};
+
 #define XSK_WGMMA_RS_N128(T, TN)                                                                 \
 template <>                                                                                      \
 struct WgmmaRS<T, 128> {                                                                         \
@@ -169,11 +184,14 @@ struct WgmmaRS<T, 64> {                                                         
 
 XSK_WGMMA_SS_N128(__half, "f16")
 XSK_WGMMA_SS_N128(__nv_bfloat16, "bf16")
+XSK_WGMMA_SS_N64(__half, "f16")
+XSK_WGMMA_SS_N64(__nv_bfloat16, "bf16")
 XSK_WGMMA_RS_N128(__half, "f16")
 XSK_WGMMA_RS_N128(__nv_bfloat16, "bf16")
 XSK_WGMMA_RS_N64(__half, "f16")
 XSK_WGMMA_RS_N64(__nv_bfloat16, "bf16")
 #undef XSK_WGMMA_SS_N128
+#undef XSK_WGMMA_SS_N64
 #undef XSK_WGMMA_RS_N128
 #undef XSK_WGMMA_RS_N64
 #undef XSK_WGMMA_D64_REGS

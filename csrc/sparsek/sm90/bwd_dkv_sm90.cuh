@@ -1,0 +1,335 @@
+// SparseK attention backward, dk/dv pass on Hopper (sm_90a, warpgroup MMAs).
+//
+// Same problem, partial-slot outputs and per-pair math as bwd_dkv_kernel (../bwd_kernel.cuh:
+// read that first); what changes is the schedule.
+// CTA = one key tile (BK = 128 keys) of one super-tile's key streams x one head group: the
+// grid's x is the key tile, so the CTAs of one super-tile run side by side and share its
+// Q / dO rows in L2 (the mma.sync pass walks every key tile of a super-tile in one CTA and
+// re-reads them from DRAM).  Two warpgroups of 64 keys each (wgmma M = 64) walk the
+// super-tile's rows in chunks of 64, skipping the chunks no key of the tile is attended by
+// (decided once per CTA from the rows' and keys' bounds):
+//   S^T = K Q^T and dP^T = V dO^T   (wgmma, both operands in shared memory, N = 64 rows),
+//   P, dS and the score gradient's direct sums per (key, row), the BlockMode of each warp's
+//   16 keys picking the cheapest exact rule,
+//   dV += (P g)^T dO and dK += (dS g scale)^T Q   (wgmma, the A operand from registers).
+// All 256 threads load chunk v + 1 with cp.async while chunk v is computed; three buffers,
+// because a chunk's buffer is refilled only after both warpgroups waited for the products
+// that read it (at their next chunk's S^T).  Tiles use wgmma's 128-byte swizzle (sw128).
+#pragma once
+#include <climits>
+#include <cmath>
+
+#include "../bwd_kernel.cuh"
+#include "wgmma.cuh"
+
+namespace xsk {
+namespace sm90 {
+
+template <typename T, int D>
+struct BwdDkvSm90Traits {
+  static constexpr int kBK = 128;       // keys per CTA: 64 per warpgroup
+  static constexpr int kRows = 64;      // rows per chunk
+  static constexpr int kStages = 3;     // Q / dO chunk buffers
+  static constexpr int kThreads = 256;
+  static constexpr int kMaxChunks = 16;  // rows per super-tile / kRows (_BWD_SUPER_ROWS = 1024)
+  static constexpr size_t kSmem = 1024 /* alignment slack */ + 2 * kBK * D * sizeof(T) +
+                                  2 * kStages * kRows * D * sizeof(T);
+  static_assert(kSmem <= 200 * 1024, "shared memory (plus the static arrays)");
+};
+
+__device__ __forceinline__ KeyBounds merge(const KeyBounds& a, const KeyBounds& b) {
+  return KeyBounds{min(a.j_min, b.j_min), max(a.j_max, b.j_max), min(a.rank_min, b.rank_min),
+                   a.all_valid && b.all_valid};
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
+    bwd_dkv_sm90_kernel(const BwdDkvParams kp) {
+#if defined(XSK_SM90A)
+  using Tr = BwdDkvSm90Traits<T, D>;
+  constexpr int BK = Tr::kBK, RW = Tr::kRows, NST = Tr::kStages, CH = D / 8;
+  const BwdDqParams& b = kp.b;
+  const FwdParams& p = b.f;
+  extern __shared__ char smem_raw[];
+  char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  T* sK = reinterpret_cast<T*>(base);  // [D/64][BK][64]
+  T* sV = sK + BK * D;                 // [D/64][BK][64]
+  T* sQ = sV + BK * D;                 // [NST][D/64][RW][64]
+  T* sO = sQ + NST * RW * D;           // [NST][D/64][RW][64] dO rows
+  __shared__ int s_idx[BK], s_rank[BK];
+  __shared__ float s_u[BK];
+  // per-row metadata of each buffered chunk
+  __shared__ int s_plo[NST][RW], s_wlo[NST][RW], s_whi[NST][RW], s_rb[NST][RW];
+  __shared__ float s_tau[NST][RW], s_lse2[NST][RW], s_delta[NST][RW];
+  __shared__ RowBounds s_chunk[Tr::kMaxChunks];
+  __shared__ KeyBounds s_warp_keys[8];
+  __shared__ int s_visit[Tr::kMaxChunks], s_nvisit;
+
+  const int t = blockIdx.x, tile = blockIdx.y, group = blockIdx.z;
+  const int RP = p.RP, s = group / (p.R / RP), rgroup = group % (p.R / RP);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
+  const int g = lane >> 2, tq = lane & 3;
+  const int q0 = p.tile_q0[tile], q1 = p.tile_q1[tile];
+  const KeyStreams ks = make_key_streams<BK>(p, tile, s, q0, q1);
+  if (t >= ks.tilesA + ks.tilesB) return;  // (the grid covers the longest streams)
+  const int nchunks = ((q1 - q0) * RP + RW - 1) / RW;
+  if (nchunks > Tr::kMaxChunks) __trap();  // the host's super-tiles have <= 1024 rows
+  const int r_kv = rgroup * RP;
+  const KeyRule rule = ks.rule(t);
+  const bool interior = ks.interior(t, BK);
+
+  // ---- the key tile: K, V and each key's index, score and rank ---------------------------
+  {
+    const T* kbase = static_cast<const T*>(p.k) + s * p.k_ss + r_kv * p.k_sr;
+    const T* vbase = static_cast<const T*>(p.v) + s * p.v_ss + r_kv * p.v_sr;
+    for (int c = tid; c < BK * CH; c += Tr::kThreads) {
+      const int e = c / CH, ch = c % CH;
+      const int j = ks.key(t, e, BK);
+      const int64_t jj = j >= 0 ? j : 0;
+      cp_async16(sK + sw128(BK, e, ch), kbase + jj * p.k_sn + ch * 8, j >= 0);
+      cp_async16(sV + sw128(BK, e, ch), vbase + jj * p.v_sn + ch * 8, j >= 0);
+    }
+    cp_async_commit();
+    if (tid < BK) {
+      const int j = ks.key(t, tid, BK);
+      const bool real = ks.sparse && j >= 0;
+      s_idx[tid] = j;
+      s_u[tid] = real ? p.u[(size_t)s * p.NK + j] : 0.f;
+      s_rank[tid] = real ? p.ranks[(size_t)s * p.NK + j] : -1;
+    }
+  }
+  // ---- RowBounds of every chunk (a warp per chunk, two rows per lane) ---------------------
+  for (int c = warp; c < nchunks; c += Tr::kThreads / 32) {
+    RowBounds rbd;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int qi = q0 + (c * RW + lane + 32 * h) / RP;
+      const RowBounds r = row_bounds_of(load_row(p, s, qi, qi < q1));
+      rbd = h == 0 ? r : merge(rbd, r);
+    }
+    rbd = warp_row_bounds(rbd);
+    if (lane == 0) s_chunk[c] = rbd;
+  }
+  __syncthreads();
+
+  // This thread's two keys (accumulator rows g and g + 8 of its warp's 16) and the bounds of
+  // its warp's, its warpgroup's and the tile's keys.
+  int kj[2], krank[2];
+  float ku[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int e = wg * 64 + (warp & 3) * 16 + g + 8 * h;
+    kj[h] = s_idx[e];
+    krank[h] = s_rank[e];
+    ku[h] = s_u[e];
+  }
+  KeyBounds warp_keys;
+  {
+    const bool v0 = kj[0] >= 0, v1 = kj[1] >= 0;
+    warp_keys.j_min = warp_min(min(v0 ? kj[0] : INT_MAX, v1 ? kj[1] : INT_MAX));
+    warp_keys.j_max = warp_max(max(v0 ? kj[0] : -1, v1 ? kj[1] : -1));
+    warp_keys.rank_min = warp_min(min(v0 ? krank[0] : INT_MAX, v1 ? krank[1] : INT_MAX));
+    warp_keys.all_valid = __all_sync(0xffffffffu, v0 && v1);
+  }
+  if (lane == 0) s_warp_keys[warp] = warp_keys;
+  __syncthreads();
+  const KeyBounds wg_keys = merge(merge(s_warp_keys[4 * wg], s_warp_keys[4 * wg + 1]),
+                                  merge(s_warp_keys[4 * wg + 2], s_warp_keys[4 * wg + 3]));
+  if (tid == 0) {  // the chunks some key of the tile is attended by
+    const KeyBounds tile_keys = merge(
+        merge(merge(s_warp_keys[0], s_warp_keys[1]), merge(s_warp_keys[2], s_warp_keys[3])),
+        merge(merge(s_warp_keys[4], s_warp_keys[5]), merge(s_warp_keys[6], s_warp_keys[7])));
+    int n = 0;
+    for (int c = 0; c < nchunks; ++c)
+      if (block_mode(rule, interior, tile_keys, s_chunk[c]) != BlockMode::kSkip) s_visit[n++] = c;
+    s_nvisit = n;
+  }
+  __syncthreads();
+  const int nvisit = s_nvisit;
+
+  // ---- chunk loader: Q and dO rows of chunk s_visit[v] into buffer v % NST ---------------
+  const T* qbase = static_cast<const T*>(p.q);
+  const T* dobase = static_cast<const T*>(b.dout);
+  auto load_chunk = [&](int v) {
+    const int c = s_visit[v], st = v % NST;
+    T* dQ = sQ + st * RW * D;
+    T* dO = sO + st * RW * D;
+    for (int i = tid; i < RW * CH; i += Tr::kThreads) {
+      const int m = i / CH, ch = i % CH;
+      const int row = c * RW + m, qi = q0 + row / RP, r = rgroup * RP + row % RP;
+      const bool valid = qi < q1;
+      cp_async16(dQ + sw128(RW, m, ch),
+                 qbase + (valid ? qi * p.q_sn + s * p.q_ss + r * p.q_sr + ch * 8 : 0), valid);
+      cp_async16(dO + sw128(RW, m, ch),
+                 dobase + (valid ? qi * b.do_sn + s * b.do_ss + r * b.do_sr + ch * 8 : 0),
+                 valid);
+    }
+    if (tid < RW) {
+      const int row = c * RW + tid, qi = q0 + row / RP, r = rgroup * RP + row % RP;
+      const bool valid = qi < q1;
+      const RowInfo ri = load_row(p, s, qi, valid);
+      s_plo[st][tid] = ri.plo;
+      s_wlo[st][tid] = ri.wlo;
+      s_whi[st][tid] = ri.whi;
+      s_rb[st][tid] = ri.rb;
+      s_tau[st][tid] = ri.tau;
+      const size_t gi = ((size_t)s * p.R + r) * p.NQ + qi;
+      s_lse2[st][tid] = valid ? b.lse[gi] * kLog2e : INFINITY;  // invalid rows: P = 0
+      s_delta[st][tid] = valid ? b.delta[gi] : 0.f;
+    }
+  };
+  if (nvisit > 0) load_chunk(0);
+  cp_async_commit();
+
+  float dk[D / 2], dv[D / 2], sct[RW / 2], dpt[RW / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+#pragma unroll
+  for (int i = 0; i < RW / 2; ++i) sct[i] = dpt[i] = 0.f;
+  fence_regs(dk);  // else the zeroing may sink into the wgmma pipeline and serialize it
+  fence_regs(dv);
+  float du[2] = {0.f, 0.f};
+  const T* wK = sK + wg * 64 * 64;  // this warpgroup's 64 keys (row offset in each 64-column block)
+  const T* wV = sV + wg * 64 * 64;
+
+  for (int v = 0; v < nvisit; ++v) {
+    const int st = v % NST, c = s_visit[v];
+    cp_async_wait<0>();
+    fence_proxy_async();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
+    __syncthreads();      // chunk v (and its metadata) visible; buffer (v + 1) % NST free
+    if (v + 1 < nvisit) load_chunk(v + 1);
+    cp_async_commit();
+    const RowBounds rows = s_chunk[c];
+    if (block_mode(rule, interior, wg_keys, rows) == BlockMode::kSkip) {  // adds zeros
+      wgmma_wait<0>();  // the previous chunk's products read a buffer refilled next
+      fence_regs(dk);
+      fence_regs(dv);
+      continue;
+    }
+    const BlockMode mode = block_mode(rule, interior, warp_keys, rows);
+    const T* cQ = sQ + st * RW * D;
+    const T* cO = sO + st * RW * D;
+
+    // S^T = K Q^T, dP^T = V dO^T (64 keys x 64 rows each)
+    fence_regs(sct);
+    fence_regs(dpt);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t da = make_desc(wK + (kk >> 2) * BK * 64 + (kk & 3) * 16, 16, 1024);
+      const uint64_t db = make_desc(cQ + (kk >> 2) * RW * 64 + (kk & 3) * 16, 16, 1024);
+      WgmmaSS<T, RW>::run(sct, da, db, kk > 0);
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint64_t da = make_desc(wV + (kk >> 2) * BK * 64 + (kk & 3) * 16, 16, 1024);
+      const uint64_t db = make_desc(cO + (kk >> 2) * RW * 64 + (kk & 3) * 16, 16, 1024);
+      WgmmaSS<T, RW>::run(dpt, da, db, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();  // (also the previous chunk's dK / dV products)
+    fence_regs(sct);
+    fence_regs(dpt);
+    fence_regs(dk);
+    fence_regs(dv);
+
+    // P g and dS g scale as the A operands of the products below; the direct score sums du.
+    // Accumulator element 4 i + cc: key g + 8 (cc >> 1), row 8 i + 2 tq + (cc & 1).
+    uint32_t pf[RW / 16][4], dsf[RW / 16][4];
+    auto elementwise = [&](auto all_pairs) {
+      constexpr bool kAllPairs = decltype(all_pairs)::value;
+#pragma unroll
+      for (int i = 0; i < RW / 8; ++i) {
+        float pv[4], ds[4];
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          const int h = cc >> 1, m = i * 8 + tq * 2 + (cc & 1);
+          float gate;
+          bool att;
+          if constexpr (kAllPairs) {  // attends()'s gate, without its tests
+            att = true;
+            gate = rule == KeyRule::kPoolSelected ? fminf(fmaxf(ku[h] - s_tau[st][m], 0.f), 1.f)
+                                                  : 1.f;
+          } else {
+            const RowInfo ri{s_plo[st][m], s_wlo[st][m], s_whi[st][m], s_rb[st][m],
+                             s_tau[st][m]};
+            att = kj[h] >= 0 && attends(rule, interior, ri, kj[h], krank[h], ku[h], gate);
+          }
+          float pr, term;
+          if (pair_backward(att, rule == KeyRule::kPoolSelected, gate, sct[4 * i + cc],
+                            dpt[4 * i + cc], s_lse2[st][m], s_delta[st][m], p.scale_log2,
+                            b.scale, pr, ds[cc], term))
+            du[h] += term;
+          pv[cc] = pr * gate;
+        }
+        pf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(pv[0], pv[1]);
+        pf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(pv[2], pv[3]);
+        dsf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
+        dsf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
+      }
+    };
+    with_block_mode(mode, elementwise);  // (a kSkip warp's rule attends nothing: zeros)
+
+    // dV += (P g)^T dO, dK += (dS g scale)^T Q: B = the chunk's rows, MN-major
+    fence_regs(dk);
+    fence_regs(dv);
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < RW / 16; ++kc)
+      WgmmaRS<T, D>::run(dv, pf[kc], make_desc(cO + kc * 16 * 64, RW * 128, 1024));
+#pragma unroll
+    for (int kc = 0; kc < RW / 16; ++kc)
+      WgmmaRS<T, D>::run(dk, dsf[kc], make_desc(cQ + kc * 16 * 64, RW * 128, 1024));
+    wgmma_commit();
+    fence_regs(dk);
+    fence_regs(dv);
+  }
+  wgmma_wait<0>();
+  fence_regs(dk);
+  fence_regs(dv);
+  cp_async_wait<0>();
+
+  // ---- this key tile's partials -> its slots ----------------------------------------------
+  const int slot0 = t < ks.tilesA ? t * BK : kp.list_slots + (t - ks.tilesA) * BK;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    du[h] += __shfl_xor_sync(0xffffffffu, du[h], 1);
+    du[h] += __shfl_xor_sync(0xffffffffu, du[h], 2);
+    if (kj[h] < 0) continue;
+    const int e = wg * 64 + (warp & 3) * 16 + g + 8 * h;
+    const size_t slot = ((size_t)group * p.ntiles + tile) * kp.slots + slot0 + e;
+    float* dst = kp.part_kv + slot * 2 * D;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      const int d = i * 8 + tq * 2;
+      *reinterpret_cast<float2*>(dst + d) = make_float2(dk[4 * i + 2 * h], dk[4 * i + 2 * h + 1]);
+      *reinterpret_cast<float2*>(dst + D + d) =
+          make_float2(dv[4 * i + 2 * h], dv[4 * i + 2 * h + 1]);
+    }
+    if (tq == 0) kp.part_u[slot] = du[h];
+  }
+#else
+  __trap();  // built without sm_90a code: run_bwd_dkv_sm90 is never called then
+#endif
+}
+
+// The grid covers the longest key streams a super-tile can have: its list (at most
+// list_slots keys) and its window span (at most slots - list_slots keys).
+template <typename T, int D>
+cudaError_t run_bwd_dkv_sm90(const BwdDkvParams& kp, cudaStream_t stream) {
+  using Tr = BwdDkvSm90Traits<T, D>;
+  auto kernel = bwd_dkv_sm90_kernel<T, D>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmem);
+  if (err != cudaSuccess) return err;
+  const FwdParams& f = kp.b.f;
+  const int tiles_k = (kp.list_slots + Tr::kBK - 1) / Tr::kBK +
+                      (kp.slots - kp.list_slots + Tr::kBK - 1) / Tr::kBK;
+  if (tiles_k == 0 || f.ntiles == 0 || f.S == 0) return cudaSuccess;
+  dim3 grid(tiles_k, f.ntiles, f.S * (f.R / f.RP));
+  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(kp);
+  return cudaGetLastError();
+}
+
+}  // namespace sm90
+}  // namespace xsk
