@@ -2,9 +2,18 @@
 //
 // Level li handles rank bit (L - 1 - li).  For every prefix length p of the level's
 // current order it stores the number of zero bits (zeros) and their weight sum (wsum); the
-// next level's order is the stable partition "zeros first".  Each level is two launches
-// over chunks of the rows: count the zeros of every chunk, then scan within the chunk
-// (offset by the earlier chunks), write the tables and scatter to the next order.
+// next level's order is the stable partition "zeros first".
+//
+// One prologue (a memset and count_bits_kernel) counts, for every row and level, the zeros
+// of the whole row (nzeros: the partition's split point, independent of the order), resets
+// the scratch and writes the tables' p = 0 column.  Then one single-pass launch per level
+// (level_kernel): every CTA takes the next chunk of kChunk elements in (row, chunk) order
+// from a ticket counter, scans it (ballot / popc for the counts, warp shuffle scans for the
+// weight sums), publishes the chunk's (zero count, zero weight sum), and adds the published
+// sums of all earlier chunks of its row in a fixed tree order (never a partial prefix
+// whose composition depends on timing: the sums are bitwise reproducible).  The partitioned
+// chunk is staged in shared memory so that the scatter to the next order is two contiguous,
+// coalesced runs (zeros, ones).
 #include "launch.h"
 #include "wavelet.cuh"
 
@@ -12,112 +21,222 @@ namespace xsk {
 namespace {
 
 constexpr int kThreads = 256, kPerThread = 8, kChunk = kThreads * kPerThread;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFull = 0xffffffffu;
+// csrc/api/sparsek_api.cpp sizes chunk_cnt / chunk_w as [rows, ceil(n / 2048)]: one status
+// word and one weight sum per chunk.
+static_assert(kChunk == 2048, "scratch is allocated per 2048 elements");
+// A chunk's published status: (level + 1) << kTagShift | zero count (<= kChunk).
+constexpr int kTagShift = 16;
+static_assert(kChunk < (1 << kTagShift), "count field");
 
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void st_release(int* p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Element q of a chunk lives in warp q / 256, item (q % 256) / 32, lane q % 32: every load
+// and table store of a warp touches 32 consecutive elements.
+__device__ __forceinline__ int chunk_pos(int wp, int k, int lane) {
+  return wp * (kPerThread * 32) + k * 32 + lane;
+}
+
+// nzeros[row, li] += zeros of bit (nbits - 1 - li) in the chunk (nzeros zeroed before);
+// status[row, c] = 0 (no level published); the p = 0 column of the tables = 0 (level li's
+// zeros[0, li, 0] is also its ticket counter, see level_kernel).
 __global__ void __launch_bounds__(kThreads)
-    count_zeros_kernel(const int* r, const double* w, int n, int bit, int nchunks,
-                       int* chunk_cnt, double* chunk_w) {
+    count_bits_kernel(const int* __restrict__ r, int n, int nbits, int nc, int* status,
+                      int* zeros, double* wsum, int* nzeros) {
   const int c = blockIdx.x, row = blockIdx.y;
-  const int* rr = r + (size_t)row * n;
-  const double* ww = w + (size_t)row * n;
-  int cnt = 0;
-  double sw = 0.0;
-  for (int t = 0; t < kPerThread; ++t) {
-    const int p = c * kChunk + t * kThreads + threadIdx.x;
-    if (p < n && !((rr[p] >> bit) & 1)) {
-      ++cnt;
-      sw += ww[p];
-    }
+  const int lane = threadIdx.x & 31, wp = threadIdx.x >> 5;
+  __shared__ int s_cnt[32];
+  if (threadIdx.x < 32) s_cnt[threadIdx.x] = 0;
+  const int base = c * kChunk, nvalid = min(kChunk, n - base);
+  const int* rr = r + (size_t)row * n + base;
+  int rv[kPerThread];
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int q = chunk_pos(wp, k, lane);
+    rv[k] = q < nvalid ? rr[q] : -1;  // -1: every bit set, never counted as a zero
   }
-  // Block reduction (fixed order: deterministic).
-  __shared__ int s_cnt[kThreads];
-  __shared__ double s_w[kThreads];
-  s_cnt[threadIdx.x] = cnt;
-  s_w[threadIdx.x] = sw;
   __syncthreads();
-  for (int off = kThreads / 2; off > 0; off >>= 1) {
-    if (threadIdx.x < off) {
-      s_cnt[threadIdx.x] += s_cnt[threadIdx.x + off];
-      s_w[threadIdx.x] += s_w[threadIdx.x + off];
+  for (int b = 0; b < nbits; ++b) {
+    int cnt = 0;
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) cnt += __popc(__ballot_sync(kFull, !((rv[k] >> b) & 1)));
+    if (lane == 0 && cnt) atomicAdd(&s_cnt[nbits - 1 - b], cnt);
+  }
+  __syncthreads();
+  if (threadIdx.x < nbits) {
+    const int li = threadIdx.x;
+    if (s_cnt[li]) atomicAdd(&nzeros[row * nbits + li], s_cnt[li]);
+    if (c == 0) {
+      zeros[((size_t)row * nbits + li) * (n + 1)] = 0;
+      wsum[((size_t)row * nbits + li) * (n + 1)] = 0.0;
     }
-    __syncthreads();
   }
-  if (threadIdx.x == 0) {
-    chunk_cnt[(size_t)row * nchunks + c] = s_cnt[0];
-    chunk_w[(size_t)row * nchunks + c] = s_w[0];
-  }
+  if (threadIdx.x == 0) status[row * nc + c] = 0;
 }
 
 __global__ void __launch_bounds__(kThreads)
-    write_level_kernel(const int* r, const double* w, int* r_next, double* w_next, int n,
-                       int bit, int li, int nbits, int nchunks, const int* chunk_cnt,
-                       const double* chunk_w, int* zeros, double* wsum, int* nzeros) {
-  const int c = blockIdx.x, row = blockIdx.y;
-  __shared__ int s_before, s_total;
+    level_kernel(const int* __restrict__ r, const double* __restrict__ w,
+                 int* __restrict__ r_next, double* __restrict__ w_next, int n, int bit, int li,
+                 int nbits, int nc, int nblocks, int* status, double* chunk_w, int* zeros,
+                 double* wsum, const int* __restrict__ nzeros) {
+  __shared__ int s_r[kChunk];
+  __shared__ double s_w[kChunk];
+  __shared__ int s_wc[kWarps];
+  __shared__ double s_ww[kWarps];
+  __shared__ int s_id, s_before;
   __shared__ double s_wbefore;
-  if (threadIdx.x == 0) {
-    int before = 0, total = 0;
-    double wb = 0.0;
-    for (int cc = 0; cc < nchunks; ++cc) {
-      const int k = chunk_cnt[(size_t)row * nchunks + cc];
-      if (cc < c) {
-        before += k;
-        wb += chunk_w[(size_t)row * nchunks + cc];
-      }
-      total += k;
-    }
-    s_before = before;
-    s_total = total;
-    s_wbefore = wb;
+  const int tid = threadIdx.x, lane = tid & 31, wp = tid >> 5;
+
+  // Ticket: CTAs take chunks in (row, chunk) order, so every chunk a CTA waits for belongs
+  // to a CTA that is already running.  The counter is zeros[0, li, 0] (0 after
+  // count_bits_kernel); the last ticket restores it to the table's 0.
+  if (tid == 0) {
+    int* counter = zeros + (size_t)li * (n + 1);
+    const int t = atomicAdd(counter, 1);
+    if (t == nblocks - 1) atomicExch(counter, 0);
+    s_id = t;
   }
-  // Each thread owns kPerThread consecutive elements: local inclusive scan, then a block
-  // scan of the per-thread totals (Hillis-Steele in shared memory).
-  const int base = c * kChunk + threadIdx.x * kPerThread;
-  const int* rr = r + (size_t)row * n;
-  const double* ww = w + (size_t)row * n;
-  int is0[kPerThread];
-  double wv[kPerThread];
-  int cnt = 0;
-  double sw = 0.0;
-  for (int t = 0; t < kPerThread; ++t) {
-    const int p = base + t;
-    is0[t] = (p < n) && !((rr[p] >> bit) & 1);
-    wv[t] = p < n ? ww[p] : 0.0;
-    cnt += is0[t];
-    sw += is0[t] ? wv[t] : 0.0;
-  }
-  __shared__ int s_c[kThreads];
-  __shared__ double s_w[kThreads];
-  s_c[threadIdx.x] = cnt;
-  s_w[threadIdx.x] = sw;
   __syncthreads();
-  for (int off = 1; off < kThreads; off <<= 1) {
-    const int c2 = threadIdx.x >= off ? s_c[threadIdx.x - off] : 0;
-    const double w2 = threadIdx.x >= off ? s_w[threadIdx.x - off] : 0.0;
-    __syncthreads();
-    s_c[threadIdx.x] += c2;
-    s_w[threadIdx.x] += w2;
-    __syncthreads();
+  const int id = s_id, row = id / nc, c = id - row * nc;
+  const int base = c * kChunk, nvalid = min(kChunk, n - base);
+  const int nz = nzeros[row * nbits + li];
+  const int* rr = r + (size_t)row * n + base;
+  const double* ww = w + (size_t)row * n + base;
+  int rv[kPerThread];
+  double wv[kPerThread];
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int q = chunk_pos(wp, k, lane);
+    rv[k] = q < nvalid ? rr[q] : -1;  // past the end: a "one" (never counted, never written)
+    wv[k] = q < nvalid ? ww[q] : 0.0;
   }
-  int zc = s_before + s_c[threadIdx.x] - cnt;  // zeros before this thread's first element
-  double wc = s_wbefore + s_w[threadIdx.x] - sw;
-  const int nz = s_total;
-  int* z = zeros + ((size_t)row * nbits + li) * (n + 1);
-  double* ws = wsum + ((size_t)row * nbits + li) * (n + 1);
-  for (int t = 0; t < kPerThread; ++t) {
-    const int p = base + t;
-    if (p >= n) break;
-    const int dest = is0[t] ? zc : nz + p - zc;
-    zc += is0[t];
-    wc += is0[t] ? wv[t] : 0.0;
-    z[p + 1] = zc;
-    ws[p + 1] = wc;
-    r_next[(size_t)row * n + dest] = rr[p];
-    w_next[(size_t)row * n + dest] = wv[t];
+  // Per item k: m = the warp's zero mask, x = inclusive scan over the lanes of the zero
+  // weights (Kogge-Stone, the kPerThread scans interleaved).
+  unsigned m[kPerThread];
+  double x[kPerThread];
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const bool z0 = !((rv[k] >> bit) & 1);
+    m[k] = __ballot_sync(kFull, z0);
+    x[k] = z0 ? wv[k] : 0.0;
   }
-  if (c == 0 && threadIdx.x == 0) {
-    z[0] = 0;
-    ws[0] = 0.0;
-    nzeros[row * nbits + li] = nz;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+#pragma unroll
+    for (int k = 0; k < kPerThread; ++k) {
+      const double y = __shfl_up_sync(kFull, x[k], d);
+      if (lane >= d) x[k] += y;
+    }
+  }
+  // cc / cw: zeros and their weight sum in the warp's items before item k.
+  int cc[kPerThread];
+  double cw[kPerThread];
+  int accc = 0;
+  double accw = 0.0;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    cc[k] = accc;
+    cw[k] = accw;
+    accc += __popc(m[k]);
+    accw += __shfl_sync(kFull, x[k], 31);
+  }
+  if (lane == 0) {
+    s_wc[wp] = accc;
+    s_ww[wp] = accw;
+  }
+  __syncthreads();
+  // Every warp scans the kWarps warp totals the same way: exclusive prefix of this warp and
+  // the chunk's totals.
+  int tc = lane < kWarps ? s_wc[lane] : 0;
+  double tw = lane < kWarps ? s_ww[lane] : 0.0;
+#pragma unroll
+  for (int d = 1; d < kWarps; d <<= 1) {
+    const int yc = __shfl_up_sync(kFull, tc, d);
+    const double yw = __shfl_up_sync(kFull, tw, d);
+    if (lane >= d) {
+      tc += yc;
+      tw += yw;
+    }
+  }
+  const int zc = __shfl_sync(kFull, tc, kWarps - 1);  // zeros in the chunk
+  const double zw = __shfl_sync(kFull, tw, kWarps - 1);
+  const int pc = __shfl_sync(kFull, tc, (wp + 31) & 31);
+  const double pw = __shfl_sync(kFull, tw, (wp + 31) & 31);
+  const int wexc_c = wp ? pc : 0;  // zeros in the chunk before this warp
+  const double wexc_w = wp ? pw : 0.0;
+
+  if (wp == 0) {
+    // Publish this chunk, then add the earlier chunks of the row: lane l sums chunks
+    // l, l + 32, ... in order, then a fixed shuffle tree.
+    const int s0 = row * nc;
+    if (lane == 0) {
+      chunk_w[s0 + c] = zw;
+      st_release(status + s0 + c, ((li + 1) << kTagShift) | zc);
+    }
+    int bc = 0;
+    double bw = 0.0;
+    for (int j = lane; j < c; j += 32) {
+      int s;
+      while (((s = ld_acquire(status + s0 + j)) >> kTagShift) != li + 1) {
+      }
+      bc += s & ((1 << kTagShift) - 1);
+      bw += __ldcg(chunk_w + s0 + j);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      bc += __shfl_down_sync(kFull, bc, off);
+      bw += __shfl_down_sync(kFull, bw, off);
+    }
+    if (lane == 0) {
+      s_before = bc;
+      s_wbefore = bw;
+    }
+  }
+  // Stage the partitioned chunk: zeros at [0, zc), ones at [zc, nvalid), each in order.
+  unsigned lane_le = kFull >> (31 - lane);
+  int zin[kPerThread];  // zeros in the chunk up to and including this element
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int q = chunk_pos(wp, k, lane);
+    zin[k] = wexc_c + cc[k] + __popc(m[k] & lane_le);
+    const bool z0 = (m[k] >> lane) & 1;
+    if (q < nvalid) {
+      const int lpos = z0 ? zin[k] - 1 : zc + q - zin[k];
+      s_r[lpos] = rv[k];
+      s_w[lpos] = wv[k];
+    }
+  }
+  __syncthreads();
+  const int before = s_before;
+  const double wbefore = s_wbefore;
+  const size_t tab = ((size_t)row * nbits + li) * (n + 1) + base + 1;
+  int* z = zeros + tab;
+  double* ws = wsum + tab;
+#pragma unroll
+  for (int k = 0; k < kPerThread; ++k) {
+    const int q = chunk_pos(wp, k, lane);
+    if (q < nvalid) {
+      z[q] = before + zin[k];
+      ws[q] = wbefore + (wexc_w + (cw[k] + x[k]));
+    }
+  }
+  // Zeros go to [before, before + zc), ones to nz + (ones before the chunk) onwards.
+  int* rn = r_next + (size_t)row * n;
+  double* wn = w_next + (size_t)row * n;
+  const int ones_at = nz + base - before - zc;
+  for (int i = tid; i < nvalid; i += kThreads) {
+    const int dest = i < zc ? before + i : ones_at + i;
+    rn[dest] = s_r[i];
+    wn[dest] = s_w[i];
   }
 }
 
@@ -155,20 +274,23 @@ cudaError_t launch_wavelet_build(int* r, double* w, int* r_tmp, double* w_tmp, i
                                  int nbits, int* chunk_cnt, double* chunk_w, int* zeros,
                                  double* wsum, int* nzeros, cudaStream_t stream) {
   if (rows == 0 || n == 0) return cudaSuccess;
-  const int nchunks = (n + kChunk - 1) / kChunk;
-  dim3 grid(nchunks, rows);
+  if (nbits < 1 || nbits > 31) return cudaErrorInvalidValue;  // status tag, s_cnt[32]
+  const int nchunks = (n + kChunk - 1) / kChunk, nblocks = rows * nchunks;
+  cudaError_t err = cudaMemsetAsync(nzeros, 0, sizeof(int) * rows * nbits, stream);
+  if (err != cudaSuccess) return err;
+  count_bits_kernel<<<dim3(nchunks, rows), kThreads, 0, stream>>>(r, n, nbits, nchunks,
+                                                                    chunk_cnt, zeros, wsum,
+                                                                    nzeros);
   for (int li = 0; li < nbits; ++li) {
-    const int bit = nbits - 1 - li;
-    count_zeros_kernel<<<grid, kThreads, 0, stream>>>(r, w, n, bit, nchunks, chunk_cnt, chunk_w);
-    write_level_kernel<<<grid, kThreads, 0, stream>>>(r, w, r_tmp, w_tmp, n, bit, li, nbits,
-                                                      nchunks, chunk_cnt, chunk_w, zeros, wsum,
-                                                      nzeros);
-    cudaError_t err = cudaGetLastError();
+    level_kernel<<<nblocks, kThreads, 0, stream>>>(r, w, r_tmp, w_tmp, n, nbits - 1 - li, li,
+                                                    nbits, nchunks, nblocks, chunk_cnt,
+                                                    chunk_w, zeros, wsum, nzeros);
+    err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     int* rs = r; r = r_tmp; r_tmp = rs;
     double* wsw = w; w = w_tmp; w_tmp = wsw;
   }
-  return cudaSuccess;
+  return cudaGetLastError();
 }
 
 }  // namespace xsk
