@@ -146,7 +146,9 @@ def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: fl
     return out, lse, sel
 
 
-_BWD_DQ_ROWS = 64  # BwdDqTraits::kBM
+# rows per dq tile: BwdDqTraits::kBM (mma.sync), BwdDqSm90Traits::kBM (Hopper: the forward's tiles)
+_BWD_DQ_ROWS = 64
+_BWD_DQ_ROWS_HOPPER = 128
 _BWD_SUPER_ROWS = 1024  # rows per dk/dv super-tile: (1024 / RP) queries x RP heads
 
 
@@ -183,10 +185,12 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     u = scores.float().contiguous()
     delta = (dout.float() * out.float()).sum(-1).permute(1, 2, 0).contiguous()  # [S, R, NQ]
     lse = lse.contiguous()
-    # pass 1 tiling (64 rows) and pass 2 super-tiles, each with its key lists
-    t0, t1 = _tiles(NQ, _BWD_DQ_ROWS // rp, q.device)
+    # pass 1 tiling and pass 2 super-tiles, each with its key lists
+    hopper = bool(C.hopper_backward())
+    dq_rows = _BWD_DQ_ROWS_HOPPER if hopper else _BWD_DQ_ROWS
+    t0, t1 = _tiles(NQ, dq_rows // rp, q.device)
     lists, counts, ovf1 = C.build_lists(sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo,
-                                        t0, t1, NK, int(topk) + _BWD_DQ_ROWS // rp)
+                                        t0, t1, NK, int(topk) + dq_rows // rp)
     rp_kv = rp  # heads packed per dk/dv group (they share K/V, so their sums combine)
     qs = _BWD_SUPER_ROWS // rp_kv
     s0, s1 = _tiles(NQ, qs, q.device)
@@ -207,7 +211,7 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     dq, grow, part_kv, part_u = C.bwd(
         dout, q, k, v, u, sel.tau, sel.rb, sel.rank_of_key, layout.pool_lo, layout.win_lo,
         layout.win_hi, lse, delta, t0, t1, lists, counts, s0, s1, slists, scounts, rp, rp_kv,
-        scale, slots, list_slots,
+        scale, slots, list_slots, hopper,
     )
     # Where each key's partials are: its list slots and its window slots, per head.  Every
     # list slot takes part (unused ones under the key S * NK, sorted past the real keys),

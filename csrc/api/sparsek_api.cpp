@@ -270,8 +270,9 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 // Backward passes 1 and 2 (sparse mode).  The dq pass runs on the (tile_q0, tile_q1, lists,
-// counts) tiling with rp packed heads, the dk/dv pass on the super-tiles (sup_q0, sup_q1,
-// sup_lists, sup_counts) with rp_kv packed heads.
+// counts) tiling with rp packed heads (128-row tiles for the Hopper kernels, hopper = true;
+// 64-row tiles otherwise), the dk/dv pass on the super-tiles (sup_q0, sup_q1, sup_lists,
+// sup_counts) with rp_kv packed heads.
 // Returns (dq, grow [S, R, NQ], part_kv [G, ntiles_sup, slots, 2, D], part_u [G, ntiles_sup, slots]).
 std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, const at::Tensor& u, const at::Tensor& tau,
@@ -283,13 +284,15 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
                             const at::Tensor& counts, const at::Tensor& sup_q0,
                             const at::Tensor& sup_q1, const at::Tensor& sup_lists,
                             const at::Tensor& sup_counts, int64_t rp, int64_t rp_kv,
-                            double scale, int64_t slots, int64_t list_slots) {
+                            double scale, int64_t slots, int64_t list_slots, bool hopper) {
   const at::cuda::OptionalCUDAGuard guard(q.device());
   TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
                   dout.stride(3) == 1,
               "dout must match q");
   check(lse, "lse", at::kFloat);
   check(delta, "delta", at::kFloat);
+  // (the Hopper dk/dv kernel maps rows to packed heads with shifts; rp divides 128 anyway)
+  TORCH_CHECK(rp_kv > 0 && (rp_kv & (rp_kv - 1)) == 0, "rp_kv must be a power of two");
   xsk::BwdDqParams b{};
   b.f = fill_params(q, k, v, u, tau, rb, ranks, pool_lo, win_lo, win_hi, tile_q0, tile_q1, lists,
                     counts, rp, scale);
@@ -315,7 +318,10 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
   kp.part_u = part_u.data_ptr<float>();
   kp.slots = slots;
   kp.list_slots = list_slots;
-  CHECK_CUDA_OK(xsk::launch_bwd(b, kp, dtype_code(q), D, at::cuda::getCurrentCUDAStream()));
+  TORCH_CHECK(!hopper || xsk::use_sm90("XFORMERS_SPARSEK_BWD"),
+              "the Hopper backward kernels are not available here");
+  CHECK_CUDA_OK(
+      xsk::launch_bwd(b, kp, dtype_code(q), D, hopper, at::cuda::getCurrentCUDAStream()));
   return {dq, grow, part_kv, part_u};
 }
 
@@ -432,6 +438,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_lists", &build_lists, "gathered pool-key list per (query tile, head)");
   m.def("fwd", &fwd, "SparseK attention forward");
   m.def("bwd", &bwd, "SparseK attention backward, passes 1 (dq) and 2 (dk/dv partials)");
+  m.def("hopper_backward", [] { return xsk::use_sm90("XFORMERS_SPARSEK_BWD"); },
+        "whether bwd's Hopper kernels run here (then pass 1 takes 128-row tiles)");
   m.def("decode_step", &decode_step, "one fused SparseKCache decode step (state in place)");
   m.def("decode_max_pool_slots", &decode_max_pool_slots,
         "largest topk + capacity the fused decode step handles on the current device");

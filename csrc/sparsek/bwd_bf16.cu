@@ -19,21 +19,26 @@ cudaError_t run_bwd_dkv_bf16(const BwdDkvParams& kp, int head_dim, cudaStream_t 
 }
 cudaError_t run_bwd_dq_fp16(const BwdDqParams& b, int head_dim, cudaStream_t stream);
 cudaError_t run_bwd_dkv_fp16(const BwdDkvParams& kp, int head_dim, cudaStream_t stream);
+cudaError_t run_bwd_dq_sm90_bf16(const BwdDqParams& b, int head_dim, cudaStream_t stream);
+cudaError_t run_bwd_dq_sm90_fp16(const BwdDqParams& b, int head_dim, cudaStream_t stream);
 cudaError_t run_bwd_dkv_sm90_bf16(const BwdDkvParams& kp, int head_dim, cudaStream_t stream);
 cudaError_t run_bwd_dkv_sm90_fp16(const BwdDkvParams& kp, int head_dim, cudaStream_t stream);
 
-// Pass 1 (dq) runs the mma.sync kernel; pass 2 (dk / dv) the Hopper kernel (sm90/) where the
-// forward's would run (use_sm90: compute capability 9.x, a build with sm_90a code), unless
-// XFORMERS_SPARSEK_BWD=sm80 forces the mma.sync kernel (tests and benchmarks compare both).
+// hopper: the Hopper kernels (sm90/; the caller checked use_sm90("XFORMERS_SPARSEK_BWD") and
+// tiled pass 1 in the forward's 128-row tiles), else the mma.sync kernels (64-row tiles).
 cudaError_t launch_bwd(const BwdDqParams& b, const BwdDkvParams& kp, int dtype, int head_dim,
-                       cudaStream_t stream) {
+                       bool hopper, cudaStream_t stream) {
   const bool bf16 = dtype == 1;
-  cudaError_t err = bf16 ? run_bwd_dq_bf16(b, head_dim, stream)
-                         : run_bwd_dq_fp16(b, head_dim, stream);
-  if (err != cudaSuccess) return err;
-  if (use_sm90("XFORMERS_SPARSEK_BWD"))
+  cudaError_t err;
+  if (hopper) {
+    err = bf16 ? run_bwd_dq_sm90_bf16(b, head_dim, stream)
+               : run_bwd_dq_sm90_fp16(b, head_dim, stream);
+    if (err != cudaSuccess) return err;
     return bf16 ? run_bwd_dkv_sm90_bf16(kp, head_dim, stream)
                 : run_bwd_dkv_sm90_fp16(kp, head_dim, stream);
+  }
+  err = bf16 ? run_bwd_dq_bf16(b, head_dim, stream) : run_bwd_dq_fp16(b, head_dim, stream);
+  if (err != cudaSuccess) return err;
   return bf16 ? run_bwd_dkv_bf16(kp, head_dim, stream) : run_bwd_dkv_fp16(kp, head_dim, stream);
 }
 }  // namespace xsk

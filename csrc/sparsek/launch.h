@@ -26,10 +26,11 @@ cudaError_t launch_fwd(const FwdParams& p, int dtype, int head_dim, cudaStream_t
 // sm_90a code, and the environment variable env_name not set to "sm80" (fwd_bf16.cu).
 bool use_sm90(const char* env_name);
 
-// Backward passes 1 and 2 (bwd_kernel.cuh; pass 2 on Hopper: sm90/bwd_dkv_sm90.cuh), then the deterministic reduction of pass 2's
-// partials (bwd_reduce.cu).
+// Backward passes 1 and 2 (bwd_kernel.cuh; on Hopper sm90/bwd_dq_sm90.cuh and
+// sm90/bwd_dkv_sm90.cuh), then the deterministic reduction of pass 2's partials
+// (bwd_reduce.cu).
 cudaError_t launch_bwd(const BwdDqParams& b, const BwdDkvParams& kp, int dtype, int head_dim,
-                       cudaStream_t stream);
+                       bool hopper, cudaStream_t stream);
 cudaError_t launch_bwd_reduce(const float* part_kv, const float* part_u, const int64_t* off,
                               const int64_t* order, int groups, int groups_per_head, int NK,
                               int D, int64_t group_slots, float* dk, float* dv, float* du,

@@ -58,9 +58,10 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   T* sO = sQ + NST * RW * D;           // [NST][D/64][RW][64] dO rows
   __shared__ int s_idx[BK], s_rank[BK];
   __shared__ float s_u[BK];
-  // per-row metadata of each buffered chunk
-  __shared__ int s_plo[NST][RW], s_wlo[NST][RW], s_whi[NST][RW], s_rb[NST][RW];
-  __shared__ float s_tau[NST][RW], s_lse2[NST][RW], s_delta[NST][RW];
+  // every row's metadata, loaded once (global loads in the chunk loop would stall its warps)
+  constexpr int kMaxRows = Tr::kMaxChunks * RW;
+  __shared__ __align__(16) int s_plo[kMaxRows], s_wlo[kMaxRows], s_whi[kMaxRows], s_rb[kMaxRows];
+  __shared__ __align__(16) float s_tau[kMaxRows], s_lse2[kMaxRows], s_delta[kMaxRows];
   __shared__ RowBounds s_chunk[Tr::kMaxChunks];
   __shared__ KeyBounds s_warp_keys[8];
   __shared__ int s_visit[Tr::kMaxChunks], s_nvisit;
@@ -98,13 +99,28 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
       s_rank[tid] = real ? p.ranks[(size_t)s * p.NK + j] : -1;
     }
   }
-  // ---- RowBounds of every chunk (a warp per chunk, two rows per lane) ---------------------
-  for (int c = warp; c < nchunks; c += Tr::kThreads / 32) {
+  // ---- every row's metadata (rows past the super-tile: P = 0), then each chunk's bounds ----
+  for (int row = tid; row < nchunks * RW; row += Tr::kThreads) {
+    const int qi = q0 + row / RP, r = rgroup * RP + row % RP;
+    const bool valid = qi < q1;
+    const RowInfo ri = load_row(p, s, qi, valid);
+    const size_t gi = ((size_t)s * p.R + r) * p.NQ + qi;
+    s_plo[row] = ri.plo;
+    s_wlo[row] = ri.wlo;
+    s_whi[row] = ri.whi;
+    s_rb[row] = ri.rb;
+    s_tau[row] = ri.tau;
+    s_lse2[row] = valid ? b.lse[gi] * kLog2e : INFINITY;
+    s_delta[row] = valid ? b.delta[gi] : 0.f;
+  }
+  __syncthreads();
+  for (int c = warp; c < nchunks; c += Tr::kThreads / 32) {  // a warp per chunk
     RowBounds rbd;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int qi = q0 + (c * RW + lane + 32 * h) / RP;
-      const RowBounds r = row_bounds_of(load_row(p, s, qi, qi < q1));
+      const int row = c * RW + lane + 32 * h;
+      const RowBounds r = row_bounds_of(
+          RowInfo{s_plo[row], s_wlo[row], s_whi[row], s_rb[row], s_tau[row]});
       rbd = h == 0 ? r : merge(rbd, r);
     }
     rbd = warp_row_bounds(rbd);
@@ -147,35 +163,26 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   __syncthreads();
   const int nvisit = s_nvisit;
 
-  // ---- chunk loader: Q and dO rows of chunk s_visit[v] into buffer v % NST ---------------
+  // ---- chunk loader: Q and dO rows of chunk s_visit[v] into buffer v % NST ----------------
   const T* qbase = static_cast<const T*>(p.q);
   const T* dobase = static_cast<const T*>(b.dout);
+  // A thread copies 16-byte piece ch of rows m0, m0 + 256 / CH, ... (RP is a power of two:
+  // shifts, not divisions, in this per-chunk address arithmetic).
+  static_assert(Tr::kThreads % CH == 0 && (RW * CH) % Tr::kThreads == 0, "copy pattern");
+  const int rp_shift = __ffs(RP) - 1;
+  const int ch = tid % CH, m0 = tid / CH;
+  const T* qs = qbase + s * p.q_ss + ch * 8;
+  const T* dos = dobase + s * b.do_ss + ch * 8;
   auto load_chunk = [&](int v) {
     const int c = s_visit[v], st = v % NST;
     T* dQ = sQ + st * RW * D;
     T* dO = sO + st * RW * D;
-    for (int i = tid; i < RW * CH; i += Tr::kThreads) {
-      const int m = i / CH, ch = i % CH;
-      const int row = c * RW + m, qi = q0 + row / RP, r = rgroup * RP + row % RP;
+#pragma unroll
+    for (int m = m0; m < RW; m += Tr::kThreads / CH) {
+      const int row = c * RW + m, qi = q0 + (row >> rp_shift), r = r_kv + (row & (RP - 1));
       const bool valid = qi < q1;
-      cp_async16(dQ + sw128(RW, m, ch),
-                 qbase + (valid ? qi * p.q_sn + s * p.q_ss + r * p.q_sr + ch * 8 : 0), valid);
-      cp_async16(dO + sw128(RW, m, ch),
-                 dobase + (valid ? qi * b.do_sn + s * b.do_ss + r * b.do_sr + ch * 8 : 0),
-                 valid);
-    }
-    if (tid < RW) {
-      const int row = c * RW + tid, qi = q0 + row / RP, r = rgroup * RP + row % RP;
-      const bool valid = qi < q1;
-      const RowInfo ri = load_row(p, s, qi, valid);
-      s_plo[st][tid] = ri.plo;
-      s_wlo[st][tid] = ri.wlo;
-      s_whi[st][tid] = ri.whi;
-      s_rb[st][tid] = ri.rb;
-      s_tau[st][tid] = ri.tau;
-      const size_t gi = ((size_t)s * p.R + r) * p.NQ + qi;
-      s_lse2[st][tid] = valid ? b.lse[gi] * kLog2e : INFINITY;  // invalid rows: P = 0
-      s_delta[st][tid] = valid ? b.delta[gi] : 0.f;
+      cp_async16(dQ + sw128(RW, m, ch), valid ? qs + qi * p.q_sn + r * p.q_sr : qbase, valid);
+      cp_async16(dO + sw128(RW, m, ch), valid ? dos + qi * b.do_sn + r * b.do_sr : dobase, valid);
     }
   };
   if (nvisit > 0) load_chunk(0);
@@ -234,31 +241,44 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
     fence_regs(dv);
 
     // P g and dS g scale as the A operands of the products below; the direct score sums du.
-    // Accumulator element 4 i + cc: key g + 8 (cc >> 1), row 8 i + 2 tq + (cc & 1).
+    // Accumulator element 4 i + cc: key g + 8 (cc >> 1), row 8 i + 2 tq + (cc & 1); the
+    // metadata of a thread's two rows of block i are adjacent (one 8-byte load each).
     uint32_t pf[RW / 16][4], dsf[RW / 16][4];
     auto elementwise = [&](auto all_pairs) {
       constexpr bool kAllPairs = decltype(all_pairs)::value;
 #pragma unroll
       for (int i = 0; i < RW / 8; ++i) {
+        const int m = c * RW + i * 8 + tq * 2;
+        const float2 tau2 = *reinterpret_cast<const float2*>(s_tau + m);
+        const float2 lse2 = *reinterpret_cast<const float2*>(s_lse2 + m);
+        const float2 delta2 = *reinterpret_cast<const float2*>(s_delta + m);
+        int2 plo2, wlo2, whi2, rb2;
+        if constexpr (!kAllPairs) {
+          plo2 = *reinterpret_cast<const int2*>(s_plo + m);
+          wlo2 = *reinterpret_cast<const int2*>(s_wlo + m);
+          whi2 = *reinterpret_cast<const int2*>(s_whi + m);
+          rb2 = *reinterpret_cast<const int2*>(s_rb + m);
+        }
         float pv[4], ds[4];
 #pragma unroll
         for (int cc = 0; cc < 4; ++cc) {
-          const int h = cc >> 1, m = i * 8 + tq * 2 + (cc & 1);
+          const int h = cc >> 1;
+          const bool y = cc & 1;  // the second of the two rows
+          const float tau = y ? tau2.y : tau2.x;
           float gate;
           bool att;
           if constexpr (kAllPairs) {  // attends()'s gate, without its tests
             att = true;
-            gate = rule == KeyRule::kPoolSelected ? fminf(fmaxf(ku[h] - s_tau[st][m], 0.f), 1.f)
-                                                  : 1.f;
+            gate = rule == KeyRule::kPoolSelected ? fminf(fmaxf(ku[h] - tau, 0.f), 1.f) : 1.f;
           } else {
-            const RowInfo ri{s_plo[st][m], s_wlo[st][m], s_whi[st][m], s_rb[st][m],
-                             s_tau[st][m]};
+            const RowInfo ri{y ? plo2.y : plo2.x, y ? wlo2.y : wlo2.x, y ? whi2.y : whi2.x,
+                             y ? rb2.y : rb2.x, tau};
             att = kj[h] >= 0 && attends(rule, interior, ri, kj[h], krank[h], ku[h], gate);
           }
           float pr, term;
           if (pair_backward(att, rule == KeyRule::kPoolSelected, gate, sct[4 * i + cc],
-                            dpt[4 * i + cc], s_lse2[st][m], s_delta[st][m], p.scale_log2,
-                            b.scale, pr, ds[cc], term))
+                            dpt[4 * i + cc], y ? lse2.y : lse2.x, y ? delta2.y : delta2.x,
+                            p.scale_log2, b.scale, pr, ds[cc], term))
             du[h] += term;
           pv[cc] = pr * gate;
         }

@@ -1,0 +1,142 @@
+// What the Hopper kernels (the forward and the backward's dq pass) share: their consumers'
+// per-tile TileMode, the work items and the producer warpgroup.  A persistent CTA walks the
+// items (query tile, selection head, head group); warpgroup 0 gathers each item's key tiles
+// (BN = 128 keys of K and V, plus each key's index, score and rank in sparse mode) with
+// cp.async into stage it % NST of a shared-memory ring, arriving on full[stage] when a stage
+// is filled and waiting on empty[stage] (the consumer warps' releases) before refilling it.
+// It runs ahead into the next item while the consumers finish the current one.
+#pragma once
+#include <climits>
+
+#include "../tile_common.cuh"
+#include "wgmma.cuh"
+
+namespace xsk {
+namespace sm90 {
+
+// Register split (setmaxnreg).  The CTA is launched with 168 x 384 registers and setmaxnreg
+// only moves them between warpgroups, so producer + 2 x consumer <= 504 (a larger sum
+// blocks the consumers' increase forever).  The producer spills below 56; the consumers hold
+// the S, P and O fragments (64 + 32 + 64 registers at D = 128).
+constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+static_assert(kProducerRegs + 2 * kConsumerRegs <= 504, "registers the CTA does not have");
+
+// How a consumer scores one key tile.  The rule of fwd_kernel.cuh per (row, key) costs a
+// dozen instructions per element; most tiles need much less, decided once per tile:
+//   kPoolFast:    list tile whose keys every row of the warpgroup selects (all in its pool,
+//                 rank at/above every row's boundary): gate only;
+//   kPoolChecked: other list tiles: the full rule;
+//   kOpen:        contiguous tile inside every row's range: no mask, no gate;
+//   kMasked:      contiguous tile crossing a row's range: bounds only.
+enum class TileMode { kPoolFast, kPoolChecked, kOpen, kMasked };
+
+// KeyStreams (tile_common.cuh) of one work item, computed by one warp alone (the persistent
+// kernel's warps move between items without block-wide barriers).
+template <int BN>
+__device__ __forceinline__ KeyStreams warp_key_streams(const FwdParams& p, int tile, int s,
+                                                       int q0, int q1, int lane) {
+  int plo = INT_MAX, wlo = INT_MAX, whi = -1, in_lo = -1, in_hi = INT_MAX, pin_lo = -1;
+  for (int i = q0 + lane; i < q1; i += 32) {
+    const int a = (int)p.pool_lo[i], b = (int)p.win_lo[i], c = (int)p.win_hi[i];
+    plo = min(plo, a), wlo = min(wlo, b), whi = max(whi, c);
+    in_lo = max(in_lo, b), in_hi = min(in_hi, c), pin_lo = max(pin_lo, a);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    plo = min(plo, __shfl_xor_sync(0xffffffffu, plo, o));
+    wlo = min(wlo, __shfl_xor_sync(0xffffffffu, wlo, o));
+    whi = max(whi, __shfl_xor_sync(0xffffffffu, whi, o));
+    in_lo = max(in_lo, __shfl_xor_sync(0xffffffffu, in_lo, o));
+    in_hi = min(in_hi, __shfl_xor_sync(0xffffffffu, in_hi, o));
+    pin_lo = max(pin_lo, __shfl_xor_sync(0xffffffffu, pin_lo, o));
+  }
+  return key_streams_from_bounds<BN>(p, tile, s, plo, wlo, whi, in_lo, in_hi, pin_lo);
+}
+
+// Work item -> (query tile, selection head, head group); the tile index runs fastest, so
+// the CTAs in flight share the key lists' K/V of one head in L2.
+struct Item {
+  int tile, s, rgroup;
+  __device__ Item(const FwdParams& p, int item)
+      : tile(item % p.ntiles), s((item / p.ntiles) % p.S), rgroup(item / p.ntiles / p.S) {}
+};
+
+// Warp w gathers keys [32 w, 32 w + 32) of each tile: lane l reads key 32 w + l's list
+// entry, score and rank (coalesced), then every key's K and V rows go out as one warp
+// instruction per key (D = 128: 32 lanes x 16 bytes = one 256-byte row of K and of V)
+// with the key index broadcast by a shuffle.  The producer waits for its own copies
+// before arriving, so it can also publish per-tile key statistics with plain stores.
+template <typename T, int D, int BN, int NST>
+__device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems, int warp,
+                                                  int lane, T* sK, T* sV, int* sIdx, float* sU,
+                                                  int* sRank, int4* sStat, uint64_t* full,
+                                                  uint64_t* empty) {
+  static_assert(BN == 128, "the producer's 4 warps gather 32 keys each");
+  constexpr int CH = D / 8;
+  const int RP = p.RP;
+  constexpr int kKeysPerInstr = 32 / (2 * CH);  // 1 (D = 128) or 2 (D = 64)
+  const int part = lane % (2 * CH), sub = lane / (2 * CH);
+  const bool is_v = part >= CH;
+  const int ch = part % CH;
+  const int64_t sn = is_v ? p.v_sn : p.k_sn;
+  const int e = warp * 32 + lane;  // this lane's key within a tile
+  int it = 0;                      // key tiles streamed so far (all items)
+  for (int item = blockIdx.x; item < nitems; item += gridDim.x) {
+    const Item w(p, item);
+    const KeyStreams ks =
+        warp_key_streams<BN>(p, w.tile, w.s, p.tile_q0[w.tile], p.tile_q1[w.tile], lane);
+    const int r_kv = w.rgroup * RP;  // K/V shared by the RP packed heads (stride 0 over R)
+    const T* src = static_cast<const T*>(is_v ? p.v : p.k) +
+                   w.s * (is_v ? p.v_ss : p.k_ss) + r_kv * (is_v ? p.v_sr : p.k_sr) + ch * 8;
+    const int ntiles_k = ks.tilesA + ks.tilesB;
+    for (int t = 0; t < ntiles_k; ++t, ++it) {
+      const int st = it % NST;
+      if (it >= NST) mbar_wait(&empty[st], ((it / NST) - 1) & 1);
+      const bool listed = ks.rule(t) == KeyRule::kPoolSelected;
+      int j = -1, rank = 0;
+      float u = 0.f;
+      if (listed) {
+        const int pos = t * BN + e;
+        if (pos < ks.nA) {
+          j = ks.list[pos];
+          u = p.u[(size_t)w.s * p.NK + j];
+          rank = p.ranks[(size_t)w.s * p.NK + j];
+        }
+      } else {
+        j = ks.key(t, e, BN);
+      }
+      T* dst = (is_v ? sV : sK) + st * BN * D;
+#pragma unroll 8
+      for (int i = 0; i < 32 / kKeysPerInstr; ++i) {
+        const int kk = i * kKeysPerInstr + sub;
+        const int jk = __shfl_sync(0xffffffffu, j, kk);
+        cp_async16(dst + sw128(BN, warp * 32 + kk, ch), src + (jk >= 0 ? jk : 0) * sn,
+                   jk >= 0);
+      }
+      if (listed) {
+        sIdx[st * BN + e] = j;
+        sU[st * BN + e] = u;
+        sRank[st * BN + e] = rank;
+        // min rank, min and max key index, count of the warp's valid keys
+        const bool valid = j >= 0;
+        int mn_rank = valid ? rank : INT_MAX, mn_j = valid ? j : INT_MAX;
+        int mx_j = valid ? j : -1;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+          mn_rank = min(mn_rank, __shfl_xor_sync(0xffffffffu, mn_rank, o));
+          mn_j = min(mn_j, __shfl_xor_sync(0xffffffffu, mn_j, o));
+          mx_j = max(mx_j, __shfl_xor_sync(0xffffffffu, mx_j, o));
+        }
+        const int nvalid = __popc(__ballot_sync(0xffffffffu, valid));
+        if (lane == 0) sStat[st * 4 + warp] = make_int4(mn_rank, mn_j, mx_j, nvalid);
+      }
+      cp_async_commit();  // (wait_group counts committed groups only)
+      cp_async_wait<0>();
+      fence_proxy_async();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
+      mbar_arrive(&full[st]);
+    }
+  }
+}
+
+}  // namespace sm90
+}  // namespace xsk
