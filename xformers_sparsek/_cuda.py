@@ -1,8 +1,8 @@
 """Driver of the CUDA kernels (csrc/): prepares their inputs and says when they apply.
 
 Forward pipeline on the GPU:
-  1. selection tables (sorted scores, a wavelet matrix built by ``wavelet_build``, the
-     breakpoints),
+  1. selection tables (one float32 sort of the scores, ``select_tables``: the breakpoints
+     and their rank thresholds, ``wavelet_build``: a wavelet matrix over the ranks),
   2. ``select_queries``: per-query tau / top-k boundary / |F| (one thread per query),
   3. ``build_lists``: per query tile, the pool keys any of its queries may select,
   4. ``fwd``: gathered-tile attention with gates (wgmma on sm_90a, mma.sync elsewhere).
@@ -10,7 +10,8 @@ Backward: the rank tables from the forward's selection outputs (``_with_ranks``)
 lists of the dq tiles and dk/dv super-tiles, ``bwd`` (pass 1 dq, pass 2 per-super-tile
 dk/dv partials), the ordered reduction ``bwd_reduce``, and the score gradient's
 fractional-mean term on ``wavelet_range_sum``.  One host sync (list overflow, window sizes).
-The selection is computed on float32 scores (what the kernels compare against).
+The selection is computed on float32 scores (what the kernels compare against); its tables
+(one float32 sort + ``select_tables``) are bitwise those of ``_selection.build_tables``.
 """
 
 from typing import Optional, Tuple
@@ -83,19 +84,46 @@ def _range_sum(ranks, weights, lo, hi, th_lo, th_hi) -> torch.Tensor:
     return C.wavelet_range_sum(zeros, wsum, nzeros, i32(lo), i32(hi), i32(th_lo), i32(th_hi))
 
 
+# Below this many keys per head, select() builds its tables with _selection.build_tables
+# (the sort of the 2 NK breakpoints is then PyTorch's in-register sort, whose order of equal
+# values -0.0 / +0.0 the merge of select_tables need not reproduce; small anyway).
+_TABLES_MIN_KEYS = 2049
+
+
+def _tables(u: torch.Tensor):
+    """_selection.build_tables(u.double()) for float32 scores u [S, NK] (contiguous), as the
+    kernels read them: (u64, sv, perm int32, ranks int32, cb, th_mid int32, th_mid1 int32).
+
+    One stable sort of the float32 scores and one kernel (csrc/sparsek/select_tables.cu)
+    instead of two float64 sorts and ~15 small launches, with the same bits: float -> double
+    is exact and order-preserving, so the stable (score, index) sort of u gives the same
+    permutation and (converted) values as the one of u.double(); the kernel merges the two
+    sorted rows sv and sv - 1.0 in the order of the stable sort of their concatenation (what
+    torch.sort does for 2 NK > 4096: cub's stable radix sort) and counts th_mid / th_mid1 as
+    torch.searchsorted(right=True) does.
+    """
+    C = _ext.load_extension()
+    sv32, perm = torch.sort(u, dim=1, stable=True)
+    return C.select_tables(u, sv32, perm)
+
+
 def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
     C = _ext.load_extension()
-    u = scores.float().to(torch.float64).contiguous()
-    tb = build_tables(u, make_wavelet=_KernelWavelet)
-    wm = tb.wm
+    u = scores.float().contiguous()
+    S, NK = u.shape
+    if NK < _TABLES_MIN_KEYS or S == 0:
+        tb = build_tables(u.to(torch.float64), make_wavelet=_KernelWavelet)
+        zeros, wsum, nzeros = tb.wm.zeros, tb.wm.wsum, tb.wm.nzeros
+        sv, cb, th_mid, th_mid1 = tb.sv, tb.cb, tb.th_mid.int(), tb.th_mid1.int()
+        perm, ranks = tb.perm.int(), tb.ranks.int()
+    else:
+        u64, sv, perm, ranks, cb, th_mid, th_mid1 = _tables(u)
+        zeros, wsum, nzeros = C.wavelet_build(ranks, u64)
     tau, ub, jb, nF, rb = C.select_queries(
-        wm.zeros, wm.wsum, wm.nzeros,
-        tb.cb.contiguous(), tb.th_mid.int().contiguous(), tb.th_mid1.int().contiguous(),
-        tb.sv.contiguous(), tb.perm.int().contiguous(),
+        zeros, wsum, nzeros, cb, th_mid, th_mid1, sv, perm,
         layout.pool_lo.contiguous(), layout.win_lo.contiguous(), int(topk),
     )
-    return Selection(tau, ub, jb, nF, rb, key_of_rank=tb.perm.int().contiguous(),
-                     rank_of_key=tb.ranks.int().contiguous())
+    return Selection(tau, ub, jb, nF, rb, key_of_rank=perm, rank_of_key=ranks)
 
 
 def _with_ranks(scores: torch.Tensor, sel: Selection) -> Selection:
@@ -103,7 +131,8 @@ def _with_ranks(scores: torch.Tensor, sel: Selection) -> Selection:
     read, from one sort of the scores (the same (score, index) order select() uses) instead
     of a second selection: the boundary's rank is the rank of its key jb, -1 where the whole
     pool is selected (ub = -inf there, a finite score otherwise)."""
-    _, perm, ranks = _row_ranks(scores.float().to(torch.float64).contiguous())
+    # (float32 keys: the same (score, index) order as their exact float64 values)
+    _, perm, ranks = _row_ranks(scores.float().contiguous())
     rb = torch.where(torch.isneginf(sel.ub), -1, ranks.gather(1, sel.jb.clamp(min=0)))
     return Selection(sel.tau, sel.ub, sel.jb, sel.nF, rb, key_of_rank=perm.int().contiguous(),
                      rank_of_key=ranks.int().contiguous())
@@ -124,7 +153,8 @@ def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: fl
     tile_q0, tile_q1 = _tiles(NQ, _TILE_ROWS // rp, q.device)
     sel = None
     if scores is not None:
-        sel = select(scores, layout, topk)
+        u = scores.float().contiguous()  # what the selection and the kernels compare
+        sel = select(u, layout, topk)
         cap = int(topk) + _TILE_ROWS // rp
         lists, counts, overflow = C.build_lists(
             sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo, tile_q0, tile_q1,
@@ -132,7 +162,6 @@ def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: fl
         )
         if int(overflow.item()):
             return None
-        u = scores.float().contiguous()
         out, lse = C.fwd(
             q, k, v, u, sel.tau, sel.rb, sel.rank_of_key, layout.pool_lo, layout.win_lo,
             layout.win_hi, tile_q0, tile_q1, lists, counts, rp, scale,

@@ -92,6 +92,32 @@ at::Tensor wavelet_range_sum(const at::Tensor& zeros, const at::Tensor& wsum,
   return out;
 }
 
+// The selection tables from float32 scores u [S, NK] and their stable per-head sort (sv, perm):
+// (u64, sv64, perm32, ranks32, cb [S, 2NK], th_mid, th_mid1 [S, 2NK - 1]); see select_tables.cu.
+std::vector<at::Tensor> select_tables(const at::Tensor& u, const at::Tensor& sv,
+                                      const at::Tensor& perm) {
+  check(u, "u", at::kFloat);
+  check(sv, "sv", at::kFloat);
+  check(perm, "perm", at::kLong);
+  TORCH_CHECK(u.dim() == 2 && sv.sizes() == u.sizes() && perm.sizes() == u.sizes(),
+              "u / sv / perm: [S, NK]");
+  TORCH_CHECK(u.size(0) < 65536 && u.size(1) < (1LL << 30), "select_tables: too many heads/keys");
+  const at::cuda::OptionalCUDAGuard guard(u.device());
+  const int64_t S = u.size(0), n = u.size(1);
+  auto f64 = u.options().dtype(at::kDouble), i32 = u.options().dtype(at::kInt);
+  at::Tensor u64 = at::empty({S, n}, f64), sv64 = at::empty({S, n}, f64);
+  at::Tensor perm32 = at::empty({S, n}, i32), ranks32 = at::empty({S, n}, i32);
+  at::Tensor cb = at::empty({S, 2 * n}, f64);
+  at::Tensor th_mid = at::empty({S, std::max<int64_t>(2 * n - 1, 0)}, i32);
+  at::Tensor th_mid1 = at::empty_like(th_mid);
+  CHECK_CUDA_OK(xsk::launch_select_tables(
+      u.data_ptr<float>(), sv.data_ptr<float>(), perm.data_ptr<int64_t>(), (int)S, (int)n,
+      u64.data_ptr<double>(), sv64.data_ptr<double>(), perm32.data_ptr<int>(),
+      ranks32.data_ptr<int>(), cb.data_ptr<double>(), th_mid.data_ptr<int>(),
+      th_mid1.data_ptr<int>(), at::cuda::getCurrentCUDAStream()));
+  return {u64, sv64, perm32, ranks32, cb, th_mid, th_mid1};
+}
+
 // Per-query tau, boundary and |F| from the selection tables.
 std::vector<at::Tensor> select_queries(const at::Tensor& zeros, const at::Tensor& wsum,
                                const at::Tensor& nzeros, const at::Tensor& cb,
@@ -434,6 +460,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wavelet_build", &wavelet_build, "per-row wavelet matrices over ranks");
   m.def("wavelet_range_sum", &wavelet_range_sum,
         "per row: weight sums over index ranges between two rank thresholds");
+  m.def("select_tables", &select_tables, "SparseK selection tables after the per-head sort");
   m.def("select_queries", &select_queries, "SparseK selection: per-query tau, top-k boundary, |F|");
   m.def("build_lists", &build_lists, "gathered pool-key list per (query tile, head)");
   m.def("fwd", &fwd, "SparseK attention forward");

@@ -17,6 +17,11 @@ cudaError_t launch_wavelet_range_sum(const int* zeros, const double* wsum, const
                                      int rows, int n, int nbits, int m, const int* lo,
                                      const int* hi, const int* th_lo, const int* th_hi,
                                      double* out, cudaStream_t stream);
+// The selection tables after the per-head sort of float32 scores (select_tables.cu): u / sv
+// as float64, perm as int32, ranks = its inverse, cb, th_mid, th_mid1 (_selection.build_tables).
+cudaError_t launch_select_tables(const float* u32, const float* sv32, const int64_t* perm, int S,
+                                 int n, double* u64, double* sv64, int* perm32, int* ranks32,
+                                 double* cb, int* th_mid, int* th_mid1, cudaStream_t stream);
 cudaError_t launch_select(const SelectParams& p, cudaStream_t stream);
 cudaError_t launch_build_lists(const ListParams& p, cudaStream_t stream);
 // dtype: 0 = fp16, 1 = bf16. Returns cudaErrorInvalidValue for unsupported head dims.
