@@ -382,9 +382,9 @@ def _diffusers_attention(cross):
 
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
 def test_diffusers_xformers_processor_exact(cross):
+    attn = _diffusers_attention(cross)  # (skips without diffusers: import it first)
     from diffusers.models.attention_processor import AttnProcessor, XFormersAttnProcessor
 
-    attn = _diffusers_attention(cross)
     x = torch.randn(2, 24, 64, requires_grad=True)
     enc = torch.randn(2, 9, 48) if cross else None
     attn.set_processor(AttnProcessor())
