@@ -329,3 +329,16 @@ def test_backward_rank_tables_from_forward_outputs(dist, kind):
             _, perm, ranks = _selection._row_ranks(u.double())
             assert torch.equal(got.key_of_rank.long(), perm)
             assert torch.equal(got.rank_of_key.long(), ranks)
+
+
+def test_cuda_driver_tiles_are_built_once_and_right():
+    """_cuda._tiles (the kernels' query tiles) is cached per (queries, tile size, device):
+    the same tensors on a second call, and the right bounds, last tile short."""
+    from xformers_sparsek import _cuda
+
+    q0, q1 = _cuda._tiles(1000, 128, torch.device("cpu"))
+    again = _cuda._tiles(1000, 128, "cpu")
+    assert again[0] is q0 and again[1] is q1
+    assert q0.dtype == torch.int32 and q0.tolist() == list(range(0, 1000, 128))
+    assert q1.tolist() == [min(a + 128, 1000) for a in range(0, 1000, 128)]
+    assert _cuda._tiles(1000, 64, "cpu")[0].numel() == 16  # another size: its own tiles

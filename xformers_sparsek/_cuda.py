@@ -14,6 +14,7 @@ The selection is computed on float32 scores (what the kernels compare against); 
 (one float32 sort + ``select_tables``) are bitwise those of ``_selection.build_tables``.
 """
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -60,8 +61,21 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tiles(nq: int, queries_per_tile: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    q0 = torch.arange(0, nq, queries_per_tile, device=device, dtype=torch.int32)
-    q1 = torch.clamp(q0 + queries_per_tile, max=nq)
+    """First and one-past-last query of each tile (int32), built once per (nq, tile size,
+    device): three small launches and their host time saved on every later call (the
+    kernels only read them).  Not while a CUDA graph is being captured: tensors made then are
+    only filled when the graph replays."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _tiles_cached.__wrapped__(nq, queries_per_tile, str(device))
+    return _tiles_cached(nq, queries_per_tile, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _tiles_cached(nq: int, queries_per_tile: int, device: str):
+    with torch.inference_mode(False):  # (usable outside inference mode later)
+        q0 = torch.arange(0, nq, queries_per_tile, device=device, dtype=torch.int32)
+        q1 = torch.clamp(q0 + queries_per_tile, max=nq)
     return q0.contiguous(), q1.contiguous()
 
 
