@@ -11,6 +11,8 @@
 // (bwd_reduce.cu) adds each key's slots in a fixed order.  In both passes each warp decides
 // per block of (row, key) pairs whether the rule can attend none of them (skipped), all of
 // them (gate only) or some (the per-element rule): BlockMode.
+// On Hopper, sm90/bwd_dq_sm90.cuh and sm90/bwd_dkv_sm90.cuh run the same two passes on
+// wgmma with the helpers below (launch_bwd in bwd_bf16.cu picks the kernel set).
 #pragma once
 #include <climits>
 #include <cmath>
