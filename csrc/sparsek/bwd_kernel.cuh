@@ -70,6 +70,20 @@ __device__ __forceinline__ KeyBounds warp_key_bounds(int j, int rank) {  // one 
                    warp_min(valid ? rank : INT_MAX), invalid == 0};
 }
 
+// The same over a warp whose threads hold two keys each (j[0], j[1]: the rows g and g + 8 of
+// an m16 accumulator tile).
+__device__ __forceinline__ KeyBounds warp_key_bounds(const int (&j)[2], const int (&rank)[2]) {
+  const bool v0 = j[0] >= 0, v1 = j[1] >= 0;
+  return KeyBounds{warp_min(min(v0 ? j[0] : INT_MAX, v1 ? j[1] : INT_MAX)),
+                   warp_max(max(v0 ? j[0] : -1, v1 ? j[1] : -1)),
+                   warp_min(min(v0 ? rank[0] : INT_MAX, v1 ? rank[1] : INT_MAX)),
+                   __all_sync(0xffffffffu, v0 && v1) != 0};
+}
+__device__ __forceinline__ KeyBounds merge(const KeyBounds& a, const KeyBounds& b) {
+  return KeyBounds{min(a.j_min, b.j_min), max(a.j_max, b.j_max), min(a.rank_min, b.rank_min),
+                   a.all_valid && b.all_valid};
+}
+
 // The block's mode under attends()'s rule; `interior` (every row of the CTA attends the
 // contiguous tile) is what attends() takes.
 __device__ __forceinline__ BlockMode block_mode(KeyRule rule, bool interior, const KeyBounds& k,
@@ -387,11 +401,7 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, D>::kThreads)
           krank[h] = sRank[e];
           ku[h] = sU[e];
         }
-        const bool v0 = kj[0] >= 0, v1 = kj[1] >= 0;
-        kbound.j_min = warp_min(min(v0 ? kj[0] : INT_MAX, v1 ? kj[1] : INT_MAX));
-        kbound.j_max = warp_max(max(v0 ? kj[0] : -1, v1 ? kj[1] : -1));
-        kbound.rank_min = warp_min(min(v0 ? krank[0] : INT_MAX, v1 ? krank[1] : INT_MAX));
-        kbound.all_valid = __all_sync(0xffffffffu, v0 && v1);
+        kbound = warp_key_bounds(kj, krank);
       }
       const BlockMode mode =
           block_mode(rule, interior, kbound, merge(rBounds[st * 2], rBounds[st * 2 + 1]));

@@ -37,11 +37,6 @@ struct BwdDkvSm90Traits {
   static_assert(kSmem <= 200 * 1024, "shared memory (plus the static arrays)");
 };
 
-__device__ __forceinline__ KeyBounds merge(const KeyBounds& a, const KeyBounds& b) {
-  return KeyBounds{min(a.j_min, b.j_min), max(a.j_max, b.j_max), min(a.rank_min, b.rank_min),
-                   a.all_valid && b.all_valid};
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
     bwd_dkv_sm90_kernel(const BwdDkvParams kp) {
@@ -139,14 +134,7 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
     krank[h] = s_rank[e];
     ku[h] = s_u[e];
   }
-  KeyBounds warp_keys;
-  {
-    const bool v0 = kj[0] >= 0, v1 = kj[1] >= 0;
-    warp_keys.j_min = warp_min(min(v0 ? kj[0] : INT_MAX, v1 ? kj[1] : INT_MAX));
-    warp_keys.j_max = warp_max(max(v0 ? kj[0] : -1, v1 ? kj[1] : -1));
-    warp_keys.rank_min = warp_min(min(v0 ? krank[0] : INT_MAX, v1 ? krank[1] : INT_MAX));
-    warp_keys.all_valid = __all_sync(0xffffffffu, v0 && v1);
-  }
+  const KeyBounds warp_keys = warp_key_bounds(kj, krank);
   if (lane == 0) s_warp_keys[warp] = warp_keys;
   __syncthreads();
   const KeyBounds wg_keys = merge(merge(s_warp_keys[4 * wg], s_warp_keys[4 * wg + 1]),
