@@ -221,11 +221,11 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     q, k, v, dout = _aligned(q), _aligned(k), _aligned(v), _aligned(dout.to(q.dtype))
     if rp > 1 and (k.stride(2) != 0 or v.stride(2) != 0):
         rp = 1
+    u = scores.float().contiguous()  # (converted once: select / _with_ranks take it as is)
     if sel is None:
-        sel = select(scores, layout, topk)
+        sel = select(u, layout, topk)
     elif sel.rank_of_key is None:
-        sel = _with_ranks(scores, sel)
-    u = scores.float().contiguous()
+        sel = _with_ranks(u, sel)
     delta = (dout.float() * out.float()).sum(-1).permute(1, 2, 0).contiguous()  # [S, R, NQ]
     lse = lse.contiguous()
     # pass 1 tiling and pass 2 super-tiles, each with its key lists
