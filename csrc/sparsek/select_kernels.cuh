@@ -35,7 +35,7 @@ namespace xsk {
 namespace select_impl {
 
 constexpr int kStride = 32;          // anchor spacing: one warp of pass 1 per gap
-constexpr int kMaxWalk = 512;        // pass 1: breakpoints walked at most (then: no guess)
+constexpr int kMaxWalk = 4096;       // pass 1: breakpoints walked at most (then: no guess)
 constexpr unsigned kAll = 0xffffffffu;
 // pass 0's blocks per SM: its registers capped at 80 where that spills nothing (sm_90)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -415,38 +415,44 @@ __device__ __forceinline__ int walk_guess(const SelectParams& p, int s, int lane
     guess = P0;
     searching = false;
   }
-  for (int base = P0 + 1; base <= cap; base += 32) {
-    if (!__any_sync(kAll, searching)) break;
-    const int m = base + lane;
-    const bool valid = m <= cap;
-    double left = 0.0, right = 0.0;
-    int dn = 0;
-    if (valid) {
+  // Stretches of 32 pieces, lane l on piece base + l: its ends and the thresholds on both
+  // sides of its left end (loaded a stretch ahead, so a stretch costs one dependent load).
+  double left = 0.0, right = 0.0;
+  int ta = 0, tb = 0, ua = 0, ub = 0;
+  auto fetch = [&](int b) {
+    const int m = b + lane;
+    if (m <= cap) {
       left = __ldg(cb + m);
       right = __ldg(cb + m + 1);
-      const int ta = __ldg(thm + m - 1), tb = __ldg(thm + m);
-      const int ua = __ldg(thm1 + m - 1), ub = __ldg(thm1 + m);
-      if (ub > ua) {  // cb[m] = u - 1 of rank ua: that key turns fractional
-        const int key = __ldg(perm + ua);
-        dn += key >= lo0 && key < hi0;
-      }
-      if (tb > ta) {  // cb[m] = u of rank ta: that key leaves F
-        const int key = __ldg(perm + ta);
-        dn -= key >= lo0 && key < hi0;
-      }
+      ta = __ldg(thm + m - 1);
+      tb = __ldg(thm + m);
+      ua = __ldg(thm1 + m - 1);
+      ub = __ldg(thm1 + m);
     }
+  };
+  fetch(P0 + 1);
+  for (int base = P0 + 1; base <= cap; base += 32) {
+    if (!__any_sync(kAll, searching)) break;
+    const bool valid = base + lane <= cap;
+    // cb[m] = u - 1 of rank ua: that key turns fractional; cb[m] = u of rank ta: it leaves F
+    const int key_in = valid && ub > ua ? __ldg(perm + ua) : -1;
+    const int key_out = valid && tb > ta ? __ldg(perm + ta) : -1;
+    const double dx = valid ? right - left : 0.0;
+    const double right_m = right;
+    fetch(base + 32);
+    const int dn = (key_in >= lo0 && key_in < hi0) - (key_out >= lo0 && key_out < hi0);
     const double nf_m = nf_run + warp_inclusive_sum(dn, lane);
-    const double f_m = f_run + warp_inclusive_sum(valid ? -nf_m * (right - left) : 0.0, lane);
+    const double f_m = f_run + warp_inclusive_sum(-nf_m * dx, lane);
     const int last = min(31, cap - base);
     nf_run = __shfl_sync(kAll, nf_m, last);
     f_run = __shfl_sync(kAll, f_m, last);
     // lanes whose f drops to k within this stretch: find the piece
-    const double f_end = f_run + added(__shfl_sync(kAll, right, last));
+    const double f_end = f_run + added(__shfl_sync(kAll, right_m, last));
     const bool cross = searching && f_end <= k;
     if (!__any_sync(kAll, cross)) continue;
     bool open = cross;
     for (int j = 0; j <= last; ++j) {
-      const double fj = __shfl_sync(kAll, f_m, j) + added(__shfl_sync(kAll, right, j));
+      const double fj = __shfl_sync(kAll, f_m, j) + added(__shfl_sync(kAll, right_m, j));
       if (open && fj <= k) {
         guess = base + j;
         open = searching = false;
