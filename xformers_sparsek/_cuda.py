@@ -3,7 +3,7 @@
 Forward pipeline on the GPU:
   1. selection tables (one float32 sort of the scores, ``select_tables``: the breakpoints
      and their rank thresholds, ``wavelet_build``: a wavelet matrix over the ranks),
-  2. ``select_queries``: per-query tau / top-k boundary / |F| (one thread per query),
+  2. ``select_queries``: per-query tau / top-k boundary / |F| (csrc/sparsek/select_kernels.cuh),
   3. ``build_lists``: per query tile, the pool keys any of its queries may select,
   4. ``fwd``: gathered-tile attention with gates (wgmma on sm_90a, mma.sync elsewhere).
 Backward: the rank tables from the forward's selection outputs (``_with_ranks``), the key
@@ -126,7 +126,8 @@ def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
     u = scores.float().contiguous()
     S, NK = u.shape
     if NK < _TABLES_MIN_KEYS or S == 0:
-        tb = build_tables(u.to(torch.float64), make_wavelet=_KernelWavelet)
+        u64 = u.to(torch.float64)
+        tb = build_tables(u64, make_wavelet=_KernelWavelet)
         zeros, wsum, nzeros = tb.wm.zeros, tb.wm.wsum, tb.wm.nzeros
         sv, cb, th_mid, th_mid1 = tb.sv, tb.cb, tb.th_mid.int(), tb.th_mid1.int()
         perm, ranks = tb.perm.int(), tb.ranks.int()
@@ -134,7 +135,7 @@ def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
         u64, sv, perm, ranks, cb, th_mid, th_mid1 = _tables(u)
         zeros, wsum, nzeros = C.wavelet_build(ranks, u64)
     tau, ub, jb, nF, rb = C.select_queries(
-        zeros, wsum, nzeros, cb, th_mid, th_mid1, sv, perm,
+        zeros, wsum, nzeros, cb, th_mid, th_mid1, sv, perm, u64,
         layout.pool_lo.contiguous(), layout.win_lo.contiguous(), int(topk),
     )
     return Selection(tau, ub, jb, nF, rb, key_of_rank=perm, rank_of_key=ranks)
