@@ -342,3 +342,31 @@ def test_cuda_driver_tiles_are_built_once_and_right():
     assert q0.dtype == torch.int32 and q0.tolist() == list(range(0, 1000, 128))
     assert q1.tolist() == [min(a + 128, 1000) for a in range(0, 1000, 128)]
     assert _cuda._tiles(1000, 64, "cpu")[0].numel() == 16  # another size: its own tiles
+
+
+def test_cuda_driver_partial_slots_index():
+    """_cuda._partial_slots (bwd_reduce's index, int32 keys) against a direct construction:
+    per (head, key), the flat slots of its list partials, then of its window partials, each
+    in super-tile order (the order bwd_reduce sums them in)."""
+    from xformers_sparsek import _cuda
+
+    g = torch.Generator().manual_seed(0)
+    S, NK, nsup, cap, list_slots, slots = 3, 50, 4, 7, 8, 20
+    scounts = torch.randint(0, cap + 1, (S, nsup), generator=g, dtype=torch.int32)
+    slists = torch.stack([torch.stack([torch.randperm(NK, generator=g)[:cap].sort().values
+                                       for _ in range(nsup)]) for _ in range(S)]).int()
+    wlo = torch.randint(0, NK - 12, (nsup,), generator=g)
+    n_win = torch.randint(0, 12, (nsup,), generator=g)
+    off, order = _cuda._partial_slots(slists, scounts, wlo, n_win, int(n_win.sum()), S, NK,
+                                      cap, slots, list_slots)
+    for h in range(S):
+        for j in range(NK):
+            want = []
+            for t in range(nsup):
+                want += [t * slots + e for e in range(int(scounts[h, t]))
+                         if int(slists[h, t, e]) == j]
+            for t in range(nsup):
+                if wlo[t] <= j < wlo[t] + n_win[t]:
+                    want.append(t * slots + list_slots + j - int(wlo[t]))
+            a, b = int(off[h * NK + j]), int(off[h * NK + j + 1])
+            assert order[a:b].tolist() == want, (h, j)

@@ -210,6 +210,32 @@ def _tile_extents(layout: QueryLayout, q0: torch.Tensor, q1: torch.Tensor):
     return wlo.min(1).values, whi.max(1).values
 
 
+def _partial_slots(slists, scounts, wlo_min, n_win, win_total: int, S: int, NK: int,
+                   cap_s: int, slots: int, list_slots: int):
+    """Where each key's dk/dv partials are (bwd_reduce's input): for key j of head h, the flat
+    slots (super-tile t * slots + position) slot_order[off[h * NK + j] : off[h * NK + j + 1]]:
+    its list slots, then its window slots, each in super-tile order (the order bwd_reduce
+    sums them in: fixed, so the sums are deterministic).  Every list slot takes part (unused ones under the key S * NK, sorted
+    past the real keys), so no nonzero() and no bincount() (each a host sync).  Keys are
+    int32 (the caller bounds S * NK below 2^31): half the radix passes of int64 in the sort."""
+    dev = slists.device
+    nsup = scounts.shape[1]
+    valid = torch.arange(cap_s, device=dev) < scounts.unsqueeze(-1)  # [S, nsup, cap]
+    head = torch.arange(S, device=dev, dtype=torch.int32).view(S, 1, 1)
+    keys = [torch.where(valid, slists + head * NK, S * NK).view(-1)]
+    flats = [(torch.arange(nsup, device=dev).view(1, nsup, 1) * slots
+              + torch.arange(cap_s, device=dev)).expand(S, nsup, cap_s).reshape(-1)]
+    t_rep = torch.repeat_interleave(torch.arange(nsup, device=dev), n_win, output_size=win_total)
+    i_win = torch.arange(win_total, device=dev) - (torch.cumsum(n_win, 0) - n_win)[t_rep]
+    for h in range(S):
+        keys.append((wlo_min[t_rep] + i_win + h * NK).int())
+        flats.append(t_rep * slots + list_slots + i_win)
+    keys, flats = torch.cat(keys), torch.cat(flats)
+    keys_sorted, order = torch.sort(keys, stable=True)
+    off = torch.searchsorted(keys_sorted, torch.arange(S * NK + 1, device=dev, dtype=torch.int32))
+    return off, flats[order].contiguous()
+
+
 def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, sel):
     """CUDA backward (sparse mode): (dq, dk, dv, dscores float64) or None when the inputs
     need the PyTorch path (exact mode, or no forward statistics to reuse)."""
@@ -227,7 +253,7 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
         sel = select(u, layout, topk)
     elif sel.rank_of_key is None:
         sel = _with_ranks(u, sel)
-    delta = (dout.float() * out.float()).sum(-1).permute(1, 2, 0).contiguous()  # [S, R, NQ]
+    delta = C.bwd_delta(dout, _aligned(out))  # [S, R, NQ] fp32 rowsum(dout * out)
     lse = lse.contiguous()
     # pass 1 tiling and pass 2 super-tiles, each with its key lists
     hopper = bool(C.hopper_backward())
@@ -257,29 +283,13 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
         layout.win_hi, lse, delta, t0, t1, lists, counts, s0, s1, slists, scounts, rp, rp_kv,
         scale, slots, list_slots, hopper,
     )
-    # Where each key's partials are: its list slots and its window slots, per head.  Every
-    # list slot takes part (unused ones under the key S * NK, sorted past the real keys),
-    # so no nonzero() and no bincount() (each a host sync).
-    nsup = s0.numel()
-    dev = q.device
-    valid = torch.arange(cap_s, device=dev) < scounts.unsqueeze(-1)  # [S, nsup, cap]
-    head = torch.arange(S, device=dev).view(S, 1, 1)
-    keys = [torch.where(valid, slists.long() + head * NK, S * NK).view(-1)]
-    flats = [(torch.arange(nsup, device=dev).view(1, nsup, 1) * slots
-              + torch.arange(cap_s, device=dev)).expand(S, nsup, cap_s).reshape(-1)]
-    t_rep = torch.repeat_interleave(torch.arange(nsup, device=dev), n_win, output_size=win_total)
-    i_win = torch.arange(win_total, device=dev) - (torch.cumsum(n_win, 0) - n_win)[t_rep]
-    for h in range(S):
-        keys.append(wlo_min[t_rep] + i_win + h * NK)
-        flats.append(t_rep * slots + list_slots + i_win)
-    keys, flats = torch.cat(keys), torch.cat(flats)
-    keys_sorted, order = torch.sort(keys, stable=True)
-    off = torch.searchsorted(keys_sorted, torch.arange(S * NK + 1, device=dev))
+    off, slot_order = _partial_slots(slists, scounts, wlo_min, n_win, int(win_total), S, NK,
+                                     cap_s, slots, list_slots)
     rg = R // rp_kv
-    dk_g, dv_g, du_g = C.bwd_reduce(part_kv, part_u, off, flats[order].contiguous(), rg, NK)
+    dk_g, dv_g, du_g = C.bwd_reduce(part_kv, part_u, off, slot_order, rg, NK)
     # Group (s, rgroup) holds the gradient of the K/V its rp heads share; put it on the
     # group's first head (autograd of the stride-0 expansion sums over the heads).
-    dk = torch.zeros(NK, S, R, D, dtype=q.dtype, device=dev)
+    dk = torch.zeros(NK, S, R, D, dtype=q.dtype, device=q.device)
     dv = torch.zeros_like(dk)
     dk[:, :, ::rp_kv] = dk_g.view(S, rg, NK, D).permute(2, 0, 1, 3)  # (rounded once, here)
     dv[:, :, ::rp_kv] = dv_g.view(S, rg, NK, D).permute(2, 0, 1, 3)

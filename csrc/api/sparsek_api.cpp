@@ -354,6 +354,29 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
   return {dq, grow, part_kv, part_u};
 }
 
+// Pass 0: delta [S, R, NQ] = rowsum(dout * out) in fp32 (dout, out: [NQ, S, R, D], last dim
+// contiguous, fp16 / bf16, D = 64 / 128: the kernels' inputs).
+at::Tensor bwd_delta(const at::Tensor& dout, const at::Tensor& out) {
+  TORCH_CHECK(dout.is_cuda() && out.is_cuda(), "dout / out must be CUDA tensors");
+  TORCH_CHECK(dout.dim() == 4 && dout.sizes() == out.sizes(), "dout / out: [NQ, S, R, D]");
+  TORCH_CHECK(dout.scalar_type() == out.scalar_type() &&
+                  (dout.scalar_type() == at::kHalf || dout.scalar_type() == at::kBFloat16),
+              "dout / out must be fp16 or bf16 of one dtype");
+  TORCH_CHECK(dout.stride(3) == 1 && out.stride(3) == 1, "dout / out: last dim contiguous");
+  const at::cuda::OptionalCUDAGuard guard(dout.device());
+  const int NQ = dout.size(0), S = dout.size(1), R = dout.size(2), D = dout.size(3);
+  for (const at::Tensor* t : {&dout, &out})
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 && t->stride(0) % 8 == 0 &&
+                    t->stride(1) % 8 == 0 && t->stride(2) % 8 == 0,
+                "dout / out rows must be 16-byte aligned");
+  at::Tensor delta = at::empty({S, R, NQ}, dout.options().dtype(at::kFloat));
+  CHECK_CUDA_OK(xsk::launch_bwd_delta(dout.data_ptr(), out.data_ptr(), dtype_code(dout), D, NQ, S,
+                                      R, dout.stride(0), dout.stride(1), dout.stride(2),
+                                      out.stride(0), out.stride(1), out.stride(2),
+                                      delta.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  return delta;
+}
+
 // Pass 3: per (group, key) sums of the partial slots -> (dk [G, NK, D], dv, du [G, NK]).
 std::vector<at::Tensor> bwd_reduce(const at::Tensor& part_kv, const at::Tensor& part_u,
                                    const at::Tensor& off, const at::Tensor& order,
@@ -474,5 +497,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_max_pool_slots", &decode_max_pool_slots,
         "largest topk + capacity the fused decode step handles on the current device");
   m.def("decode_max_rows", &xsk::decode_max_rows, "query heads per KV head of the fused decode step");
+  m.def("bwd_delta", &bwd_delta, "SparseK backward pass 0: rowsum(dout * out) in fp32");
   m.def("bwd_reduce", &bwd_reduce, "SparseK backward pass 3: ordered sums of the partials");
 }

@@ -1,9 +1,46 @@
-// Backward, pass 3: for every (group, key), add the key's partial dK / dV / score-gradient
-// slots (written by bwd_dkv_kernel) in a fixed order -> deterministic results.
+// The backward's two small passes around the kernels of bwd_kernel.cuh / sm90/:
+//   pass 0, delta = rowsum(dout * out) per (row, head) in fp32 (the products of two 16-bit
+//   values are exact in fp32; one warp per row, a fixed shuffle tree: deterministic), read
+//   once from the 16-bit tensors instead of through fp32 copies of both;
+//   pass 3, for every (group, key), the sum of the key's partial dK / dV / score-gradient
+//   slots (written by the dk/dv pass) in a fixed order -> deterministic results.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
 #include "launch.h"
 
 namespace xsk {
 namespace {
+
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// delta[(s * R + r) * NQ + i] = sum_d dout[i, s, r, d] * out[i, s, r, d]; a warp per (i, s, r),
+// lane l holding elements [l * D / 32, (l + 1) * D / 32) (D = 64 or 128: 4 or 8 bytes).
+template <typename T, int D>
+__global__ void __launch_bounds__(256) bwd_delta_kernel(const T* dout, const T* out, int NQ, int S,
+                                                        int R, int64_t do_sn, int64_t do_ss,
+                                                        int64_t do_sr, int64_t o_sn, int64_t o_ss,
+                                                        int64_t o_sr, float* delta) {
+  constexpr int E = D / 32;  // elements per lane
+  using Vec = typename std::conditional<E == 4, uint2, uint32_t>::type;
+  const int64_t row = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= (int64_t)NQ * S * R) return;
+  const int r = row % R, s = (row / R) % S, i = row / ((int64_t)R * S);
+  const Vec a = *reinterpret_cast<const Vec*>(dout + i * do_sn + s * do_ss + r * do_sr + lane * E);
+  const Vec b = *reinterpret_cast<const Vec*>(out + i * o_sn + s * o_ss + r * o_sr + lane * E);
+  const T* x = reinterpret_cast<const T*>(&a);
+  const T* y = reinterpret_cast<const T*>(&b);
+  float acc = 0.f;
+#pragma unroll
+  for (int e = 0; e < E; ++e) acc += to_float(x[e]) * to_float(y[e]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) delta[((int64_t)s * R + r) * NQ + i] = acc;
+}
 
 // Entries of key j of head s: order[off[s * NK + j] .. off[s * NK + j + 1]) are flat slot
 // indices within a group's [ntiles * slots] slots; the groups (s, rgroup) of one head share
@@ -33,6 +70,29 @@ __global__ void bwd_reduce_kernel(const float* part_kv, const float* part_u,
 }
 
 }  // namespace
+
+cudaError_t launch_bwd_delta(const void* dout, const void* out, int dtype, int head_dim, int NQ,
+                             int S, int R, int64_t do_sn, int64_t do_ss, int64_t do_sr,
+                             int64_t o_sn, int64_t o_ss, int64_t o_sr, float* delta,
+                             cudaStream_t stream) {
+  const int64_t rows = (int64_t)NQ * S * R;
+  if (rows == 0) return cudaSuccess;
+  const dim3 grid((unsigned)((rows + 7) / 8));
+  auto run = [&](auto kernel, auto type_tag) {
+    using T = decltype(type_tag);
+    kernel<<<grid, 256, 0, stream>>>(static_cast<const T*>(dout), static_cast<const T*>(out), NQ,
+                                     S, R, do_sn, do_ss, do_sr, o_sn, o_ss, o_sr, delta);
+    return cudaGetLastError();
+  };
+  if (dtype == 1) {
+    if (head_dim == 64) return run(bwd_delta_kernel<__nv_bfloat16, 64>, __nv_bfloat16{});
+    if (head_dim == 128) return run(bwd_delta_kernel<__nv_bfloat16, 128>, __nv_bfloat16{});
+  } else {
+    if (head_dim == 64) return run(bwd_delta_kernel<__half, 64>, __half{});
+    if (head_dim == 128) return run(bwd_delta_kernel<__half, 128>, __half{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 cudaError_t launch_bwd_reduce(const float* part_kv, const float* part_u, const int64_t* off,
                               const int64_t* order, int groups, int groups_per_head, int NK,

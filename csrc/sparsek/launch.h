@@ -36,6 +36,12 @@ bool use_sm90(const char* env_name);
 // (bwd_reduce.cu).
 cudaError_t launch_bwd(const BwdDqParams& b, const BwdDkvParams& kp, int dtype, int head_dim,
                        bool hopper, cudaStream_t stream);
+// Pass 0 of the backward: delta [S, R, NQ] (fp32) = rowsum(dout * out) over [NQ, S, R, D]
+// rows of fp16 (dtype 0) / bf16 (dtype 1) with D = 64 / 128 (cudaErrorInvalidValue otherwise).
+cudaError_t launch_bwd_delta(const void* dout, const void* out, int dtype, int head_dim, int NQ,
+                             int S, int R, int64_t do_sn, int64_t do_ss, int64_t do_sr,
+                             int64_t o_sn, int64_t o_ss, int64_t o_sr, float* delta,
+                             cudaStream_t stream);
 cudaError_t launch_bwd_reduce(const float* part_kv, const float* part_u, const int64_t* off,
                               const int64_t* order, int groups, int groups_per_head, int NK,
                               int D, int64_t group_slots, float* dk, float* dv, float* du,
