@@ -13,7 +13,6 @@ import ctypes
 import os
 import shutil
 import subprocess
-import tempfile
 
 import numpy as np
 import pytest
@@ -33,8 +32,8 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
 @pytest.fixture(scope="module")
-def emu():
-    out = os.path.join(tempfile.mkdtemp(prefix="select_emu_"), "libselect_emu.so")
+def emu(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("select_emu") / "libselect_emu.so")
     subprocess.run(
         ["g++", "-O2", "-std=c++17", "-ffp-contract=off", "-U_FORTIFY_SOURCE", "-fPIC",
          "-shared", "-I" + os.path.join(ROOT, "csrc"), "-I" + os.path.join(HERE, "select_emu"),
