@@ -65,7 +65,9 @@ struct Item {
 // entry, score and rank (coalesced), then every key's K and V rows go out as one warp
 // instruction per key (D = 128: 32 lanes x 16 bytes = one 256-byte row of K and of V)
 // with the key index broadcast by a shuffle.  The producer waits for its own copies
-// before arriving, so it can also publish per-tile key statistics with plain stores.
+// before arriving, so it can also publish per-tile key statistics with plain stores; with
+// more than two stages it keeps NST - 2 fills in flight (one L2 / HBM round trip per tile
+// was its limit at D = 64: the seed config's items are 4 short tiles each).
 template <typename T, int D, int BN, int NST>
 __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems, int warp,
                                                   int lane, T* sK, T* sV, int* sIdx, float* sU,
@@ -80,6 +82,13 @@ __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems
   const int ch = part % CH;
   const int64_t sn = is_v ? p.v_sn : p.k_sn;
   const int e = warp * 32 + lane;  // this lane's key within a tile
+  // Tiles whose fill is still in flight when the producer moves on (a stage is published
+  // kDefer tiles after its copies were issued).  A consumer releases tile k only after it
+  // has waited for tile k + 1 (it waits for the P V product of k after issuing the next
+  // Q K^T), so the producer, blocked on the release of tile it - NST before filling tile
+  // it, must already have published tile it - NST + 1: kDefer <= NST - 2.  With two stages
+  // (D = 128) every fill is published before the next starts.
+  constexpr int kDefer = NST >= 3 ? NST - 2 : 0;
   int it = 0;                      // key tiles streamed so far (all items)
   for (int item = blockIdx.x; item < nitems; item += gridDim.x) {
     const Item w(p, item);
@@ -131,10 +140,21 @@ __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems
         if (lane == 0) sStat[st * 4 + warp] = make_int4(mn_rank, mn_j, mx_j, nvalid);
       }
       cp_async_commit();  // (wait_group counts committed groups only)
-      cp_async_wait<0>();
-      fence_proxy_async();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
-      mbar_arrive(&full[st]);
+      if constexpr (kDefer == 0) {
+        cp_async_wait<0>();
+        fence_proxy_async();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
+        mbar_arrive(&full[st]);
+      } else if (it >= kDefer) {  // tile it - kDefer has landed; tiles after it stay in flight
+        cp_async_wait<kDefer>();
+        fence_proxy_async();
+        mbar_arrive(&full[(it - kDefer) % NST]);
+      }
     }
+  }
+  if constexpr (kDefer > 0) {  // the last tiles' fills
+    cp_async_wait<0>();
+    fence_proxy_async();
+    for (int k = max(it - kDefer, 0); k < it; ++k) mbar_arrive(&full[k % NST]);
   }
 }
 
