@@ -4,15 +4,12 @@
 ``_problem``) as plain tensors, so they work under autograd and
 ``torch.compile(fullgraph=True)`` (fake implementations give the output shapes).  Each runs
 the CUDA kernels when the extension supports the inputs and the PyTorch path otherwise.
-Eager calls run the same two functions through an autograd.Function (_EagerSparseK),
-skipping the dispatcher's per-call cost.
 """
 
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _attention, _backend
 from ._layout import QueryLayout
@@ -33,7 +30,8 @@ def _check_scores_finite(scores: Optional[Tensor]) -> None:
         raise ValueError("scores must be finite (found NaN or inf)")
 
 
-def _fwd_impl(
+@torch.library.custom_op("xformers_sparsek::fwd", mutates_args=())
+def sparsek_fwd(
     q: Tensor, k: Tensor, v: Tensor, scores: Optional[Tensor],
     pool_lo: Tensor, win_lo: Tensor, win_hi: Tensor,
     topk: int, window: int, scale: float,
@@ -50,9 +48,6 @@ def _fwd_impl(
     return out, lse, sel.tau, sel.ub, sel.jb, sel.nF
 
 
-sparsek_fwd = torch.library.custom_op("xformers_sparsek::fwd", mutates_args=())(_fwd_impl)
-
-
 @sparsek_fwd.register_fake
 def _(q, k, v, scores, pool_lo, win_lo, win_hi, topk, window, scale):
     NQ, S, R, _ = q.shape
@@ -64,7 +59,8 @@ def _(q, k, v, scores, pool_lo, win_lo, win_hi, topk, window, scale):
     return out, lse, f, f.clone(), i, i.clone()
 
 
-def _bwd_impl(
+@torch.library.custom_op("xformers_sparsek::bwd", mutates_args=())
+def sparsek_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, scores: Optional[Tensor],
     out: Tensor, lse: Tensor, tau: Tensor, ub: Tensor, jb: Tensor, nF: Tensor,
     pool_lo: Tensor, win_lo: Tensor, win_hi: Tensor,
@@ -81,9 +77,6 @@ def _bwd_impl(
     else:
         ds = ds.to(scores.dtype)
     return dq, dk, dv, ds
-
-
-sparsek_bwd = torch.library.custom_op("xformers_sparsek::bwd", mutates_args=())(_bwd_impl)
 
 
 @sparsek_bwd.register_fake
@@ -105,11 +98,11 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, tau, ub, jb, nF)
 
 
-def _backward(ctx, dout, _dlse, _dtau, _dub, _djb, _dnF, bwd=None):
+def _backward(ctx, dout, _dlse, _dtau, _dub, _djb, _dnF):
     q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi = ctx.saved_tensors
     topk, window, scale = ctx.args
     need_ds = scores is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, ds = (bwd or sparsek_bwd)(
+    dq, dk, dv, ds = sparsek_bwd(
         dout, q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi,
         topk, window, scale, need_ds,
     )
@@ -119,31 +112,12 @@ def _backward(ctx, dout, _dlse, _dtau, _dub, _djb, _dnF, bwd=None):
 torch.library.register_autograd("xformers_sparsek::fwd", _backward, setup_context=_setup_context)
 
 
-class _EagerSparseK(torch.autograd.Function):
-    """The custom ops' forward and backward without the dispatcher: eager calls skip
-    torch.library's per-call wrapping (on the H200, most of the seed config's 0.1 ms of
-    host time per call went there).  torch.compile traces the custom ops instead
-    (run_problem), so its graphs hold xformers_sparsek::fwd / ::bwd as before."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _fwd_impl(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads, bwd=_bwd_impl)
-
-
 def run_problem(prob, window: int):
     lay = prob.layout
-    args = (prob.q, prob.k, prob.v, prob.scores, lay.pool_lo, lay.win_lo, lay.win_hi,
-            prob.topk or 0, window, prob.scale)
-    if torch.compiler.is_compiling():
-        return sparsek_fwd(*args)
-    return _EagerSparseK.apply(*args)
+    return sparsek_fwd(
+        prob.q, prob.k, prob.v, prob.scores, lay.pool_lo, lay.win_lo, lay.win_hi,
+        prob.topk or 0, window, prob.scale,
+    )
 
 
 def sparsek_attention(

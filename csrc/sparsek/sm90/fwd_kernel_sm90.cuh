@@ -16,8 +16,7 @@
 //        registers).  A consumer releases a stage once its P V product has completed; it
 //        waits for that only after issuing the next Q K^T, so the tensor cores run the two
 //        back to back.  The two consumers drift apart freely: one's softmax overlaps the
-//        other's matrix work.  At D = 64 (kOverlapSoftmax) a consumer also overlaps its own
-//        softmax of tile t with its P V of tile t - 1 (FA3's intra-warpgroup pipelining).
+//        other's matrix work.
 // Tiles in shared memory use wgmma's 128-byte swizzle (sw128 in wgmma.cuh).
 #pragma once
 #include <algorithm>
@@ -36,9 +35,6 @@ struct FwdSm90Traits {
   static constexpr int kBM = 128;  // = FwdTraits::kBM: same tiles and key lists
   static constexpr int kBN = 128;  // keys per tile (= producer threads: one key each for metadata)
   static constexpr int kStages = D == 128 ? 2 : 4;
-  // Overlap each tile's softmax with the previous tile's P V inside a warpgroup: P is then
-  // held for two tiles, which fits the consumers' registers at D = 64 only.
-  static constexpr bool kOverlapSoftmax = D == 64;
   static constexpr int kThreads = 3 * 128;
   static constexpr int kChunks = D / 8;
   static constexpr int kTileBytes = kBN * D * (int)sizeof(T);  // K or V of one stage
@@ -96,8 +92,7 @@ __device__ __forceinline__ void tile_logits(float (&sc)[BN / 2], float (&tile_ma
 }
 
 // exp2(logit - max), the row sums, and P * gate packed as the register A operand of the
-// P V product (k16 block kc = n8 blocks 2 kc and 2 kc + 1).  (The software-pipelined loop
-// splits this into tile_exp, overlapped with the previous P V, and tile_pack after it.)
+// P V product (k16 block kc = n8 blocks 2 kc and 2 kc + 1).
 template <typename T, bool kGate, int BN>
 __device__ __forceinline__ void tile_probs(const float (&sc)[BN / 2], uint32_t (&pf)[BN / 16][4],
                                            float (&row_sum)[2], const float (&mx)[2],
@@ -116,36 +111,6 @@ __device__ __forceinline__ void tile_probs(const float (&sc)[BN / 2], uint32_t (
     }
     pf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(pe[0], pe[1]);
     pf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
-  }
-}
-
-// exp2(logit - max) in place and the row sums.
-template <int BN>
-__device__ __forceinline__ void tile_exp(float (&sc)[BN / 2], float (&row_sum)[2],
-                                         const float (&mx)[2]) {
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) {
-    const int x = (i >> 1) & 1;
-    sc[i] = exp2f(sc[i] - mx[x]);
-    row_sum[x] += sc[i];
-  }
-}
-
-// P * gate (P from tile_exp) packed as the register A operand of the P V product (k16
-// block kc = n8 blocks 2 kc and 2 kc + 1).
-template <typename T, bool kGate, int BN>
-__device__ __forceinline__ void tile_pack(const float (&pe)[BN / 2], uint32_t (&pf)[BN / 16][4],
-                                          const RowInfo (&rows)[2], const float* u, int tq) {
-#pragma unroll
-  for (int i = 0; i < BN / 8; ++i) {
-    float g[4] = {1.f, 1.f, 1.f, 1.f};
-    if constexpr (kGate) {
-      const float2 ku = *reinterpret_cast<const float2*>(u + i * 8 + tq * 2);
-#pragma unroll
-      for (int c = 0; c < 4; ++c) g[c] = __saturatef(((c & 1) ? ku.y : ku.x) - rows[c >> 1].tau);
-    }
-    pf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(pe[4 * i + 0] * g[0], pe[4 * i + 1] * g[1]);
-    pf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(pe[4 * i + 2] * g[2], pe[4 * i + 3] * g[3]);
   }
 }
 
@@ -269,9 +234,13 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) sc[i] = 0.f;
 
-    // S = Q K^T of the key tile in stage st: issued and committed, not waited for.
-    auto issue_qk = [&](int st) {
+    for (int t = 0; t < ntiles_k; ++t, ++it) {
+      const int st = it % NST;
+      mbar_wait(&full[st], (it / NST) & 1);
+
+      // S = Q K^T
       const T* cK = sK + st * BN * D;
+      const T* cV = sV + st * BN * D;
       fence_regs(sc);
       wgmma_fence();
 #pragma unroll
@@ -283,26 +252,15 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
       }
       wgmma_commit();
       fence_regs(sc);
-    };
-    // O += (P * gate) V of the key tile in stage st: issued and committed, not waited for.
-    auto issue_pv = [&](const uint32_t (&pf)[BN / 16][4], int st) {
-      const T* cV = sV + st * BN * D;
-      fence_regs(o);
-      wgmma_fence();
-#pragma unroll
-      for (int kc = 0; kc < BN / 16; ++kc) {
-        const uint64_t db = make_desc(cV + kc * 16 * 64, BN * 128, 1024);
-        WgmmaRS<T, D>::run(o, pf[kc], db);
+      if (t > 0) {  // P V of the previous tile done: release its stage
+        wgmma_wait<1>();
+        if (lane == 0) mbar_arrive(&empty[(it - 1) % NST]);
       }
-      wgmma_commit();
+      wgmma_wait<0>();
+      fence_regs(sc);
       fence_regs(o);
-    };
-    // Gates, masks and the online softmax (base 2) of key tile t (its S in sc): the row
-    // statistics updated, O's rescaling factor into scale_o, and P * gate packed into pf
-    // (pack; a constant at every call) or P left in sc for pack_p; returns whether P takes
-    // the gates.
-    auto softmax_tile = [&](bool pack, int t, int st, float (&scale_o)[2],
-                            uint32_t (&pf)[BN / 16][4]) {
+
+      // Gates, masks and the online softmax (base 2).
       const KeyRule rule = ks.rule(t);
       const bool listed = rule == KeyRule::kPoolSelected;
       const int* tIdx = sIdx + st * BN;
@@ -335,7 +293,7 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
           tile_logits<TileMode::kMasked, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
                                              tRank, tq, 0, key0);
       }
-      float mx[2];
+      float scale_o[2], mx[2];
 #pragma unroll
       for (int x = 0; x < 2; ++x) {
         tile_max[x] = fmaxf(tile_max[x], __shfl_xor_sync(0xffffffffu, tile_max[x], 1));
@@ -346,24 +304,11 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
         row_sum[x] *= scale_o[x];
         mx[x] = new_max == -INFINITY ? 0.f : new_max;  // exp2(-inf - 0) = 0, no NaN
       }
-      if (pack) {
-        if (listed)
-          tile_probs<T, true, BN>(sc, pf, row_sum, mx, rows, tU, tq);
-        else
-          tile_probs<T, false, BN>(sc, pf, row_sum, mx, rows, tU, tq);
-      } else {
-        tile_exp<BN>(sc, row_sum, mx);
-      }
-      return listed;
-    };
-    // P (* gate) -> the register A operand of the P V product
-    auto pack_p = [&](bool gated, int st, uint32_t (&pf)[BN / 16][4]) {
-      if (gated)
-        tile_pack<T, true, BN>(sc, pf, rows, sU + st * BN, tq);
+      uint32_t pf[BN / 16][4];
+      if (listed)
+        tile_probs<T, true, BN>(sc, pf, row_sum, mx, rows, tU, tq);
       else
-        tile_pack<T, false, BN>(sc, pf, rows, sU + st * BN, tq);
-    };
-    auto rescale_o = [&](const float (&scale_o)[2]) {
+        tile_probs<T, false, BN>(sc, pf, row_sum, mx, rows, tU, tq);
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {
         o[4 * i + 0] *= scale_o[0];
@@ -371,69 +316,21 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
         o[4 * i + 2] *= scale_o[1];
         o[4 * i + 3] *= scale_o[1];
       }
-    };
 
-    if constexpr (!Tr::kOverlapSoftmax) {
-      // Per tile: S = Q K^T issued behind the previous tile's P V, then both waited for;
-      // the tensor cores idle in this warpgroup's softmax (the other warpgroup fills it).
-      for (int t = 0; t < ntiles_k; ++t, ++it) {
-        const int st = it % NST;
-        mbar_wait(&full[st], (it / NST) & 1);
-        issue_qk(st);
-        if (t > 0) {  // P V of the previous tile done: release its stage
-          wgmma_wait<1>();
-          if (lane == 0) mbar_arrive(&empty[(it - 1) % NST]);
-        }
-        wgmma_wait<0>();
-        fence_regs(sc);
-        fence_regs(o);
-        uint32_t pf[BN / 16][4];
-        float scale_o[2];
-        softmax_tile(true, t, st, scale_o, pf);
-        rescale_o(scale_o);
-        issue_pv(pf, st);
-      }
-      wgmma_wait<0>();
+      // O += (P * gate) V
       fence_regs(o);
-      if (ntiles_k > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % NST]);  // the item's last tile
-    } else if (ntiles_k > 0) {
-      // Software-pipelined (FA3's intra-warpgroup overlap): tile t's softmax runs while the
-      // tensor cores do tile t - 1's P V; P (pf) is packed from it once that product is done,
-      // and O rescaled by tile t's factor then.
-      uint32_t pf[BN / 16][4];
-      float scale_o[2];
-      int st = it % NST;
-      mbar_wait(&full[st], (it / NST) & 1);
-      issue_qk(st);
-      wgmma_wait<0>();
-      fence_regs(sc);
-      // (O is still zero: nothing to rescale)
-      pack_p(softmax_tile(false, 0, st, scale_o, pf), st, pf);
-      for (int t = 1; t < ntiles_k; ++t) {
-        const int st_prev = st;
-        ++it;
-        st = it % NST;
-        mbar_wait(&full[st], (it / NST) & 1);
-        fence_regs(pf);  // packed before the stage's first wgmma (a late write serializes it)
-        issue_qk(st);
-        issue_pv(pf, st_prev);
-        wgmma_wait<1>();  // S of tile t (committed first)
-        fence_regs(sc);
-        const bool gated = softmax_tile(false, t, st, scale_o, pf);
-        wgmma_wait<0>();  // P V of tile t - 1: release its stage
-        fence_regs(o);
-        fence_regs(pf);  // (read by that P V until here)
-        if (lane == 0) mbar_arrive(&empty[st_prev]);
-        rescale_o(scale_o);
-        pack_p(gated, st, pf);
+      wgmma_fence();
+#pragma unroll
+      for (int kc = 0; kc < BN / 16; ++kc) {
+        const uint64_t db = make_desc(cV + kc * 16 * 64, BN * 128, 1024);
+        WgmmaRS<T, D>::run(o, pf[kc], db);
       }
-      fence_regs(pf);
-      issue_pv(pf, st);
-      wgmma_wait<0>();
+      wgmma_commit();
       fence_regs(o);
-      if (lane == 0) mbar_arrive(&empty[st]);  // the item's last tile
-      ++it;
     }
+    wgmma_wait<0>();
+    fence_regs(o);
+    if (ntiles_k > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % NST]);  // the item's last tile
 
     // ---- epilogue -----------------------------------------------------------------------
     T* obase = static_cast<T*>(p.o);

@@ -46,15 +46,6 @@ __device__ __forceinline__ void fence_regs(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
-// The same for a register A operand (packed P): keeps it live, in its registers, up to here,
-// so that nothing else is allocated there while a wgmma may still read it.
-template <int N, int M>
-__device__ __forceinline__ void fence_regs(uint32_t (&r)[N][M]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i)
-#pragma unroll
-    for (int j = 0; j < M; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
-}
 
 // Orders this thread's generic-proxy view of shared memory before later async-proxy (wgmma)
 // reads of it.
