@@ -215,9 +215,10 @@ def _partial_slots(slists, scounts, wlo_min, n_win, win_total: int, S: int, NK: 
     """Where each key's dk/dv partials are (bwd_reduce's input): for key j of head h, the flat
     slots (super-tile t * slots + position) slot_order[off[h * NK + j] : off[h * NK + j + 1]]:
     its list slots, then its window slots, each in super-tile order (the order bwd_reduce
-    sums them in: fixed, so the sums are deterministic).  Every list slot takes part (unused ones under the key S * NK, sorted
-    past the real keys), so no nonzero() and no bincount() (each a host sync).  Keys are
-    int32 (the caller bounds S * NK below 2^31): half the radix passes of int64 in the sort."""
+    sums them in: fixed, so the sums are deterministic).  Every list slot takes part (unused
+    ones under the key S * NK, sorted past the real keys), so no nonzero() and no bincount()
+    (each a host sync).  Keys are int32 (unsupported_reason keeps S * NK under 2^29): half
+    the radix passes of int64 in the sort."""
     dev = slists.device
     nsup = scounts.shape[1]
     valid = torch.arange(cap_s, device=dev) < scounts.unsqueeze(-1)  # [S, nsup, cap]
