@@ -31,6 +31,8 @@ struct BwdDqSm90Traits {
   static constexpr int kHalf = 64;  // keys per consumer step
   static constexpr int kStages = D == 128 ? 2 : 4;
   static constexpr int kThreads = 3 * 128;
+  // The producer spills below 56 registers; the consumers hold S, dP, dQ and their halves.
+  using Regs = RegSplit<56, 224>;
   static constexpr size_t kSmem = 1024 /* alignment slack */ + 2 * kBM * D * sizeof(T) +
                                   2 * kStages * (size_t)kBN * D * sizeof(T) +
                                   kStages * kBN * (2 * sizeof(int) + sizeof(float)) +
@@ -62,20 +64,20 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
   const int RP = p.RP;
   if (tid == 0) {
     for (int i = 0; i < NST; ++i) {
-      mbar_init(&full[i], 128);
+      mbar_init(&full[i], 256);  // per producer thread: its copies landed, its stores
       mbar_init(&empty[i], 8);
     }
   }
   __syncthreads();
 
   if (warp < 4) {
-    setmaxnreg_dec<kProducerRegs>();
+    setmaxnreg_dec<Tr::Regs::kProducerRegs>();
     produce_key_tiles<T, D, BN, NST>(p, nitems, warp, lane, sK, sV, sIdx, sU, sRank, sStat, full,
                                      empty);
     return;
   }
 
-  setmaxnreg_inc<kConsumerRegs>();
+  setmaxnreg_inc<Tr::Regs::kConsumerRegs>();
   const int wg = (warp >> 2) - 1;  // consumer 0 or 1: rows [64 wg, 64 wg + 64)
   const int ctid = tid - 128 * (wg + 1);
   const int g = lane >> 2, tq = lane & 3;
@@ -156,6 +158,7 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
     for (int t = 0; t < ntiles_k; ++t, ++it) {
       const int st = it % NST;
       mbar_wait(&full[st], (it / NST) & 1);
+      fence_proxy_async();  // the stage was written by cp.async (see produce_key_tiles)
       const T* cK = sK + st * BN * D;
       const T* cV = sV + st * BN * D;
       const KeyRule rule = ks.rule(t);

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "../tile_common.cuh"
 #include "key_producer.cuh"
@@ -36,13 +37,18 @@ struct FwdSm90Traits {
   static constexpr int kBN = 128;  // keys per tile (= producer threads: one key each for metadata)
   static constexpr int kStages = D == 128 ? 2 : 4;
   static constexpr int kThreads = 3 * 128;
-  static constexpr int kChunks = D / 8;
+  // The producer also stages each item (ItemStage): it spills below 80 registers at D = 64
+  // and below 96 at D = 128; the consumers hold the S, P and O fragments (64 + 32 + 64
+  // registers at D = 128).
+  using Regs = std::conditional_t<D == 64, RegSplit<80, 208>, RegSplit<96, 200>>;
   static constexpr int kTileBytes = kBN * D * (int)sizeof(T);  // K or V of one stage
-  static constexpr size_t kSmem = 1024 /* alignment slack */ + kBM * D * sizeof(T) +
+  // Q and the item metadata are double-buffered (ItemStage, key_producer.cuh).
+  static constexpr size_t kSmem = 1024 /* alignment slack */ + 2 * kBM * D * sizeof(T) +
                                   2 * kStages * (size_t)kTileBytes +
                                   kStages * kBN * (2 * sizeof(int) + sizeof(float)) +
                                   kStages * 4 * sizeof(int4) +
-                                  2 * kStages * sizeof(uint64_t);
+                                  (2 * kStages + 4) * sizeof(uint64_t) +
+                                  2 * sizeof(ItemMeta) + 2 * kBM * sizeof(RowInfo);
   static_assert(kSmem <= 227 * 1024, "shared memory");
   static_assert(kBN == 128, "the producer's 4 warps gather 32 keys each");
 };
@@ -122,11 +128,11 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
     sparsek_fwd_sm90_kernel(const FwdParams p, const int nitems) {
 #if defined(XSK_SM90A)
   using Tr = FwdSm90Traits<T, D>;
-  constexpr int BM = Tr::kBM, BN = Tr::kBN, NST = Tr::kStages, CH = Tr::kChunks;
+  constexpr int BM = Tr::kBM, BN = Tr::kBN, NST = Tr::kStages;
   extern __shared__ char smem_raw[];
   char* base = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  T* sQ = reinterpret_cast<T*>(base);         // [D/64][BM][64]
-  T* sK = sQ + BM * D;                        // [NST][D/64][BN][64]
+  T* sQ = reinterpret_cast<T*>(base);         // [2][D/64][BM][64] (two items' rows)
+  T* sK = sQ + 2 * BM * D;                    // [NST][D/64][BN][64]
   T* sV = sK + NST * BN * D;                  // [NST][D/64][BN][64]
   int* sIdx = reinterpret_cast<int*>(sV + NST * BN * D);  // [NST][BN] list entries
   float* sU = reinterpret_cast<float*>(sIdx + NST * BN);  // [NST][BN] key scores
@@ -134,96 +140,59 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
   int4* sStat = reinterpret_cast<int4*>(sRank + NST * BN);  // [NST][4 producer warps]
   uint64_t* full = reinterpret_cast<uint64_t*>(sStat + NST * 4);
   uint64_t* empty = full + NST;
+  uint64_t* item_full = empty + NST;                                 // [2]
+  uint64_t* item_empty = item_full + 2;                              // [2]
+  ItemMeta* sMeta = reinterpret_cast<ItemMeta*>(item_empty + 2);     // [2]
+  RowInfo* sRows = reinterpret_cast<RowInfo*>(sMeta + 2);            // [2][BM]
+  static_assert((2 * NST + 4) * sizeof(uint64_t) % alignof(ItemMeta) == 0, "ItemMeta alignment");
+  const ItemStage<T> stage{sQ, sRows, sMeta, item_full, item_empty};
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int RP = p.RP;
 
   if (tid == 0) {
     for (int i = 0; i < NST; ++i) {
-      mbar_init(&full[i], 128);  // every producer thread arrives once per fill, after its copies
+      mbar_init(&full[i], 256);  // per producer thread: its copies landed, its stores
       mbar_init(&empty[i], 8);   // every consumer warp arrives once per release
+    }
+    for (int i = 0; i < 2; ++i) {
+      mbar_init(&stage.full[i], 128);  // one arrival per producer thread
+      mbar_init(&stage.empty[i], 8);
     }
   }
   __syncthreads();  // publishes the barrier inits; the only block-wide barrier
 
   if (warp < 4) {
     // ================================ producer ===========================================
-    setmaxnreg_dec<kProducerRegs>();
-    produce_key_tiles<T, D, BN, NST>(p, nitems, warp, lane, sK, sV, sIdx, sU, sRank, sStat, full,
-                                     empty);
+    setmaxnreg_dec<Tr::Regs::kProducerRegs>();
+    produce_key_tiles<T, D, BN, NST, true>(p, nitems, warp, lane, sK, sV, sIdx, sU, sRank, sStat,
+                                           full, empty, stage);
     return;
   }
 
   // ================================== consumers ==========================================
-  setmaxnreg_inc<kConsumerRegs>();
+  setmaxnreg_inc<Tr::Regs::kConsumerRegs>();
   const int wg = (warp >> 2) - 1;  // consumer 0 or 1: rows [64 wg, 64 wg + 64)
-  const int ctid = tid - 128 * (wg + 1);
   const int g = lane >> 2, tq = lane & 3;
-  __shared__ int4 s_rowstat[8];
   auto row_of = [&](int x) { return wg * 64 + (warp & 3) * 16 + g + 8 * x; };
   int it = 0;  // key tiles consumed so far (all items)
 
-  for (int item = blockIdx.x; item < nitems; item += gridDim.x) {
-    const Item w(p, item);
-    const int s = w.s, rgroup = w.rgroup;
-    const int q0 = p.tile_q0[w.tile], q1 = p.tile_q1[w.tile];
-    const KeyStreams ks = warp_key_streams<BN>(p, w.tile, s, q0, q1, lane);
+  for (int item = blockIdx.x, k = 0; item < nitems; item += gridDim.x, ++k) {
+    // The producer staged this item (Q rows, row info, key streams) in buffer k % 2.
+    const int qb = k & 1;
+    mbar_wait(&stage.full[qb], (k >> 1) & 1);  // (its Q rows: with the first key tile)
+    const ItemMeta& meta = stage.meta[qb];
+    const KeyStreams ks = meta.ks;
+    const int q0 = meta.q0, q1 = meta.q1, s = meta.s, rgroup = meta.rgroup;
     const int ntiles_k = ks.tilesA + ks.tilesB;
+    const T* cQ = sQ + qb * BM * D;
     RowInfo rows[2];
 #pragma unroll
-    for (int x = 0; x < 2; ++x) {
-      const int qi = q0 + row_of(x) / RP;
-      rows[x] = load_row(p, s, qi, qi < q1);
-    }
-    // The previous item's matrix work (reads of sQ) and s_rowstat reads are done in all
-    // four warps of this warpgroup before either is overwritten.
-    named_barrier(1 + wg, 128);
-
+    for (int x = 0; x < 2; ++x) rows[x] = stage.rows[qb * BM + row_of(x)];
     // Bounds over this warpgroup's valid rows (for TileMode::kPoolFast): max boundary rank,
     // max pool start, min window start.
-    {
-      int mx_rb = INT_MIN, mx_plo = INT_MIN, mn_wlo = INT_MAX;
-#pragma unroll
-      for (int x = 0; x < 2; ++x) {
-        if (q0 + row_of(x) / RP < q1) {
-          mx_rb = max(mx_rb, rows[x].rb);
-          mx_plo = max(mx_plo, rows[x].plo);
-          mn_wlo = min(mn_wlo, rows[x].wlo);
-        }
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        mx_rb = max(mx_rb, __shfl_xor_sync(0xffffffffu, mx_rb, o));
-        mx_plo = max(mx_plo, __shfl_xor_sync(0xffffffffu, mx_plo, o));
-        mn_wlo = min(mn_wlo, __shfl_xor_sync(0xffffffffu, mn_wlo, o));
-      }
-      if (lane == 0) s_rowstat[warp - 4] = make_int4(mx_rb, mx_plo, mn_wlo, 0);
-    }
-
-    // Q rows of this consumer -> shared memory (zero rows past the tile).
-    {
-      const T* qbase = static_cast<const T*>(p.q);
-      for (int c = ctid; c < 64 * CH; c += 128) {
-        const int m = wg * 64 + c / CH, ch = c % CH;
-        const int qi = q0 + m / RP, r = rgroup * RP + m % RP;
-        const bool valid = qi < q1;
-        cp_async16(sQ + sw128(BM, m, ch),
-                   qbase + (valid ? (qi * p.q_sn + s * p.q_ss + r * p.q_sr + ch * 8) : 0),
-                   valid);
-      }
-      cp_async_commit();
-      cp_async_wait<0>();
-      fence_proxy_async();
-      named_barrier(1 + wg, 128);  // also publishes s_rowstat
-    }
-    int wg_rb = INT_MIN, wg_plo = INT_MIN, wg_wlo = INT_MAX;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int4 r = s_rowstat[wg * 4 + q];
-      wg_rb = max(wg_rb, r.x);
-      wg_plo = max(wg_plo, r.y);
-      wg_wlo = min(wg_wlo, r.z);
-    }
+    const int4 b0 = meta.bounds[2 * wg], b1 = meta.bounds[2 * wg + 1];
+    const int wg_rb = max(b0.x, b1.x), wg_plo = max(b0.y, b1.y), wg_wlo = min(b0.z, b1.z);
 
     float o[D / 2];
 #pragma unroll
@@ -237,6 +206,7 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
     for (int t = 0; t < ntiles_k; ++t, ++it) {
       const int st = it % NST;
       mbar_wait(&full[st], (it / NST) & 1);
+      fence_proxy_async();  // the stage was written by cp.async (see produce_key_tiles)
 
       // S = Q K^T
       const T* cK = sK + st * BN * D;
@@ -246,7 +216,7 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         const uint64_t da =
-            make_desc(sQ + (kk >> 2) * BM * 64 + wg * 64 * 64 + (kk & 3) * 16, 16, 1024);
+            make_desc(cQ + (kk >> 2) * BM * 64 + wg * 64 * 64 + (kk & 3) * 16, 16, 1024);
         const uint64_t db = make_desc(cK + (kk >> 2) * BN * 64 + (kk & 3) * 16, 16, 1024);
         WgmmaSS<T, BN>::run(sc, da, db, kk > 0);
       }
@@ -331,6 +301,7 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
     wgmma_wait<0>();
     fence_regs(o);
     if (ntiles_k > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % NST]);  // the item's last tile
+    if (lane == 0) mbar_arrive(&stage.empty[qb]);  // its Q rows and metadata (read above)
 
     // ---- epilogue -----------------------------------------------------------------------
     T* obase = static_cast<T*>(p.o);

@@ -14,12 +14,15 @@
 namespace xsk {
 namespace sm90 {
 
-// Register split (setmaxnreg).  The CTA is launched with 168 x 384 registers and setmaxnreg
-// only moves them between warpgroups, so producer + 2 x consumer <= 504 (a larger sum
-// blocks the consumers' increase forever).  The producer spills below 56; the consumers hold
-// the S, P and O fragments (64 + 32 + 64 registers at D = 128).
-constexpr int kProducerRegs = 56, kConsumerRegs = 224;
-static_assert(kProducerRegs + 2 * kConsumerRegs <= 504, "registers the CTA does not have");
+// Register split (setmaxnreg), per kernel: RegSplit<producer, consumer>.  The CTA is
+// launched with 168 x 384 registers and setmaxnreg only moves them between warpgroups, so
+// producer + 2 x consumer <= 504 (a larger sum blocks the consumers' increase forever).
+template <int kProducer, int kConsumer>
+struct RegSplit {
+  static_assert(kProducer + 2 * kConsumer <= 504, "registers the CTA does not have");
+  static_assert(kProducer % 8 == 0 && kConsumer % 8 == 0, "setmaxnreg takes multiples of 8");
+  static constexpr int kProducerRegs = kProducer, kConsumerRegs = kConsumer;
+};
 
 // How a consumer scores one key tile.  The rule of fwd_kernel.cuh per (row, key) costs a
 // dozen instructions per element; most tiles need much less, decided once per tile:
@@ -61,39 +64,94 @@ struct Item {
       : tile(item % p.ntiles), s((item / p.ntiles) % p.S), rgroup(item / p.ntiles / p.S) {}
 };
 
+// What the producer stages per work item for the forward's consumers (ItemStage), so that
+// an item starts without a global round trip: its tile, the key streams, and per consumer
+// warpgroup the bounds of TileMode::kPoolFast over its valid rows (per producer warp w, rows
+// [32 w, 32 w + 32): max boundary rank, max pool start, min window start).
+struct ItemMeta {
+  KeyStreams ks;
+  int q0, q1, s, rgroup;
+  int4 bounds[4];
+};
+
+// Double-buffered item staging (buffer k % 2 for the CTA's k-th item): the item's BM rows of
+// Q (swizzled), each row's RowInfo and the ItemMeta.  full[b] completes when the producer
+// threads have written buffer b's RowInfo and ItemMeta (one arrival each); the Q copies are
+// issued before the item's first key tile, so that tile's full[] barrier (which tracks each
+// thread's earlier copies) covers them: consumers read Q only after waiting for a key tile.
+// empty[b] completes when the 8 consumer warps are done with the buffer.
+template <typename T>
+struct ItemStage {
+  T* q;             // [2][D/64][BM][64]
+  RowInfo* rows;    // [2][BM]
+  ItemMeta* meta;   // [2]
+  uint64_t* full;   // [2]
+  uint64_t* empty;  // [2]
+};
+
 // Warp w gathers keys [32 w, 32 w + 32) of each tile: lane l reads key 32 w + l's list
 // entry, score and rank (coalesced), then every key's K and V rows go out as one warp
 // instruction per key (D = 128: 32 lanes x 16 bytes = one 256-byte row of K and of V)
-// with the key index broadcast by a shuffle.  The producer waits for its own copies
-// before arriving, so it can also publish per-tile key statistics with plain stores; with
-// more than two stages it keeps NST - 2 fills in flight (one L2 / HBM round trip per tile
-// was its limit at D = 64: the seed config's items are 4 short tiles each).
-template <typename T, int D, int BN, int NST>
+// with the key index broadcast by a shuffle.  Each thread then arrives on full[stage] twice
+// (the barrier expects 256 arrivals): once when its copies land (cp_async_mbar_arrive) and
+// once now (releasing its plain stores of the tile's key metadata), so the producer never
+// waits for its own copies and every stage of the ring can be in flight.  Consumers fence (fence_proxy_async) after waiting,
+// before their wgmmas read what cp.async wrote.
+// With kStage (the forward), it also stages each item (ItemStage) the same way: thread e loads
+// row e's RowInfo, the warps copy the item's Q rows.
+template <typename T, int D, int BN, int NST, bool kStage = false>
 __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems, int warp,
                                                   int lane, T* sK, T* sV, int* sIdx, float* sU,
                                                   int* sRank, int4* sStat, uint64_t* full,
-                                                  uint64_t* empty) {
+                                                  uint64_t* empty,
+                                                  const ItemStage<T> stage = ItemStage<T>{}) {
   static_assert(BN == 128, "the producer's 4 warps gather 32 keys each");
-  constexpr int CH = D / 8;
+  constexpr int CH = D / 8, BM = 128;  // BM: rows of a staged item (= producer threads)
   const int RP = p.RP;
   constexpr int kKeysPerInstr = 32 / (2 * CH);  // 1 (D = 128) or 2 (D = 64)
   const int part = lane % (2 * CH), sub = lane / (2 * CH);
   const bool is_v = part >= CH;
   const int ch = part % CH;
   const int64_t sn = is_v ? p.v_sn : p.k_sn;
-  const int e = warp * 32 + lane;  // this lane's key within a tile
-  // Tiles whose fill is still in flight when the producer moves on (a stage is published
-  // kDefer tiles after its copies were issued).  A consumer releases tile k only after it
-  // has waited for tile k + 1 (it waits for the P V product of k after issuing the next
-  // Q K^T), so the producer, blocked on the release of tile it - NST before filling tile
-  // it, must already have published tile it - NST + 1: kDefer <= NST - 2.  With two stages
-  // (D = 128) every fill is published before the next starts.
-  constexpr int kDefer = NST >= 3 ? NST - 2 : 0;
+  const int e = warp * 32 + lane;  // this lane's key within a tile (and staged row)
   int it = 0;                      // key tiles streamed so far (all items)
-  for (int item = blockIdx.x; item < nitems; item += gridDim.x) {
+  for (int item = blockIdx.x, k = 0; item < nitems; item += gridDim.x, ++k) {
     const Item w(p, item);
-    const KeyStreams ks =
-        warp_key_streams<BN>(p, w.tile, w.s, p.tile_q0[w.tile], p.tile_q1[w.tile], lane);
+    const int q0 = p.tile_q0[w.tile], q1 = p.tile_q1[w.tile];
+    const KeyStreams ks = warp_key_streams<BN>(p, w.tile, w.s, q0, q1, lane);
+    if constexpr (kStage) {
+      const int qb = k & 1;
+      const int qi = q0 + e / RP;
+      const RowInfo row = load_row(p, w.s, qi, qi < q1);
+      if (k >= 2) mbar_wait(&stage.empty[qb], ((k >> 1) - 1) & 1);
+      const T* qbase = static_cast<const T*>(p.q);
+      T* dq = stage.q + qb * BM * D;
+      for (int c = e; c < BM * CH; c += 128) {  // consecutive lanes: one row's chunks
+        const int m = c / CH, cc = c % CH;
+        const int qm = q0 + m / RP, r = w.rgroup * RP + m % RP;
+        const bool valid = qm < q1;
+        cp_async16(dq + sw128(BM, m, cc),
+                   qbase + (valid ? (qm * p.q_sn + w.s * p.q_ss + r * p.q_sr + cc * 8) : 0),
+                   valid);
+      }
+      stage.rows[qb * BM + e] = row;
+      const bool valid = qi < q1;
+      int mx_rb = valid ? row.rb : INT_MIN, mx_plo = valid ? row.plo : INT_MIN;
+      int mn_wlo = valid ? row.wlo : INT_MAX;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        mx_rb = max(mx_rb, __shfl_xor_sync(0xffffffffu, mx_rb, o));
+        mx_plo = max(mx_plo, __shfl_xor_sync(0xffffffffu, mx_plo, o));
+        mn_wlo = min(mn_wlo, __shfl_xor_sync(0xffffffffu, mn_wlo, o));
+      }
+      ItemMeta& m = stage.meta[qb];
+      if (lane == 0) m.bounds[warp] = make_int4(mx_rb, mx_plo, mn_wlo, 0);
+      if (e == 0) {
+        m.ks = ks;
+        m.q0 = q0, m.q1 = q1, m.s = w.s, m.rgroup = w.rgroup;
+      }
+      mbar_arrive(&stage.full[qb]);  // (the Q copies land with the item's first key tile)
+    }
     const int r_kv = w.rgroup * RP;  // K/V shared by the RP packed heads (stride 0 over R)
     const T* src = static_cast<const T*>(is_v ? p.v : p.k) +
                    w.s * (is_v ? p.v_ss : p.k_ss) + r_kv * (is_v ? p.v_sr : p.k_sr) + ch * 8;
@@ -139,23 +197,11 @@ __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems
         const int nvalid = __popc(__ballot_sync(0xffffffffu, valid));
         if (lane == 0) sStat[st * 4 + warp] = make_int4(mn_rank, mn_j, mx_j, nvalid);
       }
-      cp_async_commit();  // (wait_group counts committed groups only)
-      if constexpr (kDefer == 0) {
-        cp_async_wait<0>();
-        fence_proxy_async();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
-        mbar_arrive(&full[st]);
-      } else if (it >= kDefer) {  // tile it - kDefer has landed; tiles after it stay in flight
-        cp_async_wait<kDefer>();
-        fence_proxy_async();
-        mbar_arrive(&full[(it - kDefer) % NST]);
-      }
+      cp_async_mbar_arrive(&full[st]);
+      mbar_arrive(&full[st]);
     }
   }
-  if constexpr (kDefer > 0) {  // the last tiles' fills
-    cp_async_wait<0>();
-    fence_proxy_async();
-    for (int k = max(it - kDefer, 0); k < it; ++k) mbar_arrive(&full[k % NST]);
-  }
+  cp_async_wait<0>();  // (no copy may outlive the CTA's shared memory)
 }
 
 }  // namespace sm90

@@ -87,6 +87,15 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
       : "memory");
 }
 
+// Arrives on `bar` once all of this thread's earlier cp.async copies have landed, as one of
+// the phase's expected arrivals (.noinc): a barrier that also takes each thread's mbar_arrive
+// (releasing its plain shared-memory stores) expects 2 arrivals per thread.  (The variant
+// without .noinc, paired with mbar_arrive, is reported by compute-sanitizer's synccheck.)
+__device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar))
+               : "memory");
+}
+
 // ---- wgmma m64nNk16 ----------------------------------------------------------------------
 // WgmmaSS: D[64 x N] (+)= A[64 x 16] B[16 x N], A and B K-major in shared memory
 //          (accumulate = 0 overwrites D).
