@@ -79,6 +79,20 @@ def _tiles_cached(nq: int, queries_per_tile: int, device: str):
     return q0.contiguous(), q1.contiguous()
 
 
+def _empty(device) -> torch.Tensor:
+    """A 0-element float32 tensor on `device` (the kernels' 'no such input'), made once per
+    device outside CUDA-graph capture (read only: shared by every call)."""
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(0, device=device)
+    return _empty_cached(str(device))
+
+
+@functools.lru_cache(maxsize=16)
+def _empty_cached(device: str) -> torch.Tensor:
+    with torch.inference_mode(False):
+        return torch.empty(0, device=device)
+
+
 class _KernelWavelet:
     """The wavelet tables of _wavelet.WaveletMatrix, built by the CUDA kernel (int32)."""
 
@@ -182,7 +196,7 @@ def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: fl
             layout.win_hi, tile_q0, tile_q1, lists, counts, rp, scale,
         )
     else:
-        empty = torch.empty(0, device=q.device)
+        empty = _empty(q.device)
         out, lse = C.fwd(
             q, k, v, None, empty, empty, empty, layout.pool_lo, layout.win_lo, layout.win_hi,
             tile_q0, tile_q1, empty, empty, rp, scale,

@@ -49,6 +49,11 @@ def extension_error() -> Optional[str]:
     return _error
 
 
+# Per CUDA device index: why the kernels cannot run there (None: they can).  A device's
+# capability does not change, and the checks cost ~10 us of host time per call.
+_device_reasons: dict = {}
+
+
 def cuda_unavailable_reason(device=None) -> Optional[str]:
     """Why the CUDA kernels cannot run on ``device`` (default: current CUDA device), or None."""
     if load_extension() is None:
@@ -56,18 +61,22 @@ def cuda_unavailable_reason(device=None) -> Optional[str]:
     try:
         import torch
 
-        if not torch.cuda.is_available():
-            return "no CUDA device visible to torch"
         if device is not None:
             device = torch.device(device)
             if device.type != "cuda":
                 return f"device {device} is not a CUDA device"
-        cap = torch.cuda.get_device_capability(device)
-        if tuple(cap) < (8, 0):
-            return f"GPU capability sm_{cap[0]}{cap[1]} < sm_80"
+        if not torch.cuda.is_available():
+            return "no CUDA device visible to torch"
+        index = device.index if device is not None and device.index is not None else (
+            torch.cuda.current_device())
+        reason = _device_reasons.get(index, _UNSET)
+        if reason is _UNSET:
+            cap = torch.cuda.get_device_capability(index)
+            reason = f"GPU capability sm_{cap[0]}{cap[1]} < sm_80" if tuple(cap) < (8, 0) else None
+            _device_reasons[index] = reason
+        return reason
     except Exception as e:  # bad device string, driver trouble, ...
         return f"{type(e).__name__}: {e}"
-    return None
 
 
 def cuda_kernels_available(device=None) -> bool:

@@ -130,12 +130,18 @@ def build_layout(
     """
     causal, bottom_right, local = _BIAS_KINDS[type(base)]
     local_window: Optional[int] = base._window_size if local else None
-    segments = segments_of(base, batch, mq, mk)
-    key = (causal, bottom_right, local_window, window, batch * mq, batch * mk,
-           str(torch.device(device)),
-           tuple((g.q_start, g.q_len, g.k_start, g.k_len) for g in segments))
+    varlen = isinstance(base, _VARLEN)
+    # Without a block-diagonal bias the sequences follow from (batch, mq, mk): the segment
+    # list is only built on a miss (its B objects are most of a hit's host time otherwise).
+    segments = segments_of(base, batch, mq, mk) if varlen else None
+    shape = (tuple((g.q_start, g.q_len, g.k_start, g.k_len) for g in segments) if varlen
+             else (batch, mq, mk))
+    key = (causal, bottom_right, local_window, window, varlen, batch * mq, batch * mk,
+           torch.device(device), shape)
     layout = _LAYOUT_CACHE.get(key)
     if layout is None:
+        if segments is None:
+            segments = segments_of(base, batch, mq, mk)
         with torch.inference_mode(False):
             layout = _build_layout(causal, bottom_right, local_window, segments, batch * mq,
                                    batch * mk, window, device)

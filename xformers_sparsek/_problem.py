@@ -86,8 +86,9 @@ class Problem:
 
     def out_to_input(self, out_c: torch.Tensor) -> torch.Tensor:
         B, Mq, _, G, H = self.shape5
-        out = out_c.reshape(B, Mq, G, H, out_c.shape[-1])
-        return out.squeeze(3) if self.bmhk else out
+        if self.bmhk:
+            return out_c.reshape(B, Mq, G, out_c.shape[-1])
+        return out_c.reshape(B, Mq, G, H, out_c.shape[-1])
 
     def lse_to_xformers(self, lse_c: torch.Tensor) -> torch.Tensor:
         """[S, R, NQ] -> [B, H, Mq] (BMHK) or [B, G, H, Mq] (BMGHK); varlen is packed."""
@@ -120,19 +121,25 @@ def make_problem(q, k, v, scores, base, topk, window, scale) -> Problem:
     if is_paged(base):
         k, v, scores, base = unpage(k, v, scores, base)
     bmhk = q.ndim == 4
-    if bmhk:
-        q, k, v = q.unsqueeze(3), k.unsqueeze(3), v.unsqueeze(3)
-        scores = scores.unsqueeze(3) if scores is not None else None
-    B, Mq, G, H, D = q.shape
-    Mk = k.shape[1]
-    shared = scores is None or H == 1 or scores.stride(3) == 0
-    S, R = (G, H) if shared else (G * H, 1)
-    qc = q.reshape(B * Mq, S, R, D)
-    kc = k.reshape(B * Mk, S, R, D)
-    vc = v.reshape(B * Mk, S, R, v.shape[-1])
-    sc = None
-    if scores is not None:
-        sc = (scores[..., :1] if shared else scores).reshape(B * Mk, S).transpose(0, 1)
+    if bmhk:  # [B, M, H, D]: S = H selection heads, R = 1 (one reshape each, no unsqueeze)
+        B, Mq, G, D = q.shape
+        H, Mk = 1, k.shape[1]
+        shared, S, R = True, G, 1
+        qc = q.reshape(B * Mq, S, R, D)
+        kc = k.reshape(B * Mk, S, R, D)
+        vc = v.reshape(B * Mk, S, R, v.shape[-1])
+        sc = None if scores is None else scores.reshape(B * Mk, S).transpose(0, 1)
+    else:
+        B, Mq, G, H, D = q.shape
+        Mk = k.shape[1]
+        shared = scores is None or H == 1 or scores.stride(3) == 0
+        S, R = (G, H) if shared else (G * H, 1)
+        qc = q.reshape(B * Mq, S, R, D)
+        kc = k.reshape(B * Mk, S, R, D)
+        vc = v.reshape(B * Mk, S, R, v.shape[-1])
+        sc = None
+        if scores is not None:
+            sc = (scores[..., :1] if shared else scores).reshape(B * Mk, S).transpose(0, 1)
     layout = build_layout(base, B, Mq, Mk, window, q.device)
     if scale is None:
         scale = D**-0.5
