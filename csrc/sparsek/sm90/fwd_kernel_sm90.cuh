@@ -5,18 +5,22 @@
 // Work item = one query tile (BM = 128 rows: 128 / RP queries x RP packed heads) x one
 // selection head x one head group.  Persistent CTAs (one per SM) walk the items; each has
 // 3 warpgroups:
-//   WG0, producer: gathers key tile t (BN = 128 keys of K and V, plus each key's index,
-//        score and rank in sparse mode) with cp.async into stage t % NST of a ring, then
-//        arrives on full[stage]; before refilling a stage it waits on empty[stage].  It runs
-//        ahead into the next item while the consumers finish the current one
-//        (key_producer.cuh, shared with the backward's dq pass).
-//   WG1, WG2, consumers: 64 rows each.  Per tile: S = Q K^T (wgmma, both operands in
-//        shared memory), gates, masks and the online softmax in registers (a per-tile
-//        TileMode picks the cheapest exact rule), then O += (P * gate) V (wgmma, P from
-//        registers).  A consumer releases a stage once its P V product has completed; it
-//        waits for that only after issuing the next Q K^T, so the tensor cores run the two
-//        back to back.  The two consumers drift apart freely: one's softmax overlaps the
-//        other's matrix work.
+//   WG0, producer: stages each item (its Q rows, each row's RowInfo, the key streams:
+//        ItemStage, double-buffered) and gathers key tile t (BN = 128 keys of K and V, plus
+//        each key's index, score and rank in sparse mode) with cp.async into stage t % NST
+//        of a ring; the copies arrive on full[stage] when they land, so it never waits for
+//        them, only for empty[stage] before refilling a stage.  It runs ahead into the next
+//        item while the consumers finish the current one (key_producer.cuh, shared with the
+//        backward's dq pass).
+//   WG1, WG2, consumers: 64 rows each; an item starts with no global load (the staged
+//        buffer), a key tile after its full[] wait and a proxy fence.  Per tile: S = Q K^T
+//        (wgmma, both operands in shared memory), gates, masks and the online softmax in
+//        registers (a per-tile TileMode picks the cheapest exact rule), then
+//        O += (P * gate) V (wgmma, P from registers).  A consumer releases a stage once its
+//        P V product has completed; it waits for that only after issuing the next Q K^T, so
+//        the tensor cores run the two back to back.  The two consumers drift apart freely:
+//        one's softmax overlaps the other's matrix work (enforcing FA3's ping-pong turns
+//        gained nothing at D = 64: benchmarks/RESULTS.md, 2026-12-01 sixth session).
 // Tiles in shared memory use wgmma's 128-byte swizzle (sw128 in wgmma.cuh).
 #pragma once
 #include <algorithm>
