@@ -49,6 +49,37 @@ def test_compile_fullgraph_matches_eager():
         assert float(g_c[3].abs().max()) > 0  # score gradients flow through the graph
 
 
+def test_plain_eager_calls_skip_the_custom_op(monkeypatch):
+    # Without autograd (and outside torch.compile) sparsek_attention runs the forward directly
+    # (functional._plain_eager_call): the same bits as through the custom op, which still
+    # runs whenever an input needs a gradient.
+    from xformers_sparsek import functional
+
+    calls = []
+    op = functional.sparsek_fwd
+    monkeypatch.setattr(functional, "sparsek_fwd", lambda *a: calls.append(1) or op(*a))
+    q, k, v, s = rand_inputs(2, 20, 20, None, 3, 16, 16, F32)
+    bias = xab.LowerTriangularMask()
+    for scores, topk in ((s, 5), (None, None)):
+        direct = sparsek_attention(q, k, v, scores, topk, 3 if topk else 0, bias,
+                                   return_lse=True)
+        assert not calls
+        with torch.no_grad():
+            assert not calls and sparsek_attention(q, k, v, scores, topk) is not None
+        qg = q.clone().requires_grad_()
+        via_op = sparsek_attention(qg, k, v, scores, topk, 3 if topk else 0, bias,
+                                   return_lse=True)
+        assert calls
+        calls.clear()
+        assert torch.equal(direct[0], via_op[0].detach()) and torch.equal(direct[1], via_op[1])
+    with torch.no_grad():  # no autograd, but a dispatch mode: the custom op runs
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False):
+            sparsek_attention(q, k, v, s, 5)
+    assert calls
+
+
 # ------------------------------------------------------------------------------------------
 # chunking
 
