@@ -96,10 +96,10 @@ struct ItemStage {
 // with the key index broadcast by a shuffle.  Each thread then arrives on full[stage] twice
 // (the barrier expects 256 arrivals): once when its copies land (cp_async_mbar_arrive) and
 // once now (releasing its plain stores of the tile's key metadata), so the producer never
-// waits for its own copies and every stage of the ring can be in flight.  Consumers fence (fence_proxy_async) after waiting,
-// before their wgmmas read what cp.async wrote.
-// With kStage (the forward), it also stages each item (ItemStage) the same way: thread e loads
-// row e's RowInfo, the warps copy the item's Q rows.
+// waits for its own copies and every stage of the ring can be in flight.  Consumers fence
+// (fence_proxy_async) after waiting, before their wgmmas read what cp.async wrote.
+// With kStage (the forward), it also stages each item (ItemStage): thread e loads row e's
+// RowInfo, the warps copy the item's Q rows.
 template <typename T, int D, int BN, int NST, bool kStage = false>
 __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems, int warp,
                                                   int lane, T* sK, T* sV, int* sIdx, float* sU,
@@ -120,6 +120,7 @@ __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems
     const Item w(p, item);
     const int q0 = p.tile_q0[w.tile], q1 = p.tile_q1[w.tile];
     const KeyStreams ks = warp_key_streams<BN>(p, w.tile, w.s, q0, q1, lane);
+    const int ntiles_k = ks.tilesA + ks.tilesB;
     if constexpr (kStage) {
       const int qb = k & 1;
       const int qi = q0 + e / RP;
@@ -127,7 +128,9 @@ __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems
       if (k >= 2) mbar_wait(&stage.empty[qb], ((k >> 1) - 1) & 1);
       const T* qbase = static_cast<const T*>(p.q);
       T* dq = stage.q + qb * BM * D;
-      for (int c = e; c < BM * CH; c += 128) {  // consecutive lanes: one row's chunks
+      // Only items with key tiles read Q, and only such a tile's full[] tracks the copies
+      // (an untracked copy could still land in the buffer when it is refilled).
+      for (int c = e; ntiles_k > 0 && c < BM * CH; c += 128) {  // lanes: one row's chunks
         const int m = c / CH, cc = c % CH;
         const int qm = q0 + m / RP, r = w.rgroup * RP + m % RP;
         const bool valid = qm < q1;
@@ -156,7 +159,6 @@ __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems
     const int r_kv = w.rgroup * RP;  // K/V shared by the RP packed heads (stride 0 over R)
     const T* src = static_cast<const T*>(is_v ? p.v : p.k) +
                    w.s * (is_v ? p.v_ss : p.k_ss) + r_kv * (is_v ? p.v_sr : p.k_sr) + ch * 8;
-    const int ntiles_k = ks.tilesA + ks.tilesB;
     for (int t = 0; t < ntiles_k; ++t, ++it) {
       const int st = it % NST;
       if (it >= NST) mbar_wait(&empty[st], ((it / NST) - 1) & 1);
