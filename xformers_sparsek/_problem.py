@@ -121,25 +121,21 @@ def make_problem(q, k, v, scores, base, topk, window, scale) -> Problem:
     if is_paged(base):
         k, v, scores, base = unpage(k, v, scores, base)
     bmhk = q.ndim == 4
-    if bmhk:  # [B, M, H, D]: S = H selection heads, R = 1 (one reshape each, no unsqueeze)
+    if bmhk:  # [B, M, H, D]: S = H selection heads, R = 1 (reshaped directly: host time)
         B, Mq, G, D = q.shape
-        H, Mk = 1, k.shape[1]
-        shared, S, R = True, G, 1
-        qc = q.reshape(B * Mq, S, R, D)
-        kc = k.reshape(B * Mk, S, R, D)
-        vc = v.reshape(B * Mk, S, R, v.shape[-1])
-        sc = None if scores is None else scores.reshape(B * Mk, S).transpose(0, 1)
+        H, shared = 1, True
     else:
         B, Mq, G, H, D = q.shape
-        Mk = k.shape[1]
         shared = scores is None or H == 1 or scores.stride(3) == 0
-        S, R = (G, H) if shared else (G * H, 1)
-        qc = q.reshape(B * Mq, S, R, D)
-        kc = k.reshape(B * Mk, S, R, D)
-        vc = v.reshape(B * Mk, S, R, v.shape[-1])
-        sc = None
-        if scores is not None:
-            sc = (scores[..., :1] if shared else scores).reshape(B * Mk, S).transpose(0, 1)
+    Mk = k.shape[1]
+    S, R = (G, H) if shared else (G * H, 1)
+    qc = q.reshape(B * Mq, S, R, D)
+    kc = k.reshape(B * Mk, S, R, D)
+    vc = v.reshape(B * Mk, S, R, v.shape[-1])
+    sc = None
+    if scores is not None:
+        sel_scores = scores[..., :1] if shared and not bmhk else scores
+        sc = sel_scores.reshape(B * Mk, S).transpose(0, 1)
     layout = build_layout(base, B, Mq, Mk, window, q.device)
     if scale is None:
         scale = D**-0.5
