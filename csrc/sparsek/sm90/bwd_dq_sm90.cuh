@@ -302,19 +302,8 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
 template <typename T, int D>
 cudaError_t run_bwd_dq_sm90(const BwdDqParams& b, cudaStream_t stream) {
   using Tr = BwdDqSm90Traits<T, D>;
-  auto kernel = bwd_dq_sm90_kernel<T, D>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmem);
-  if (err != cudaSuccess) return err;
-  const FwdParams& p = b.f;
-  const int nitems = p.ntiles * p.S * (p.R / p.RP);
-  if (nitems == 0) return cudaSuccess;
-  int dev = 0, sms = 0;
-  if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
-    return err;
-  kernel<<<std::min(nitems, sms), Tr::kThreads, Tr::kSmem, stream>>>(b, nitems);
-  return cudaGetLastError();
+  return launch_persistent(bwd_dq_sm90_kernel<T, D>, b, num_items(b.f), Tr::kThreads,
+                           Tr::kSmem, stream);
 }
 
 }  // namespace sm90

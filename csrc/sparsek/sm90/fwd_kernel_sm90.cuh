@@ -339,18 +339,8 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
 template <typename T, int D>
 cudaError_t run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   using Tr = FwdSm90Traits<T, D>;
-  auto kernel = sparsek_fwd_sm90_kernel<T, D>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmem);
-  if (err != cudaSuccess) return err;
-  const int nitems = p.ntiles * p.S * (p.R / p.RP);
-  if (nitems == 0) return cudaSuccess;
-  int dev = 0, sms = 0;
-  if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
-    return err;
-  kernel<<<std::min(nitems, sms), Tr::kThreads, Tr::kSmem, stream>>>(p, nitems);
-  return cudaGetLastError();
+  return launch_persistent(sparsek_fwd_sm90_kernel<T, D>, p, num_items(p), Tr::kThreads,
+                           Tr::kSmem, stream);
 }
 
 }  // namespace sm90

@@ -7,6 +7,7 @@
 // It runs ahead into the next item while the consumers finish the current one; for the
 // forward it also stages each item's Q rows and row data (ItemStage).
 #pragma once
+#include <algorithm>
 #include <climits>
 
 #include "../tile_common.cuh"
@@ -64,6 +65,25 @@ struct Item {
   __device__ Item(const FwdParams& p, int item)
       : tile(item % p.ntiles), s((item / p.ntiles) % p.S), rgroup(item / p.ntiles / p.S) {}
 };
+
+inline int num_items(const FwdParams& p) { return p.ntiles * p.S * (p.R / p.RP); }
+
+// Launches a persistent kernel over `nitems` work items: one CTA per SM (fewer if there are
+// fewer items), each walking items blockIdx.x, blockIdx.x + gridDim.x, ...
+template <typename Params>
+cudaError_t launch_persistent(void (*kernel)(Params, int), const Params& params, int nitems,
+                              int threads, size_t smem, cudaStream_t stream) {
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  if (nitems == 0) return cudaSuccess;
+  int dev = 0, sms = 0;
+  if ((err = cudaGetDevice(&dev)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess)
+    return err;
+  kernel<<<std::min(nitems, sms), threads, smem, stream>>>(params, nitems);
+  return cudaGetLastError();
+}
 
 // What the producer stages per work item for the forward's consumers (ItemStage), so that
 // an item starts without a global round trip: its tile, the key streams, and per consumer
