@@ -60,19 +60,23 @@ def _aligned(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _tiles(nq: int, queries_per_tile: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """First and one-past-last query of each tile (int32), built once per (nq, tile size,
-    device): three small launches and their host time saved on every later call (the
-    kernels only read them).  Not while a CUDA graph is being captured: tensors made then are
-    only filled when the graph replays."""
+def _reused(make, device, *args):
+    """make(*args, str(device)) through its lru_cache: made once, then shared by every call
+    (the kernels only read these tensors), saving launches and host time.  Not while a CUDA
+    graph is being captured: tensors made then are only filled when the graph replays."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return _tiles_cached.__wrapped__(nq, queries_per_tile, str(device))
-    return _tiles_cached(nq, queries_per_tile, str(device))
+        return make.__wrapped__(*args, str(device))
+    return make(*args, str(device))
+
+
+def _tiles(nq: int, queries_per_tile: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First and one-past-last query of each tile (int32), once per (nq, tile size, device)."""
+    return _reused(_tiles_made, device, nq, queries_per_tile)
 
 
 @functools.lru_cache(maxsize=64)
-def _tiles_cached(nq: int, queries_per_tile: int, device: str):
+def _tiles_made(nq: int, queries_per_tile: int, device: str):
     with torch.inference_mode(False):  # (usable outside inference mode later)
         q0 = torch.arange(0, nq, queries_per_tile, device=device, dtype=torch.int32)
         q1 = torch.clamp(q0 + queries_per_tile, max=nq)
@@ -80,15 +84,12 @@ def _tiles_cached(nq: int, queries_per_tile: int, device: str):
 
 
 def _empty(device) -> torch.Tensor:
-    """A 0-element float32 tensor on `device` (the kernels' 'no such input'), made once per
-    device outside CUDA-graph capture (read only: shared by every call)."""
-    if torch.cuda.is_current_stream_capturing():
-        return torch.empty(0, device=device)
-    return _empty_cached(str(device))
+    """A 0-element float32 tensor on `device` (the kernels' 'no such input'), once per device."""
+    return _reused(_empty_made, device)
 
 
 @functools.lru_cache(maxsize=16)
-def _empty_cached(device: str) -> torch.Tensor:
+def _empty_made(device: str) -> torch.Tensor:
     with torch.inference_mode(False):
         return torch.empty(0, device=device)
 

@@ -126,14 +126,19 @@ def _plain_eager_call(tensors) -> bool:
     return True
 
 
+def forward_without_autograd(prob) -> Tuple[Tensor, Tensor]:
+    """(out [NQ,S,R,Dv], lse [S,R,NQ]) of the canonical problem, no custom op, no graph."""
+    _check_scores_finite(prob.scores)
+    out, lse, _ = _backend.forward(prob.q, prob.k, prob.v, prob.scores, prob.layout, prob.topk,
+                                   prob.scale)
+    return out, lse
+
+
 def run_problem(prob, window: int) -> Tuple[Tensor, Tensor]:
     """(out [NQ,S,R,Dv], lse [S,R,NQ]) of the canonical problem, through the custom op unless
     the call is plain eager without autograd (_plain_eager_call)."""
     if _plain_eager_call((prob.q, prob.k, prob.v, prob.scores)):
-        _check_scores_finite(prob.scores)
-        out, lse, _ = _backend.forward(prob.q, prob.k, prob.v, prob.scores, prob.layout,
-                                       prob.topk, prob.scale)
-        return out, lse
+        return forward_without_autograd(prob)
     lay = prob.layout
     return sparsek_fwd(
         prob.q, prob.k, prob.v, prob.scores, lay.pool_lo, lay.win_lo, lay.win_hi,

@@ -19,7 +19,7 @@ from . import _attention, _backend
 from ._layout import SUPPORTED_BASE_BIASES
 from ._paged import FORWARD_ONLY, is_paged
 from ._problem import input_problems, make_problem
-from .functional import _check_scores_finite, sparsek_attention
+from .functional import forward_without_autograd, sparsek_attention
 from .mask import SparseKMask
 
 # Reasons xFormers' base class adds that do not apply to us: our CUDA support comes from
@@ -102,11 +102,8 @@ class FwOp(_SupportMixin, AttentionFwOpBase):
                 base, inp.scale,
             )
             return out, None
-        prob, window = _problem_of(inp)
-        _check_scores_finite(prob.scores)
-        out_c, lse_c, _ = _backend.forward(
-            prob.q, prob.k, prob.v, prob.scores, prob.layout, prob.topk, prob.scale
-        )
+        prob, _ = _problem_of(inp)
+        out_c, lse_c = forward_without_autograd(prob)
         out = prob.out_to_input(out_c)
         ctx = Context(out=out, lse=prob.lse_to_xformers(lse_c)) if needs_gradient else None
         return out, ctx
