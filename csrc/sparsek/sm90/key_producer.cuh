@@ -177,8 +177,12 @@ __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems
       mbar_arrive(&stage.full[qb]);  // (the Q copies land with the item's first key tile)
     }
     const int r_kv = w.rgroup * RP;  // K/V shared by the RP packed heads (stride 0 over R)
-    const T* src = static_cast<const T*>(is_v ? p.v : p.k) +
-                   w.s * (is_v ? p.v_ss : p.k_ss) + r_kv * (is_v ? p.v_sr : p.k_sr) + ch * 8;
+    // This lane's 16-byte column of every key row; key jk's chunk is at src + jk * sn_bytes
+    // (one IMAD.WIDE).  Key strides in bytes fit 32 bits (a row of S x R x D elements).
+    const char* src = reinterpret_cast<const char*>(static_cast<const T*>(is_v ? p.v : p.k) +
+                                                    w.s * (is_v ? p.v_ss : p.k_ss) +
+                                                    r_kv * (is_v ? p.v_sr : p.k_sr) + ch * 8);
+    const uint32_t sn_bytes = static_cast<uint32_t>(sn * sizeof(T));
     for (int t = 0; t < ntiles_k; ++t, ++it) {
       const int st = it % NST;
       if (it >= NST) mbar_wait(&empty[st], ((it / NST) - 1) & 1);
@@ -195,13 +199,22 @@ __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems
       } else {
         j = ks.key(t, e, BN);
       }
-      T* dst = (is_v ? sV : sK) + st * BN * D;
-#pragma unroll 8
+      // Key kk = i * kKeysPerInstr + sub of the warp's 32 (row 32 warp + kk of the tile):
+      // its index comes by shuffle, its validity from one ballot (missing keys: zero-filled
+      // rows).  In the 128-byte swizzle, row r's chunk c sits at chunk c ^ (r % 8), and
+      // r % 8 = (i kKeysPerInstr % 8) ^ sub, so the destination is a per-lane base plus
+      // constants.
+      const uint32_t valid_keys = __ballot_sync(0xffffffffu, j >= 0) >> sub;
+      const int jc = max(j, 0);
+      const uint32_t dst = smem_addr((is_v ? sV : sK) + st * BN * D) + (ch >> 3) * BN * 128 +
+                           (warp * 32 + sub) * 128;
+      const uint32_t xo = ((ch & 7) ^ sub) << 4;
+#pragma unroll
       for (int i = 0; i < 32 / kKeysPerInstr; ++i) {
-        const int kk = i * kKeysPerInstr + sub;
-        const int jk = __shfl_sync(0xffffffffu, j, kk);
-        cp_async16(dst + sw128(BN, warp * 32 + kk, ch), src + (jk >= 0 ? jk : 0) * sn,
-                   jk >= 0);
+        const int kk = i * kKeysPerInstr;  // + sub
+        const uint32_t jk = __shfl_sync(0xffffffffu, jc, kk + sub);
+        cp_async16_shared(dst + kk * 128 + (xo ^ ((kk & 7) << 4)),
+                          src + static_cast<uint64_t>(jk) * sn_bytes, (valid_keys >> kk) & 1);
       }
       if (listed) {
         sIdx[st * BN + e] = j;
