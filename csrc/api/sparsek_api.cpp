@@ -232,6 +232,9 @@ xsk::FwdParams fill_params(const at::Tensor& q, const at::Tensor& k, const at::T
     for (int d = 0; d < 3; ++d)
       TORCH_CHECK(t->stride(d) % 8 == 0, "q/k/v strides must be multiples of 8 elements");
   }
+  // (the Hopper producers address key rows with 32-bit byte strides)
+  TORCH_CHECK(k.stride(0) < (1LL << 31) && v.stride(0) < (1LL << 31),
+              "k / v: key stride of 2^31 elements or more");
   const int R = q.size(2);
   TORCH_CHECK(R % rp == 0 && 128 % rp == 0, "rp must divide R and 128");
   xsk::FwdParams p{};
@@ -287,8 +290,16 @@ std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& tile_q1, const at::Tensor& lists,
                             const at::Tensor& counts, int64_t rp, double scale) {
   const at::cuda::OptionalCUDAGuard guard(q.device());
-  xsk::FwdParams p = fill_params(q, k, v, u, tau, rb, ranks, pool_lo, win_lo, win_hi, tile_q0,
-                                 tile_q1, lists, counts, rp, scale);
+  // The Hopper forward takes the row maxima of ungated tiles on raw scores and scales them
+  // inside exp2, which needs scale > 0: a negative scale becomes q -> -q, scale -> -scale;
+  // a zero scale makes every logit 0 (q -> 0, scale 1).
+  at::Tensor q_pos = q;
+  if (scale <= 0) {
+    q_pos = scale < 0 ? q.neg() : at::zeros_like(q);
+    scale = scale < 0 ? -scale : 1.0;
+  }
+  xsk::FwdParams p = fill_params(q_pos, k, v, u, tau, rb, ranks, pool_lo, win_lo, win_hi,
+                                 tile_q0, tile_q1, lists, counts, rp, scale);
   at::Tensor o = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({p.S, p.R, p.NQ}, q.options().dtype(at::kFloat));
   p.o = o.data_ptr();
