@@ -109,6 +109,21 @@ def test_cuda_forward_tiny_vs_bruteforce_reference():
     assert rel_err(out.cpu(), ref) <= TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.41])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_cuda_forward_any_scale(scale, sparse, fwd_kernel):
+    """The Hopper forward scales ungated logits inside exp2 (raw-score maxima need a positive
+    scale); the launcher maps a negative scale to -q and a zero one to q = 0."""
+    bias = xab.LowerTriangularMask()
+    q, k, v, s = make(1, 200, 200, 2, 4, 64, torch.float16, seed=5)
+    s, topk, window = (s, 24, 16) if sparse else (None, None, 0)
+    out = xs.sparsek_attention(q, k, v, s, topk, window, bias, scale)
+    ref = xs.sparsek_attention(q.cpu().double(), k.cpu().double(), v.cpu().double(),
+                               None if s is None else s.cpu().double(), topk, window,
+                               cpu_bias(bias), scale)
+    assert rel_err(out.cpu(), ref) <= TOL[torch.float16]
+
+
 def test_cuda_wavelet_build_equals_torch():
     from xformers_sparsek._wavelet import WaveletMatrix
 

@@ -59,6 +59,9 @@ struct FwdSm90Traits {
 
 // Turns the tile's raw scores S (thread's columns 8 i + 2 tq + {0, 1}, rows x = 0 / 1) into
 // base-2 logits s * scale * gate, -inf where the row does not attend; returns the row maxima.
+// The ungated modes (kOpen, kMasked) leave S unscaled: tile_probs applies the scale inside
+// its exp2 argument (one FFMA), and the caller scales their maxima (scale > 0: the launcher
+// guarantees it).
 template <TileMode M, int BN>
 __device__ __forceinline__ void tile_logits(float (&sc)[BN / 2], float (&tile_max)[2],
                                             const RowInfo (&rows)[2], const int (&lo)[2],
@@ -83,9 +86,9 @@ __device__ __forceinline__ void tile_logits(float (&sc)[BN / 2], float (&tile_ma
       const int j = (c & 1) ? kj.y : kj.x;
       float v;
       if constexpr (M == TileMode::kOpen) {
-        v = sc[4 * i + c] * scale_log2;
+        v = sc[4 * i + c];
       } else if constexpr (M == TileMode::kMasked) {
-        v = (j >= lo[x] && j < rows[x].whi) ? sc[4 * i + c] * scale_log2 : -INFINITY;
+        v = (j >= lo[x] && j < rows[x].whi) ? sc[4 * i + c] : -INFINITY;
       } else {
         const float gate = __saturatef(((c & 1) ? ku.y : ku.x) - rows[x].tau);
         v = sc[4 * i + c] * (scale_log2 * gate);
@@ -102,11 +105,13 @@ __device__ __forceinline__ void tile_logits(float (&sc)[BN / 2], float (&tile_ma
 }
 
 // exp2(logit - max), the row sums, and P * gate packed as the register A operand of the
-// P V product (k16 block kc = n8 blocks 2 kc and 2 kc + 1).
+// P V product (k16 block kc = n8 blocks 2 kc and 2 kc + 1).  Ungated tiles hold raw scores:
+// their logit is S * scale_log2.
 template <typename T, bool kGate, int BN>
 __device__ __forceinline__ void tile_probs(const float (&sc)[BN / 2], uint32_t (&pf)[BN / 16][4],
                                            float (&row_sum)[2], const float (&mx)[2],
-                                           const RowInfo (&rows)[2], const float* u, int tq) {
+                                           const RowInfo (&rows)[2], const float* u, int tq,
+                                           float scale_log2) {
 #pragma unroll
   for (int i = 0; i < BN / 8; ++i) {
     float2 ku = make_float2(0.f, 0.f);
@@ -115,7 +120,7 @@ __device__ __forceinline__ void tile_probs(const float (&sc)[BN / 2], uint32_t (
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int x = c >> 1;
-      pe[c] = exp2f(sc[4 * i + c] - mx[x]);
+      pe[c] = exp2f(kGate ? sc[4 * i + c] - mx[x] : fmaf(sc[4 * i + c], scale_log2, -mx[x]));
       row_sum[x] += pe[c];
       if constexpr (kGate) pe[c] *= __saturatef(((c & 1) ? ku.y : ku.x) - rows[x].tau);
     }
@@ -272,6 +277,7 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
       for (int x = 0; x < 2; ++x) {
         tile_max[x] = fmaxf(tile_max[x], __shfl_xor_sync(0xffffffffu, tile_max[x], 1));
         tile_max[x] = fmaxf(tile_max[x], __shfl_xor_sync(0xffffffffu, tile_max[x], 2));
+        if (!listed) tile_max[x] *= p.scale_log2;  // (raw scores: see tile_logits)
         const float new_max = fmaxf(row_max[x], tile_max[x]);
         scale_o[x] = (new_max == -INFINITY) ? 1.f : exp2f(row_max[x] - new_max);
         row_max[x] = new_max;
@@ -280,9 +286,9 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
       }
       uint32_t pf[BN / 16][4];
       if (listed)
-        tile_probs<T, true, BN>(sc, pf, row_sum, mx, rows, tU, tq);
+        tile_probs<T, true, BN>(sc, pf, row_sum, mx, rows, tU, tq, p.scale_log2);
       else
-        tile_probs<T, false, BN>(sc, pf, row_sum, mx, rows, tU, tq);
+        tile_probs<T, false, BN>(sc, pf, row_sum, mx, rows, tU, tq, p.scale_log2);
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {
         o[4 * i + 0] *= scale_o[0];
@@ -305,31 +311,44 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
     wgmma_wait<0>();
     fence_regs(o);
     if (ntiles_k > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % NST]);  // the item's last tile
-    if (lane == 0) mbar_arrive(&stage.empty[qb]);  // its Q rows and metadata (read above)
-
     // ---- epilogue -----------------------------------------------------------------------
-    T* obase = static_cast<T*>(p.o);
+    // O / row sum goes through this warpgroup's own 64 rows of the item's Q buffer (its
+    // last Q K^T has completed; no other warp reads them), so each row leaves as whole
+    // 16-byte chunks: stores straight from the fragments would write half sectors.
+    T* sO = const_cast<T*>(cQ);
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
       row_sum[x] += __shfl_xor_sync(0xffffffffu, row_sum[x], 1);
       row_sum[x] += __shfl_xor_sync(0xffffffffu, row_sum[x], 2);
-      const int qi = q0 + row_of(x) / RP, r = rgroup * RP + row_of(x) % RP;
-      if (qi >= q1) continue;
       const float inv = row_sum[x] > 0.f ? 1.f / row_sum[x] : 0.f;
-      T* orow = obase + qi * p.o_sn + s * p.o_ss + r * p.o_sr;
+      // chunk i of row m sits at chunk i ^ (m % 8): the 32 lanes hit 32 banks
 #pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        const int d = i * 8 + tq * 2;
-        *reinterpret_cast<uint32_t*>(orow + d) =
+      for (int i = 0; i < D / 8; ++i)
+        *reinterpret_cast<uint32_t*>(sO + sw128(BM, row_of(x), i) + tq * 2) =
             Mma<T>::pack(o[4 * i + 2 * x] * inv, o[4 * i + 2 * x + 1] * inv);
-      }
-      if (tq == 0) {
+      const int qi = q0 + row_of(x) / RP, r = rgroup * RP + row_of(x) % RP;
+      if (tq == 0 && qi < q1) {
         const float lse = row_sum[x] > 0.f
                               ? (row_max[x] + log2f(row_sum[x])) * 0.6931471805599453f
                               : -INFINITY;
         p.lse[((size_t)s * p.R + r) * p.NQ + qi] = lse;
       }
     }
+    named_barrier(1 + wg, 128);  // the warpgroup's rows are in shared memory
+    T* obase = static_cast<T*>(p.o);
+    constexpr int CH = D / 8;
+    const int tw = tid - 128 * (wg + 1);  // thread within the warpgroup
+#pragma unroll
+    for (int n = 0; n < 64 * CH / 128; ++n) {
+      const int c = n * 128 + tw;
+      const int m = wg * 64 + c / CH, ch = c % CH;
+      const int qi = q0 + m / RP, r = rgroup * RP + m % RP;
+      const int4 val = *reinterpret_cast<const int4*>(sO + sw128(BM, m, ch));
+      if (qi < q1)
+        *reinterpret_cast<int4*>(obase + qi * p.o_sn + s * p.o_ss + r * p.o_sr + ch * 8) = val;
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&stage.empty[qb]);  // its Q rows (now read) and metadata
   }
 #else
   __trap();  // built without sm_90a code: run_fwd_sm90 is never called then (see launch)
