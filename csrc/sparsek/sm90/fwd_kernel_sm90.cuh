@@ -20,7 +20,10 @@
 //        P V product has completed; it waits for that only after issuing the next Q K^T, so
 //        the tensor cores run the two back to back.  The two consumers drift apart freely:
 //        one's softmax overlaps the other's matrix work (enforcing FA3's ping-pong turns
-//        gained nothing at D = 64: benchmarks/RESULTS.md, 2026-12-01 sixth session).
+//        gained nothing at D = 64, nor did FA3's intra-warpgroup overlap of a tile's softmax
+//        with the previous tile's P V: benchmarks/RESULTS.md, 2026-12-01 sixth and seventh
+//        sessions).  An item ends with O / row sum written through the warpgroup's own Q
+//        rows in shared memory and stored as whole 16-byte chunks.
 // Tiles in shared memory use wgmma's 128-byte swizzle (sw128 in wgmma.cuh).
 #pragma once
 #include <algorithm>
