@@ -318,7 +318,7 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
     // O / row sum goes through this warpgroup's own 64 rows of the item's Q buffer (its
     // last Q K^T has completed; no other warp reads them), so each row leaves as whole
     // 16-byte chunks: stores straight from the fragments would write half sectors.
-    T* sO = const_cast<T*>(cQ);
+    T* sO = sQ + qb * BM * D;  // (= cQ)
 #pragma unroll
     for (int x = 0; x < 2; ++x) {
       row_sum[x] += __shfl_xor_sync(0xffffffffu, row_sum[x], 1);
