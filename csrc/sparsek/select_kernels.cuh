@@ -463,8 +463,17 @@ __device__ __forceinline__ int walk_guess(const SelectParams& p, int s, int lane
   return guess;
 }
 
+// Pass 1's blocks per SM (register cap): unset leaves it uncapped (122 registers on sm_90a: 4
+// blocks of 128 threads per SM).  Caps spill (5 blocks: 54 bytes); benchmarks/
+// select_harness.cu times variants (-DXSK_SELECT_PASS1_MIN_BLOCKS=5).
+#if defined(XSK_SELECT_PASS1_MIN_BLOCKS) && XSK_SELECT_PASS1_MIN_BLOCKS > 1
+#define XSK_SELECT_PASS1_BOUNDS __launch_bounds__(128, XSK_SELECT_PASS1_MIN_BLOCKS)
+#else
+#define XSK_SELECT_PASS1_BOUNDS __launch_bounds__(128)
+#endif
+
 // Pass 1: a warp per anchor gap, lane l on query i0 + l (lane 0: the anchor itself, solved).
-__global__ void __launch_bounds__(128) select_kernel(SelectParams p) {
+__global__ void XSK_SELECT_PASS1_BOUNDS select_kernel(SelectParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t w = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int n_regular = (p.NQ + kStride - 1) / kStride;
