@@ -171,8 +171,10 @@ def _with_ranks(scores: torch.Tensor, sel: Selection) -> Selection:
 def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: float):
     """CUDA forward; returns (out [NQ,S,R,D], lse [S,R,NQ] float32, selection or None).
 
-    Returns None if a tile's key list would overflow its topk + tile capacity, which only
-    sliding (local-attention) pools can do; the caller then uses the PyTorch path.
+    Returns None if a tile's key list would overflow its topk + tile capacity (nested pools
+    never do; sliding local-attention pools, and tiles whose queries span several sequences,
+    can: a tile lists the keys of [min pool_lo, max win_lo) at or above its lowest boundary
+    rank, lists.cu); the caller then uses the PyTorch path.
     """
     C = _ext.load_extension()
     NQ, S, R, D = q.shape
