@@ -6,6 +6,7 @@
 # The full suite alone takes minutes on an H100; to fit a 10-minute device call, pick steps
 # with STEPS (default "build info tests bench decode hf"; "decode" = the decode-C rows,
 # ~1-1.5 min; "hf" = scripts/hf_gpu_check.py; "profile" = benchmarks/profile_calls.py;
+# "harness" = the standalone forward and selection harnesses, SELECT_BLOCKS="5 6" variants;
 # "suite" = xFormers' own tests, needs .xftests carried; >3 min for a 1/4 sample) and
 # narrow pytest with PYTEST_ARGS, e.g.
 #   STEPS="build tests" PYTEST_ARGS="-k cuda" bash scripts/gpu_check.sh
@@ -85,6 +86,24 @@ profile() { python3 benchmarks/profile_calls.py --out "$OUT" 2>&1 | tail -n 120 
 # transformers integration on a random Llama (exact bf16 vs sdpa, training step, generation)
 hf_check() { python3 scripts/hf_gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/hf.log"; }
 
+# the two standalone kernel harnesses (no torch in the timed loop): the Hopper forward on the
+# seed config, and the selection search at 64K against the package's own outputs; variants
+# with SELECT_BLOCKS (pass 1's register cap, e.g. "5 6")
+harness() { run_harnesses 2>&1 | tee "$OUT/harness.log"; return "${PIPESTATUS[0]}"; }
+run_harnesses() {
+  local nv="nvcc -O3 --use_fast_math -std=c++17 --expt-relaxed-constexpr -arch=sm_90a"
+  $nv -Icsrc -Icsrc/sparsek/sm90 -o /tmp/fwd_seed_h benchmarks/fwd_seed_harness.cu &&
+    /tmp/fwd_seed_h seed-exact || return
+  python3 benchmarks/select_dump.py /tmp/sel64k || return
+  $nv -Icsrc -o /tmp/select_h benchmarks/select_harness.cu && /tmp/select_h /tmp/sel64k default ||
+    return
+  local b
+  for b in ${SELECT_BLOCKS:-}; do
+    $nv -Icsrc -DXSK_SELECT_PASS1_MIN_BLOCKS="$b" -o /tmp/select_h"$b" \
+      benchmarks/select_harness.cu && /tmp/select_h"$b" /tmp/sel64k "pass1 x$b" || return
+  done
+}
+
 want() { [[ " ${STEPS:-build info tests bench decode hf} " == *" $1 "* ]]; }
 
 nvidia-smi > "$OUT/nvidia-smi.log" 2>&1 || true
@@ -100,6 +119,7 @@ if want bench && [ -f benchmarks/bench.py ]; then step "bench" bench; fi
 if want decode; then step "decode bench" decode; fi
 if want hf; then step "hf check" hf_check; fi
 if want profile; then step "profile" profile; fi
+if want harness; then step "harness" harness; fi
 if want suite && [ -d .xftests ]; then step "xformers suite" suite; fi
 
 failed=0
