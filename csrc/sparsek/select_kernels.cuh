@@ -127,24 +127,20 @@ __device__ __forceinline__ void descend(const Query& q, const int (&theta)[NC],
       }
     }
     if (kth) {
-      if (kk0 >= zkb - zka) {
-        kk0 -= zkb - zka;
-        rk0 |= 1 << bit;
-        ka = nz + ka - zka;
-        kb = nz + kb - zkb;
-      } else {
-        ka = zka;
-        kb = zkb;
-      }
-      if (kk1 >= zkd - zkc) {
-        kk1 -= zkd - zkc;
-        rk1 |= 1 << bit;
-        kc = nz + kc - zkc;
-        kd = nz + kd - zkd;
-      } else {
-        kc = zkc;
-        kd = zkd;
-      }
+      // one level of a k-th smallest chain: into the ones (bit set) or the zeros
+      auto kth_level = [&](int& kk, int& rk, int& a, int& b, int za_, int zb_) {
+        if (kk >= zb_ - za_) {
+          kk -= zb_ - za_;
+          rk |= 1 << bit;
+          a = nz + a - za_;
+          b = nz + b - zb_;
+        } else {
+          a = za_;
+          b = zb_;
+        }
+      };
+      kth_level(kk0, rk0, ka, kb, zka, zkb);
+      kth_level(kk1, rk1, kc, kd, zkc, zkd);
     }
   }
   if (kth) {
