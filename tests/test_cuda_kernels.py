@@ -255,6 +255,34 @@ def test_cuda_backward_small(case, dtype, D, gqa, bwd_kernel):
         assert rel_err(a.cpu(), r) <= TOL[dtype], name
 
 
+@pytest.mark.parametrize("gqa", [True, False])
+@pytest.mark.parametrize("case", ["batch", "varlen"])
+def test_cuda_tiles_never_span_sequences(case, gqa, bwd_kernel, monkeypatch):
+    """A query tile over two sequences can list more than topk + rows keys (lists.cu), and
+    the call then fell back to the PyTorch path: batches whose length is not a multiple of
+    the tile, and every varlen bias.  Tiles start at each sequence (_cuda._tiles), so the
+    kernels run here, forward and backward, and match the float64 path."""
+    bias, B, M, window, topk = {
+        "batch": (xab.LowerTriangularMask(), 2, 131, 0, 17),
+        "varlen": (xab.BlockDiagonalCausalMask.from_seqlens([33, 70, 5]), 1, 108, 4, 10),
+    }[case]
+    dtype = torch.bfloat16
+    q, k, v, s = make(B, M, M, 2, 4 if gqa else 2, 64, dtype, gqa, seed=3)
+    dout = torch.randn(q.shape, device="cuda").to(dtype)
+    ref = grads(*(to_cpu64(x) for x in (q, k, v, s)), topk, window, cpu_bias(bias),
+                dout.cpu().double())
+
+    def pytorch_path(*args, **kwargs):
+        raise AssertionError("the CUDA path fell back to the PyTorch path")
+
+    with monkeypatch.context() as m:
+        m.setattr(_attention, "forward", pytorch_path)
+        m.setattr(_attention, "backward", pytorch_path)
+        got = grads(q, k, v, s, topk, window, bias, dout)
+    for name, a, r in zip(["out", "dq", "dk", "dv", "dscores"], got, ref):
+        assert rel_err(a.cpu(), r) <= TOL[dtype], name
+
+
 def test_cuda_backward_deterministic(bwd_kernel):
     q, k, v, s = make(1, 700, 700, 2, 4, 64, torch.bfloat16, seed=9)
     dout = torch.randn(q.shape, device="cuda").to(torch.bfloat16)

@@ -344,6 +344,31 @@ def test_cuda_driver_tiles_are_built_once_and_right():
     assert _cuda._tiles(1000, 64, "cpu")[0].numel() == 16  # another size: its own tiles
 
 
+@pytest.mark.parametrize("bias_kind", BIAS_TYPES, ids=kind_id)
+def test_cuda_driver_tiles_start_at_every_sequence(bias_kind):
+    """The kernels' tiles (_cuda._tiles with the layout's sequence starts) cover the queries
+    in order, never span two sequences, and split each sequence into full tiles from its
+    start; _tile_extents gives each tile's min win_lo / max win_hi."""
+    from xformers_sparsek import _cuda
+
+    bias, B, Mq, Mk, causal = make_bias(bias_kind, max_len=70)
+    lay = _layout.build_layout(bias, B, Mq, Mk, 4 if causal else 0, CPU)
+    starts = list(lay.seq_key)
+    assert starts[0] == 0 and starts == sorted(set(starts))
+    for qpt in (16, 32, 128):
+        q0, q1 = _cuda._tiles(lay.num_queries, qpt, "cpu", lay.seq_key)
+        q0, q1 = q0.tolist(), q1.tolist()
+        assert q0[0] == 0 and q1[-1] == lay.num_queries and q0[1:] == q1[:-1]
+        seq_of = torch.searchsorted(torch.tensor(starts), torch.arange(lay.num_queries),
+                                    right=True)
+        for a, b in zip(q0, q1):
+            assert 0 < b - a <= qpt and seq_of[a] == seq_of[b - 1]
+            assert a in starts or (a - max(x for x in starts if x <= a)) % qpt == 0
+        lo, hi = _cuda._tile_extents(lay, torch.tensor(q0), torch.tensor(q1))
+        assert lo.tolist() == [int(lay.win_lo[a:b].min()) for a, b in zip(q0, q1)]
+        assert hi.tolist() == [int(lay.win_hi[a:b].max()) for a, b in zip(q0, q1)]
+
+
 def test_cuda_driver_partial_slots_index():
     """_cuda._partial_slots (bwd_reduce's index, int32 keys) against a direct construction:
     per (head, key), the flat slots of its list partials, then of its window partials, each

@@ -70,17 +70,27 @@ def _reused(make, device, *args):
     return make(*args, str(device))
 
 
-def _tiles(nq: int, queries_per_tile: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """First and one-past-last query of each tile (int32), once per (nq, tile size, device)."""
-    return _reused(_tiles_made, device, nq, queries_per_tile)
+def _tiles(nq: int, queries_per_tile: int, device, seq_starts: Tuple[int, ...] = ()
+           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """First and one-past-last query of each tile (int32): runs of queries_per_tile from the
+    start of each sequence (seq_starts: ascending first queries, QueryLayout.seq_key; () for
+    one run over all nq), so no tile spans two sequences; once per (nq, tile size, sequence
+    starts, device)."""
+    return _reused(_tiles_made, device, nq, queries_per_tile, tuple(seq_starts))
 
 
 @functools.lru_cache(maxsize=64)
-def _tiles_made(nq: int, queries_per_tile: int, device: str):
+def _tiles_made(nq: int, queries_per_tile: int, starts: Tuple[int, ...], device: str):
+    edges = torch.tensor(sorted({0, nq} | {s for s in starts if 0 < s < nq}), dtype=torch.int64)
+    lo, hi = edges[:-1], edges[1:]
+    n = (hi - lo + queries_per_tile - 1) // queries_per_tile  # tiles per sequence
+    seq = torch.repeat_interleave(torch.arange(lo.numel()), n)
+    first = torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    q0 = lo[seq] + (torch.arange(seq.numel()) - first) * queries_per_tile
+    q1 = torch.minimum(q0 + queries_per_tile, hi[seq])
     with torch.inference_mode(False):  # (usable outside inference mode later)
-        q0 = torch.arange(0, nq, queries_per_tile, device=device, dtype=torch.int32)
-        q1 = torch.clamp(q0 + queries_per_tile, max=nq)
-    return q0.contiguous(), q1.contiguous()
+        return (q0.to(device=device, dtype=torch.int32).contiguous(),
+                q1.to(device=device, dtype=torch.int32).contiguous())
 
 
 def _empty(device) -> torch.Tensor:
@@ -182,7 +192,7 @@ def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: fl
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     if rp > 1 and (k.stride(2) != 0 or v.stride(2) != 0):
         rp = 1  # _aligned materialised the expansion
-    tile_q0, tile_q1 = _tiles(NQ, _TILE_ROWS // rp, q.device)
+    tile_q0, tile_q1 = _tiles(NQ, _TILE_ROWS // rp, q.device, layout.seq_key)
     sel = None
     if scores is not None:
         u = scores.float().contiguous()  # what the selection and the kernels compare
@@ -218,13 +228,16 @@ def _pad64(n: int) -> int:
 
 
 def _tile_extents(layout: QueryLayout, q0: torch.Tensor, q1: torch.Tensor):
-    """min win_lo and max win_hi over each tile's queries (as the kernels compute them)."""
+    """min win_lo and max win_hi over each tile's queries (as the kernels compute them); the
+    tiles cover the queries in order (_tiles), so a query's tile is a repeat_interleave."""
     nq = layout.num_queries
-    qpt = int(q1[0] - q0[0])
-    pad = (-nq) % qpt
-    wlo = torch.nn.functional.pad(layout.win_lo, (0, pad), value=2**62).view(-1, qpt)
-    whi = torch.nn.functional.pad(layout.win_hi, (0, pad), value=-1).view(-1, qpt)
-    return wlo.min(1).values, whi.max(1).values
+    dev = layout.win_lo.device
+    tile = torch.repeat_interleave(torch.arange(q0.numel(), device=dev), (q1 - q0).long(),
+                                   output_size=nq)  # (output_size: no host sync)
+    wlo = torch.full((q0.numel(),), 2**62, dtype=torch.int64, device=dev)
+    whi = torch.full((q0.numel(),), -1, dtype=torch.int64, device=dev)
+    return (wlo.scatter_reduce_(0, tile, layout.win_lo, "amin"),
+            whi.scatter_reduce_(0, tile, layout.win_hi, "amax"))
 
 
 def _partial_slots(slists, scounts, wlo_min, n_win, win_total: int, S: int, NK: int,
@@ -276,12 +289,12 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     # pass 1 tiling and pass 2 super-tiles, each with its key lists
     hopper = bool(C.hopper_backward())
     dq_rows = _BWD_DQ_ROWS_HOPPER if hopper else _BWD_DQ_ROWS
-    t0, t1 = _tiles(NQ, dq_rows // rp, q.device)
+    t0, t1 = _tiles(NQ, dq_rows // rp, q.device, layout.seq_key)
     lists, counts, ovf1 = C.build_lists(sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo,
                                         t0, t1, NK, int(topk) + dq_rows // rp)
     rp_kv = rp  # heads packed per dk/dv group (they share K/V, so their sums combine)
     qs = _BWD_SUPER_ROWS // rp_kv
-    s0, s1 = _tiles(NQ, qs, q.device)
+    s0, s1 = _tiles(NQ, qs, q.device, layout.seq_key)
     cap_s = int(topk) + qs
     slists, scounts, ovf2 = C.build_lists(sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo,
                                           s0, s1, NK, cap_s)

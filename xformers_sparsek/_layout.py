@@ -14,6 +14,7 @@ new mask type only needs a new entry here.  Within one sequence both ends of bot
 are non-decreasing in the query index; the backward pass relies on that.
 """
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -75,6 +76,16 @@ class QueryLayout:
     segments: List[Segment]
     causal: bool
     window: int
+    # first query of each sequence (CPU int64, ascending): the kernels' query tiles never
+    # span two sequences (a tile's key list holds up to topk + rows keys only on nested pools
+    # of one sequence).  None: unknown, uniform tiles.
+    seq_starts: Optional[torch.Tensor] = None
+
+    @functools.cached_property
+    def seq_key(self) -> Tuple[int, ...]:
+        """seq_starts as a tuple (the kernels' tile cache key; () when unknown), computed once
+        per layout: build_layout's layouts are cached, so a call pays nothing for it."""
+        return () if self.seq_starts is None else tuple(self.seq_starts.tolist())
 
     @property
     def pool_size(self) -> torch.Tensor:
@@ -183,6 +194,7 @@ def _build_layout(causal, bottom_right, local_window, segments, nq, nk, window,
     pool_lo[qi] = ks + lo
     win_lo[qi] = ks + wlo
     win_hi[qi] = ks + hi
+    starts = torch.unique(torch.cat([torch.zeros(1, dtype=torch.int64), q_start[q_len > 0]]))
     return QueryLayout(
         pool_lo.to(device),
         win_lo.to(device),
@@ -192,4 +204,5 @@ def _build_layout(causal, bottom_right, local_window, segments, nq, nk, window,
         segments,
         causal,
         window,
+        starts[starts < max(nq, 1)],
     )

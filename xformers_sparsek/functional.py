@@ -19,10 +19,12 @@ from ._selection import Selection
 from .mask import check_topk_window_base
 
 
-def _layout_of(pool_lo, win_lo, win_hi, num_keys: int, window: int) -> QueryLayout:
-    # The intervals are all the kernels and the PyTorch path need; the segment list and the
-    # causal flag only matter while build_layout turns a bias into intervals.
-    return QueryLayout(pool_lo, win_lo, win_hi, pool_lo.numel(), num_keys, [], True, window)
+def _layout_of(pool_lo, win_lo, win_hi, seq_starts, num_keys: int, window: int) -> QueryLayout:
+    # The intervals and the sequence starts (the kernels' tiles) are all the kernels and the
+    # PyTorch path need; the segment list and the causal flag only matter while build_layout
+    # turns a bias into intervals.
+    return QueryLayout(pool_lo, win_lo, win_hi, pool_lo.numel(), num_keys, [], True, window,
+                       seq_starts)
 
 
 def _check_scores_finite(scores: Optional[Tensor]) -> None:
@@ -33,12 +35,12 @@ def _check_scores_finite(scores: Optional[Tensor]) -> None:
 @torch.library.custom_op("xformers_sparsek::fwd", mutates_args=())
 def sparsek_fwd(
     q: Tensor, k: Tensor, v: Tensor, scores: Optional[Tensor],
-    pool_lo: Tensor, win_lo: Tensor, win_hi: Tensor,
+    pool_lo: Tensor, win_lo: Tensor, win_hi: Tensor, seq_starts: Optional[Tensor],
     topk: int, window: int, scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> out [NQ,S,R,Dv], lse [S,R,NQ], and the selection (tau, ub, jb, nF) [S,NQ]."""
     _check_scores_finite(scores)
-    layout = _layout_of(pool_lo, win_lo, win_hi, k.shape[0], window)
+    layout = _layout_of(pool_lo, win_lo, win_hi, seq_starts, k.shape[0], window)
     topk_ = topk if scores is not None else None
     out, lse, sel = _backend.forward(q, k, v, scores, layout, topk_, scale)
     if sel is None:
@@ -49,7 +51,7 @@ def sparsek_fwd(
 
 
 @sparsek_fwd.register_fake
-def _(q, k, v, scores, pool_lo, win_lo, win_hi, topk, window, scale):
+def _(q, k, v, scores, pool_lo, win_lo, win_hi, seq_starts, topk, window, scale):
     NQ, S, R, _ = q.shape
     out = q.new_empty(NQ, S, R, v.shape[-1])
     lse = q.new_empty(S, R, NQ, dtype=_attention.compute_dtype(q.dtype))
@@ -63,10 +65,10 @@ def _(q, k, v, scores, pool_lo, win_lo, win_hi, topk, window, scale):
 def sparsek_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, scores: Optional[Tensor],
     out: Tensor, lse: Tensor, tau: Tensor, ub: Tensor, jb: Tensor, nF: Tensor,
-    pool_lo: Tensor, win_lo: Tensor, win_hi: Tensor,
+    pool_lo: Tensor, win_lo: Tensor, win_hi: Tensor, seq_starts: Optional[Tensor],
     topk: int, window: int, scale: float, need_dscores: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    layout = _layout_of(pool_lo, win_lo, win_hi, k.shape[0], window)
+    layout = _layout_of(pool_lo, win_lo, win_hi, seq_starts, k.shape[0], window)
     sel = Selection(tau, ub, jb, nF) if scores is not None else None
     topk_ = topk if scores is not None else None
     dq, dk, dv, ds = _backend.backward(
@@ -80,7 +82,7 @@ def sparsek_bwd(
 
 
 @sparsek_bwd.register_fake
-def _(dout, q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi,
+def _(dout, q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi, seq_starts,
       topk, window, scale, need_dscores):
     ds = (
         scores.new_empty(scores.shape)
@@ -91,22 +93,24 @@ def _(dout, q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scores, pool_lo, win_lo, win_hi, topk, window, scale = inputs
+    q, k, v, scores, pool_lo, win_lo, win_hi, seq_starts, topk, window, scale = inputs
     out, lse, tau, ub, jb, nF = output
-    ctx.save_for_backward(q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi)
+    ctx.save_for_backward(q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi,
+                          seq_starts)
     ctx.args = (topk, window, scale)
     ctx.mark_non_differentiable(lse, tau, ub, jb, nF)
 
 
 def _backward(ctx, dout, _dlse, _dtau, _dub, _djb, _dnF):
-    q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi = ctx.saved_tensors
+    (q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi,
+     seq_starts) = ctx.saved_tensors
     topk, window, scale = ctx.args
     need_ds = scores is not None and ctx.needs_input_grad[3]
     dq, dk, dv, ds = sparsek_bwd(
-        dout, q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi,
+        dout, q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi, seq_starts,
         topk, window, scale, need_ds,
     )
-    return dq, dk, dv, (ds if need_ds else None), None, None, None, None, None, None
+    return dq, dk, dv, (ds if need_ds else None), None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("xformers_sparsek::fwd", _backward, setup_context=_setup_context)
@@ -142,7 +146,7 @@ def run_problem(prob, window: int) -> Tuple[Tensor, Tensor]:
     lay = prob.layout
     return sparsek_fwd(
         prob.q, prob.k, prob.v, prob.scores, lay.pool_lo, lay.win_lo, lay.win_hi,
-        prob.topk or 0, window, prob.scale,
+        lay.seq_starts, prob.topk or 0, window, prob.scale,
     )[:2]
 
 
