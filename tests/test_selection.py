@@ -8,6 +8,7 @@
 """
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -367,6 +368,42 @@ def test_cuda_driver_tiles_start_at_every_sequence(bias_kind):
         lo, hi = _cuda._tile_extents(lay, torch.tensor(q0), torch.tensor(q1))
         assert lo.tolist() == [int(lay.win_lo[a:b].min()) for a, b in zip(q0, q1)]
         assert hi.tolist() == [int(lay.win_hi[a:b].max()) for a, b in zip(q0, q1)]
+
+
+@pytest.mark.parametrize("bias_kind", BIAS_TYPES, ids=kind_id)
+def test_tile_key_lists_fit_their_capacity(bias_kind):
+    """The kernels' per-tile key lists (a model of lists.cu: the keys of [min pool_lo,
+    max win_lo) at or above the tile's lowest boundary rank, or all of them when a query
+    selects its whole pool) on _cuda._tiles' tiles: at most topk + rows keys wherever the
+    pools are nested (every bias without a local window), so the forward and backward never
+    fall back to the PyTorch path there."""
+    from xformers_sparsek import _cuda
+    from xformers_sparsek._selection import _row_ranks
+
+    if "LocalAttention" in kind_id(bias_kind):
+        pytest.skip("sliding pools: lists may overflow (the PyTorch path then runs)")
+    for trial in range(3):
+        bias, B, Mq, Mk, causal = make_bias(bias_kind, max_len=90, allow_empty=True)
+        window = 5 if causal else 0
+        lay = _layout.build_layout(bias, B, Mq, Mk, window, CPU)
+        topk = random.choice([1, 7, 20])
+        u = torch.randn(2, lay.num_keys, dtype=torch.float64)
+        sel = _selection.select(u, lay, topk)
+        _, _, ranks = _row_ranks(u)
+        rb = torch.where(torch.isneginf(sel.ub), -1, ranks.gather(1, sel.jb.clamp(min=0)))
+        for rows in (16, 32, 64, 128):
+            q0, q1 = _cuda._tiles(lay.num_queries, rows, "cpu", lay.seq_key)
+            for a, b in zip(q0.tolist(), q1.tolist()):
+                lo, hi = int(lay.pool_lo[a:b].min()), int(lay.win_lo[a:b].max())
+                for h in range(2):
+                    r = rb[h, a:b]
+                    if hi <= lo:
+                        n = 0
+                    elif (r < 0).any():
+                        n = hi - lo
+                    else:
+                        n = int((ranks[h, lo:hi] >= r.min()).sum())
+                    assert n <= topk + rows, (trial, rows, a, b, n)
 
 
 def test_cuda_driver_partial_slots_index():
