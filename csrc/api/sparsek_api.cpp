@@ -55,14 +55,15 @@ std::vector<at::Tensor> wavelet_build(const at::Tensor& ranks, const at::Tensor&
   at::Tensor r = ranks.clone(), w = weights.clone();
   at::Tensor r_tmp = at::empty_like(r), w_tmp = at::empty_like(w);
   const int nchunks = (n + 2047) / 2048;
-  at::Tensor chunk_cnt = at::empty({rows, nchunks}, ranks.options());
+  // status per chunk, a done counter per (row, level), the ticket (wavelet_build.cu)
+  at::Tensor sync = at::empty({(int64_t)rows * nchunks + (int64_t)rows * nbits + 1}, ranks.options());
   at::Tensor chunk_w = at::empty({rows, nchunks}, weights.options());
   at::Tensor zeros = at::empty({rows, nbits, n + 1}, ranks.options());
   at::Tensor wsum = at::empty({rows, nbits, n + 1}, weights.options());
   at::Tensor nzeros = at::empty({rows, nbits}, ranks.options());
   CHECK_CUDA_OK(xsk::launch_wavelet_build(
       r.data_ptr<int>(), w.data_ptr<double>(), r_tmp.data_ptr<int>(), w_tmp.data_ptr<double>(),
-      rows, n, nbits, chunk_cnt.data_ptr<int>(), chunk_w.data_ptr<double>(), zeros.data_ptr<int>(),
+      rows, n, nbits, sync.data_ptr<int>(), chunk_w.data_ptr<double>(), zeros.data_ptr<int>(),
       wsum.data_ptr<double>(), nzeros.data_ptr<int>(), at::cuda::getCurrentCUDAStream()));
   return {zeros, wsum, nzeros};
 }

@@ -7,9 +7,10 @@
 namespace xsk {
 
 // Per-row wavelet matrices (see wavelet_build.cu); r / w are overwritten (ping-pong with
-// r_tmp / w_tmp); chunk_cnt / chunk_w: [rows, ceil(n / 2048)] scratch.
+// r_tmp / w_tmp); scratch: chunk_w [rows, nc] and sync [rows * nc + rows * nbits + 1] ints,
+// nc = ceil(n / 2048).
 cudaError_t launch_wavelet_build(int* r, double* w, int* r_tmp, double* w_tmp, int rows, int n,
-                                 int nbits, int* chunk_cnt, double* chunk_w, int* zeros,
+                                 int nbits, int* sync, double* chunk_w, int* zeros,
                                  double* wsum, int* nzeros, cudaStream_t stream);
 // out[row, j] = sum of weights over [lo[j], hi[j]) of row's matrix with th_lo <= rank < th_hi
 // (th_* [rows, m]; the backward's fractional-mean term, _selection.fractional_mean_sum).

@@ -37,8 +37,11 @@ namespace select_impl {
 constexpr int kStride = 32;          // anchor spacing: one warp of pass 1 per gap
 constexpr int kMaxWalk = 4096;       // pass 1: breakpoints walked at most (then: no guess)
 constexpr unsigned kAll = 0xffffffffu;
-// pass 0's blocks per SM: its registers capped at 80 where that spills nothing (sm_90)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+// pass 0's blocks per SM: its registers capped at 80 on sm_90 (XSK_SELECT_PASS0_MIN_BLOCKS
+// overrides, for benchmarks/select_harness.cu's variants)
+#if defined(XSK_SELECT_PASS0_MIN_BLOCKS)
+constexpr int kAnchorMinBlocks = XSK_SELECT_PASS0_MIN_BLOCKS;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 constexpr int kAnchorMinBlocks = 5;
 #else
 constexpr int kAnchorMinBlocks = 6;
@@ -64,6 +67,12 @@ struct Piece {
   int c0, c1, t0, t1;
 };
 
+// With NK a power of two, the ranks 0 .. NK - 1 never set the top bit of the wavelet's
+// L = bit_length(NK) levels: level 0 is all zeros (kept for the thresholds theta = NK).
+__host__ __device__ __forceinline__ bool top_level_all_zeros(int NK) {
+  return NK > 0 && (NK & (NK - 1)) == 0;
+}
+
 // NC count / score-sum chains (_wavelet.count_sum_below, thresholds theta) and, with kth,
 // r0 / r1 = the ranks of the k0-th and (k0 - 1)-th smallest pool keys (kth_smallest; r0 / r1
 // untouched without kth), descended
@@ -88,6 +97,9 @@ __device__ __forceinline__ void descend(const Query& q, const int (&theta)[NC],
     sum[c] = 0.0;
   }
   int ka = q.lo, kb = q.hi, kc = q.lo, kd = q.hi, kk0 = k0, kk1 = k0 - 1, rk0 = 0, rk1 = 0;
+  // With NK a power of two, level 0 is all zeros (zeros[p] = p): its counts need no load
+  // (one dependent load fewer per chain).  Same values as the loads would give.
+  const bool skip0 = top_level_all_zeros(q.p.NK);
   for (int li = 0; li < L; ++li, z += stride, ws += stride) {
     const int bit = L - 1 - li;
     const int nz = __ldg(nzs + li);
@@ -98,8 +110,8 @@ __device__ __forceinline__ void descend(const Query& q, const int (&theta)[NC],
       za[c] = zb[c] = 0;
       wa[c] = wb[c] = 0.0;
       if (on[c]) {
-        za[c] = __ldg(z + lo[c]);
-        zb[c] = __ldg(z + hi[c]);
+        za[c] = li == 0 && skip0 ? lo[c] : __ldg(z + lo[c]);
+        zb[c] = li == 0 && skip0 ? hi[c] : __ldg(z + hi[c]);
         if ((theta[c] >> bit) & 1) {
           wb[c] = __ldg(ws + hi[c]);
           wa[c] = __ldg(ws + lo[c]);
@@ -107,7 +119,12 @@ __device__ __forceinline__ void descend(const Query& q, const int (&theta)[NC],
       }
     }
     int zka = 0, zkb = 0, zkc = 0, zkd = 0;
-    if (kth) {
+    if (kth && li == 0 && skip0) {
+      zka = ka;
+      zkb = kb;
+      zkc = kc;
+      zkd = kd;
+    } else if (kth) {
       zka = __ldg(z + ka);
       zkb = __ldg(z + kb);
       zkc = __ldg(z + kc);

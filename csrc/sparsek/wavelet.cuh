@@ -11,7 +11,18 @@ __device__ __forceinline__ void wavelet_count_sum_below(const int* zeros, const 
                                                         double& sum) {
   cnt = 0;
   sum = 0.0;
-  for (int li = 0; li < nbits; ++li) {
+  int li = 0;
+  if (n > 0 && (n & (n - 1)) == 0) {
+    // n a power of two: level 0 (rank bit nbits - 1) is all zeros, zeros[p] = p; only
+    // theta = n has the bit (the whole range, then the empty ones region).  No dependent load.
+    if ((theta >> (nbits - 1)) & 1) {
+      cnt += hi - lo;
+      sum += __ldg(wsum + hi) - __ldg(wsum + lo);  // (as the general step: 0.0 + x)
+      lo = hi = n;
+    }
+    li = 1;
+  }
+  for (; li < nbits; ++li) {
     const int* z = zeros + (size_t)li * (n + 1);
     const int za = __ldg(z + lo), zb = __ldg(z + hi);
     if ((theta >> (nbits - 1 - li)) & 1) {

@@ -6,14 +6,17 @@
 //
 // One prologue (a memset and count_bits_kernel) counts, for every row and level, the zeros
 // of the whole row (nzeros: the partition's split point, independent of the order), resets
-// the scratch and writes the tables' p = 0 column.  Then one single-pass launch per level
-// (level_kernel): every CTA takes the next chunk of kChunk elements in (row, chunk) order
-// from a ticket counter, scans it (ballot / popc for the counts, warp shuffle scans for the
-// weight sums), publishes the chunk's (zero count, zero weight sum), and adds the published
-// sums of all earlier chunks of its row in a fixed tree order (never a partial prefix
-// whose composition depends on timing: the sums are bitwise reproducible).  The partitioned
-// chunk is staged in shared memory so that the scatter to the next order is two contiguous,
-// coalesced runs (zeros, ones).
+// the scratch and writes the tables' p = 0 column.  Then one launch does every level
+// (levels_kernel): each CTA takes the next chunk of kChunk elements in (level, row, chunk)
+// order from a ticket counter, waits until the previous level of its row is complete,
+// scans the chunk (ballot / popc for the counts, warp shuffle scans for the weight sums),
+// publishes the chunk's (zero count, zero weight sum), and adds the published sums of all
+// earlier chunks of its row in a fixed tree order (never a partial prefix whose composition
+// depends on timing: the sums are bitwise reproducible).  The partitioned chunk is staged in
+// shared memory so that the scatter to the next order is two contiguous, coalesced runs
+// (zeros, ones).  Tickets make the waits safe: a CTA only waits for smaller tickets, held by
+// CTAs that are already running.  (One launch per level cost ~10 us each at 64K keys, most
+// of it the launch's ramp and tail.)
 #include "launch.h"
 #include "wavelet.cuh"
 
@@ -23,8 +26,9 @@ namespace {
 constexpr int kThreads = 256, kPerThread = 8, kChunk = kThreads * kPerThread;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFull = 0xffffffffu;
-// csrc/api/sparsek_api.cpp sizes chunk_cnt / chunk_w as [rows, ceil(n / 2048)]: one status
-// word and one weight sum per chunk.
+// csrc/api/sparsek_api.cpp sizes the scratch per 2048 elements: chunk_w [rows, nc] (a weight
+// sum per chunk) and the int words `sync` [rows * nc status | rows * nbits done | ticket]
+// (wavelet_sync_words).
 static_assert(kChunk == 2048, "scratch is allocated per 2048 elements");
 // A chunk's published status: (level + 1) << kTagShift | zero count (<= kChunk).
 constexpr int kTagShift = 16;
@@ -47,11 +51,11 @@ __device__ __forceinline__ int chunk_pos(int wp, int k, int lane) {
 }
 
 // nzeros[row, li] += zeros of bit (nbits - 1 - li) in the chunk (nzeros zeroed before);
-// status[row, c] = 0 (no level published); the p = 0 column of the tables = 0 (level li's
-// zeros[0, li, 0] is also its ticket counter, see level_kernel).
+// status[row, c] = 0 (no level published), done[row, li] = 0, the ticket = 0; the p = 0
+// column of the tables = 0.
 __global__ void __launch_bounds__(kThreads)
     count_bits_kernel(const int* __restrict__ r, int n, int nbits, int nc, int* status,
-                      int* zeros, double* wsum, int* nzeros) {
+                      int* done, int* ticket, int* zeros, double* wsum, int* nzeros) {
   const int c = blockIdx.x, row = blockIdx.y;
   const int lane = threadIdx.x & 31, wp = threadIdx.x >> 5;
   __shared__ int s_cnt[32];
@@ -78,16 +82,19 @@ __global__ void __launch_bounds__(kThreads)
     if (c == 0) {
       zeros[((size_t)row * nbits + li) * (n + 1)] = 0;
       wsum[((size_t)row * nbits + li) * (n + 1)] = 0.0;
+      done[row * nbits + li] = 0;
     }
   }
-  if (threadIdx.x == 0) status[row * nc + c] = 0;
+  if (threadIdx.x == 0) {
+    status[row * nc + c] = 0;
+    if (c == 0 && row == 0) *ticket = 0;
+  }
 }
 
 __global__ void __launch_bounds__(kThreads)
-    level_kernel(const int* __restrict__ r, const double* __restrict__ w,
-                 int* __restrict__ r_next, double* __restrict__ w_next, int n, int bit, int li,
-                 int nbits, int nc, int nblocks, int* status, double* chunk_w, int* zeros,
-                 double* wsum, const int* __restrict__ nzeros) {
+    levels_kernel(int* r_even, double* w_even, int* r_odd, double* w_odd, int n, int nbits,
+                  int nc, int nblocks, int* status, int* done, int* ticket, double* chunk_w,
+                  int* zeros, double* wsum, const int* __restrict__ nzeros) {
   __shared__ int s_r[kChunk];
   __shared__ double s_w[kChunk];
   __shared__ int s_wc[kWarps];
@@ -96,17 +103,26 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ double s_wbefore;
   const int tid = threadIdx.x, lane = tid & 31, wp = tid >> 5;
 
-  // Ticket: CTAs take chunks in (row, chunk) order, so every chunk a CTA waits for belongs
-  // to a CTA that is already running.  The counter is zeros[0, li, 0] (0 after
-  // count_bits_kernel); the last ticket restores it to the table's 0.
-  if (tid == 0) {
-    int* counter = zeros + (size_t)li * (n + 1);
-    const int t = atomicAdd(counter, 1);
-    if (t == nblocks - 1) atomicExch(counter, 0);
-    s_id = t;
-  }
+  // Ticket t: level t / nblocks, chunk (row, c) = t % nblocks.  Every chunk a CTA waits for
+  // (its row's previous level, the earlier chunks of its row and level) has a smaller
+  // ticket, so it belongs to a CTA that is already running.
+  if (tid == 0) s_id = atomicAdd(ticket, 1);
   __syncthreads();
-  const int id = s_id, row = id / nc, c = id - row * nc;
+  const int li = s_id / nblocks, id = s_id - li * nblocks;
+  const int row = id / nc, c = id - row * nc, bit = nbits - 1 - li;
+  // Level li reads the order it partitions from one buffer pair and scatters the next level's
+  // into the other; level li - 1 of the row (which read that other pair) is complete first.
+  const int* r = (li & 1) ? r_odd : r_even;
+  const double* w = (li & 1) ? w_odd : w_even;
+  int* r_next = (li & 1) ? r_even : r_odd;
+  double* w_next = (li & 1) ? w_even : w_odd;
+  if (li > 0) {
+    if (tid == 0) {
+      const int* prev = done + row * nbits + li - 1;
+      while (ld_acquire(prev) < nc) __nanosleep(64);
+    }
+    __syncthreads();
+  }
   const int base = c * kChunk, nvalid = min(kChunk, n - base);
   const int nz = nzeros[row * nbits + li];
   const int* rr = r + (size_t)row * n + base;
@@ -116,8 +132,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
     const int q = chunk_pos(wp, k, lane);
-    rv[k] = q < nvalid ? rr[q] : -1;  // past the end: a "one" (never counted, never written)
-    wv[k] = q < nvalid ? ww[q] : 0.0;
+    // (L2 loads: written by other CTAs of this launch)
+    rv[k] = q < nvalid ? __ldcg(rr + q) : -1;  // past the end: a "one" (never counted/written)
+    wv[k] = q < nvalid ? __ldcg(ww + q) : 0.0;
   }
   // Per item k: m = the warp's zero mask, x = inclusive scan over the lanes of the zero
   // weights (Kogge-Stone, the kPerThread scans interleaved).
@@ -238,6 +255,13 @@ __global__ void __launch_bounds__(kThreads)
     rn[dest] = s_r[i];
     wn[dest] = s_w[i];
   }
+  // The row's next level may start once all its chunks have scattered: every thread's
+  // stores, then one release (cumulative over the barrier) on the row's counter.
+  __syncthreads();
+  if (tid == 0 && li + 1 < nbits) {
+    __threadfence();
+    atomicAdd(done + row * nbits + li, 1);
+  }
 }
 
 // out[row, j] = (weight sum of the elements of [lo_j, hi_j) with rank < th_hi[row, j]) minus
@@ -271,25 +295,25 @@ cudaError_t launch_wavelet_range_sum(const int* zeros, const double* wsum, const
 }
 
 cudaError_t launch_wavelet_build(int* r, double* w, int* r_tmp, double* w_tmp, int rows, int n,
-                                 int nbits, int* chunk_cnt, double* chunk_w, int* zeros,
+                                 int nbits, int* sync, double* chunk_w, int* zeros,
                                  double* wsum, int* nzeros, cudaStream_t stream) {
   if (rows == 0 || n == 0) return cudaSuccess;
   if (nbits < 1 || nbits > 31) return cudaErrorInvalidValue;  // status tag, s_cnt[32]
   const int nchunks = (n + kChunk - 1) / kChunk, nblocks = rows * nchunks;
+  if ((long long)nblocks * nbits >= (1LL << 31)) return cudaErrorInvalidValue;  // tickets
+  int* status = sync;
+  int* done = status + (size_t)rows * nchunks;
+  int* ticket = done + (size_t)rows * nbits;
   cudaError_t err = cudaMemsetAsync(nzeros, 0, sizeof(int) * rows * nbits, stream);
   if (err != cudaSuccess) return err;
-  count_bits_kernel<<<dim3(nchunks, rows), kThreads, 0, stream>>>(r, n, nbits, nchunks,
-                                                                    chunk_cnt, zeros, wsum,
+  count_bits_kernel<<<dim3(nchunks, rows), kThreads, 0, stream>>>(r, n, nbits, nchunks, status,
+                                                                    done, ticket, zeros, wsum,
                                                                     nzeros);
-  for (int li = 0; li < nbits; ++li) {
-    level_kernel<<<nblocks, kThreads, 0, stream>>>(r, w, r_tmp, w_tmp, n, nbits - 1 - li, li,
-                                                    nbits, nchunks, nblocks, chunk_cnt,
-                                                    chunk_w, zeros, wsum, nzeros);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    int* rs = r; r = r_tmp; r_tmp = rs;
-    double* wsw = w; w = w_tmp; w_tmp = wsw;
-  }
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  levels_kernel<<<nblocks * nbits, kThreads, 0, stream>>>(r, w, r_tmp, w_tmp, n, nbits,
+                                                          nchunks, nblocks, status, done, ticket,
+                                                          chunk_w, zeros, wsum, nzeros);
   return cudaGetLastError();
 }
 
