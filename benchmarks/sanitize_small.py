@@ -17,6 +17,13 @@ for gqa, dtype, D in [(True, torch.bfloat16, 128), (False, torch.float16, 64)]:
     out.backward(torch.randn_like(out))
     exact = xs.sparsek_attention(q, k.expand(*e, D), v.expand(*e, D), None, None, 0,
                                  xab.LowerTriangularMask())
+# the selection tables' own kernels on rows of several 2048-element chunks (the rows above
+# fit in one): the radix sort (row_sort.cu) and the wavelet build (wavelet_build.cu)
+from xformers_sparsek import _cuda  # noqa: E402
+
+u = torch.randn(3, 5000, device="cuda")
+_, perm = _cuda._sort_rows(u)
+_cuda._KernelWavelet(torch.argsort(perm, dim=1).int(), u.double())
 # the fused decode step (csrc/sparsek/decode.cu): filling, then full pools with overflow
 for dtype, D, R, window in [(torch.bfloat16, 128, 4, 8), (torch.float16, 64, 1, 0)]:
     B, G, topk = 2, 2, 16

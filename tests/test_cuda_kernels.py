@@ -137,6 +137,32 @@ def test_cuda_wavelet_build_equals_torch():
         assert torch.allclose(got.wsum, ref.wsum, rtol=1e-12, atol=1e-9), n
 
 
+def test_cuda_sort_rows_equals_torch_sort():
+    """csrc/sparsek/row_sort.cu against torch.sort(stable=True): values bit for bit (-0.0
+    keeps its sign), indices equal, on ties, signed zeros, subnormals, infinities."""
+    C = _ext.load_extension()
+    g = torch.Generator().manual_seed(0)
+    for rows, n in ((1, 1), (2, 3), (3, 2047), (3, 2048), (3, 2049), (2, 5000), (8, 65536),
+                    (3, 70001)):
+        cases = [
+            torch.randn(rows, n, generator=g),
+            torch.randint(0, 4, (rows, n), generator=g).float() * 0.5,  # heavy ties
+            torch.randn(rows, n, generator=g).bfloat16().float(),  # low 16 bits zero
+            torch.where(torch.rand(rows, n, generator=g) < 0.5, -0.0, 0.0),  # signed zeros
+        ]
+        mix = torch.randn(rows, n, generator=g) * 1e-40  # subnormals
+        mix[:, ::7] = float("inf")
+        mix[:, 3::11] = float("-inf")
+        mix[:, 5::13] = -0.0
+        cases.append(mix)
+        for x in cases:
+            x = x.cuda().contiguous()
+            want_v, want_i = torch.sort(x, dim=1, stable=True)
+            got_v, got_i = C.sort_rows(x)
+            assert torch.equal(got_i, want_i), (rows, n)
+            assert torch.equal(got_v.view(torch.int32), want_v.view(torch.int32)), (rows, n)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_exact_mode_matches_sdpa(dtype, fwd_kernel):
     q, k, v, _ = make(2, 333, 333, 2, 4, 128, dtype, gqa=True)

@@ -1,8 +1,8 @@
 """Driver of the CUDA kernels (csrc/): prepares their inputs and says when they apply.
 
 Forward pipeline on the GPU:
-  1. selection tables (one float32 sort of the scores, ``select_tables``: the breakpoints
-     and their rank thresholds, ``wavelet_build``: a wavelet matrix over the ranks),
+  1. selection tables (one float32 sort of the scores, ``sort_rows``; ``select_tables``: the
+     breakpoints and their rank thresholds; ``wavelet_build``: a wavelet matrix over the ranks),
   2. ``select_queries``: per-query tau / top-k boundary / |F| (csrc/sparsek/select_kernels.cuh),
   3. ``build_lists``: per query tile, the pool keys any of its queries may select,
   4. ``fwd``: gathered-tile attention with gates (wgmma on sm_90a, mma.sync elsewhere).
@@ -21,7 +21,7 @@ import torch
 
 from . import _ext
 from ._layout import QueryLayout
-from ._selection import Selection, _row_ranks, build_tables, score_gradient
+from ._selection import Selection, build_tables, score_gradient
 
 _TILE_ROWS = 128  # rows (query x packed head) of one forward CTA (FwdTraits::kBM)
 
@@ -129,6 +129,15 @@ def _range_sum(ranks, weights, lo, hi, th_lo, th_hi) -> torch.Tensor:
 _TABLES_MIN_KEYS = 2049
 
 
+def _sort_rows(u: torch.Tensor):
+    """torch.sort(u, dim=1, stable=True) for float32 u [rows, n] (contiguous); on the GPU the
+    extension's radix sort (csrc/sparsek/row_sort.cu: two launches, where torch's segmented
+    sort takes ~13 and ~100 us of host time at 8 x 64K)."""
+    if u.is_cuda:
+        return _ext.load_extension().sort_rows(u)
+    return torch.sort(u, dim=1, stable=True)
+
+
 def _tables(u: torch.Tensor):
     """_selection.build_tables(u.double()) for float32 scores u [S, NK] (contiguous), as the
     kernels read them: (u64, sv, perm int32, ranks int32, cb, th_mid int32, th_mid1 int32).
@@ -142,7 +151,7 @@ def _tables(u: torch.Tensor):
     torch.searchsorted(right=True) does.
     """
     C = _ext.load_extension()
-    sv32, perm = torch.sort(u, dim=1, stable=True)
+    sv32, perm = _sort_rows(u)
     return C.select_tables(u, sv32, perm)
 
 
@@ -172,7 +181,10 @@ def _with_ranks(scores: torch.Tensor, sel: Selection) -> Selection:
     of a second selection: the boundary's rank is the rank of its key jb, -1 where the whole
     pool is selected (ub = -inf there, a finite score otherwise)."""
     # (float32 keys: the same (score, index) order as their exact float64 values)
-    _, perm, ranks = _row_ranks(scores.float().contiguous())
+    u = scores.float().contiguous()
+    _, perm = _sort_rows(u)
+    ranks = torch.empty_like(perm).scatter_(
+        1, perm, torch.arange(u.shape[1], device=u.device).expand_as(perm))
     rb = torch.where(torch.isneginf(sel.ub), -1, ranks.gather(1, sel.jb.clamp(min=0)))
     return Selection(sel.tau, sel.ub, sel.jb, sel.nF, rb, key_of_rank=perm.int().contiguous(),
                      rank_of_key=ranks.int().contiguous())

@@ -93,6 +93,23 @@ at::Tensor wavelet_range_sum(const at::Tensor& zeros, const at::Tensor& wsum,
   return out;
 }
 
+// Stable sort of each row of u [rows, n] (float32): (values, int64 indices), the same as
+// torch.sort(u, dim=1, stable=True) in two launches (row_sort.cu).
+std::vector<at::Tensor> sort_rows(const at::Tensor& u) {
+  check(u, "u", at::kFloat);
+  TORCH_CHECK(u.dim() == 2, "sort_rows: u must be [rows, n]");
+  TORCH_CHECK(u.size(1) < (1LL << 30), "sort_rows: rows of at most 2^30 elements");
+  const at::cuda::OptionalCUDAGuard guard(u.device());
+  const int64_t rows = u.size(0), n = u.size(1);
+  at::Tensor vals = at::empty_like(u), idx = at::empty({rows, n}, u.options().dtype(at::kLong));
+  at::Tensor scratch = at::empty({(int64_t)xsk::row_sort_scratch_ints((int)rows, (int)n)},
+                                 u.options().dtype(at::kInt));
+  CHECK_CUDA_OK(xsk::launch_row_sort(u.data_ptr<float>(), (int)rows, (int)n,
+                                     scratch.data_ptr<int>(), vals.data_ptr<float>(),
+                                     idx.data_ptr<int64_t>(), at::cuda::getCurrentCUDAStream()));
+  return {vals, idx};
+}
+
 // The selection tables from float32 scores u [S, NK] and their stable per-head sort (sv, perm):
 // (u64, sv64, perm32, ranks32, cb [S, 2NK], th_mid, th_mid1 [S, 2NK - 1]); see select_tables.cu.
 std::vector<at::Tensor> select_tables(const at::Tensor& u, const at::Tensor& sv,
@@ -498,6 +515,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wavelet_build", &wavelet_build, "per-row wavelet matrices over ranks");
   m.def("wavelet_range_sum", &wavelet_range_sum,
         "per row: weight sums over index ranges between two rank thresholds");
+  m.def("sort_rows", &sort_rows, "stable per-row sort of float32 rows (torch.sort's result)");
   m.def("select_tables", &select_tables, "SparseK selection tables after the per-head sort");
   m.def("select_queries", &select_queries, "SparseK selection: per-query tau, top-k boundary, |F|");
   m.def("build_lists", &build_lists, "gathered pool-key list per (query tile, head)");

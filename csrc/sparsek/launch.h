@@ -18,6 +18,11 @@ cudaError_t launch_wavelet_range_sum(const int* zeros, const double* wsum, const
                                      int rows, int n, int nbits, int m, const int* lo,
                                      const int* hi, const int* th_lo, const int* th_hi,
                                      double* out, cudaStream_t stream);
+// Stable per-row sort of u [rows, n] (row_sort.cu): values and int64 source indices, as
+// torch.sort(u, dim=1, stable=True); scratch: row_sort_scratch_ints(rows, n) ints.
+size_t row_sort_scratch_ints(int rows, int n);
+cudaError_t launch_row_sort(const float* u, int rows, int n, int* scratch, float* out_val,
+                            int64_t* out_idx, cudaStream_t stream);
 // The selection tables after the per-head sort of float32 scores (select_tables.cu): u / sv
 // as float64, perm as int32, ranks = its inverse, cb, th_mid, th_mid1 (_selection.build_tables).
 cudaError_t launch_select_tables(const float* u32, const float* sv32, const int64_t* perm, int S,

@@ -13,13 +13,11 @@
 //   * pass 0 (a warp per anchor query, every kStride-th) solves a few consecutive anchors in
 //     turn (as many as fill the GPU once), the first probes of the next placed around the
 //     previous one's piece;
-//   * pass 1 (a warp per anchor gap, a lane per query) guesses every lane's piece without
-//     any wavelet query: along a causal sequence a query's pool is its anchor's plus a few
-//     keys, so the warp walks the breakpoints up from the anchor's piece tracking the
-//     anchor's f (slope = |F|, which changes by one pool key per breakpoint) and adds each
-//     lane's new keys' clip(u - t, 0, 1) by a warp scan.  The guess is then verified exactly
-//     (P(guess - 1) false, P(guess) true) in one descent; a wrong or missing guess only costs
-//     more descents (a bracketed search, as before).
+//   * pass 1 (a warp per anchor gap, a lane per query) brackets each query's piece with its
+//     two anchors' pieces in its first descent, then searches the bracket by thirds.  (A
+//     guess walked along the breakpoints without wavelet queries, verified in one descent,
+//     cost more than the descents it saved: H200, 8 x 64K, pass 0 + 1 624 us with it, 610
+//     without.)
 // Every output is computed by the same arithmetic as before from the same piece, so the
 // result is bitwise the old one wherever the predicate is monotone over the pieces (then any
 // search finds the same piece; see tests/test_select_emulation.py).
@@ -35,7 +33,6 @@ namespace xsk {
 namespace select_impl {
 
 constexpr int kStride = 32;          // anchor spacing: one warp of pass 1 per gap
-constexpr int kMaxWalk = 4096;       // pass 1: breakpoints walked at most (then: no guess)
 constexpr unsigned kAll = 0xffffffffu;
 // pass 0's blocks per SM: its registers capped at 80 on sm_90 (XSK_SELECT_PASS0_MIN_BLOCKS
 // overrides, for benchmarks/select_harness.cu's variants)
@@ -302,22 +299,6 @@ __device__ __forceinline__ Piece shfl_piece(const Piece& v, int src) {
   return r;
 }
 
-template <class T>
-__device__ __forceinline__ T warp_inclusive_sum(T x, int lane) {
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const T y = __shfl_up_sync(kAll, x, d);
-    if (lane >= d) x += y;
-  }
-  return x;
-}
-
-__device__ __forceinline__ int warp_max(int x) {
-#pragma unroll
-  for (int d = 16; d > 0; d >>= 1) x = max(x, __shfl_xor_sync(kAll, x, d));
-  return x;
-}
-
 // Pass 0's first probes for an anchor after the warp's previous one (piece prev): prev - 1,
 // prev .. prev + 14, then prev + 16, 24, 32, 48, ..., 3072 (pieces only grow along a causal
 // sequence, over a 32-query gap mostly by under ~100, rarely by thousands).
@@ -395,87 +376,6 @@ __global__ void __launch_bounds__(128, kAnchorMinBlocks) select_anchor_kernel(Se
   }
 }
 
-// Pass 1's guess of each lane's piece (or -1), without wavelet queries: lane queries whose
-// pool is the anchor's [lo0, hi0) plus e = hi - hi0 (< 32) keys.  The anchor's f is followed
-// up the breakpoints from its piece P0 (its right end: f = k - |F| (right - tau0)); crossing
-// breakpoint cb[m] = u - 1 of a pool key adds one to the slope |F|, crossing u removes one.
-// A lane adds the clip(u - t, 0, 1) of its e new keys (a warp scan over keys hi0 + lane) and
-// takes the first piece whose right end has f <= k.  Approximate arithmetic: only a guess.
-__device__ __forceinline__ int walk_guess(const SelectParams& p, int s, int lane,
-                                          bool walkable, int e, int lo0, int hi0, int P0,
-                                          int cap, double tau0, double nF0) {
-  bool searching = walkable;
-  if (!__any_sync(kAll, searching)) return -1;
-  const int max_e = warp_max(walkable ? e : 0);
-  const double u_new = lane < max_e ? __ldg(p.u + (size_t)s * p.NK + hi0 + lane) : 0.0;
-  const double k = p.topk;
-  const double* cb = p.cb + (size_t)s * (2 * p.NK);
-  const int* thm = p.th_mid + (size_t)s * (2 * p.NK - 1);
-  const int* thm1 = p.th_mid1 + (size_t)s * (2 * p.NK - 1);
-  const int* perm = p.perm + (size_t)s * p.NK;
-  // f of this lane's pool at t: f0(t) + (sum over its new keys), the latter by a scan.
-  auto added = [&](double t) {
-    const double g = lane < max_e ? fmin(fmax(u_new - t, 0.0), 1.0) : 0.0;
-    const double sc = warp_inclusive_sum(g, lane);
-    const double mine = __shfl_sync(kAll, sc, max(e - 1, 0));
-    return e > 0 ? mine : 0.0;
-  };
-  int guess = -1;
-  const double x0 = __ldg(cb + P0 + 1);
-  double nf_run = nF0, f_run = k - nF0 * (x0 - tau0);
-  const double f0 = f_run + added(x0);  // (every lane takes part in the scans)
-  if (searching && f0 <= k) {
-    guess = P0;
-    searching = false;
-  }
-  // Stretches of 32 pieces, lane l on piece base + l: its ends and the thresholds on both
-  // sides of its left end (loaded a stretch ahead, so a stretch costs one dependent load).
-  double left = 0.0, right = 0.0;
-  int ta = 0, tb = 0, ua = 0, ub = 0;
-  auto fetch = [&](int b) {
-    const int m = b + lane;
-    if (m <= cap) {
-      left = __ldg(cb + m);
-      right = __ldg(cb + m + 1);
-      ta = __ldg(thm + m - 1);
-      tb = __ldg(thm + m);
-      ua = __ldg(thm1 + m - 1);
-      ub = __ldg(thm1 + m);
-    }
-  };
-  fetch(P0 + 1);
-  for (int base = P0 + 1; base <= cap; base += 32) {
-    if (!__any_sync(kAll, searching)) break;
-    const bool valid = base + lane <= cap;
-    // cb[m] = u - 1 of rank ua: that key turns fractional; cb[m] = u of rank ta: it leaves F
-    const int key_in = valid && ub > ua ? __ldg(perm + ua) : -1;
-    const int key_out = valid && tb > ta ? __ldg(perm + ta) : -1;
-    const double dx = valid ? right - left : 0.0;
-    const double right_m = right;
-    fetch(base + 32);
-    const int dn = (key_in >= lo0 && key_in < hi0) - (key_out >= lo0 && key_out < hi0);
-    const double nf_m = nf_run + warp_inclusive_sum(dn, lane);
-    const double f_m = f_run + warp_inclusive_sum(-nf_m * dx, lane);
-    const int last = min(31, cap - base);
-    nf_run = __shfl_sync(kAll, nf_m, last);
-    f_run = __shfl_sync(kAll, f_m, last);
-    // lanes whose f drops to k within this stretch: find the piece
-    const double f_end = f_run + added(__shfl_sync(kAll, right_m, last));
-    const bool cross = searching && f_end <= k;
-    if (!__any_sync(kAll, cross)) continue;
-    bool open = cross;
-    for (int j = 0; j <= last; ++j) {
-      const double fj = __shfl_sync(kAll, f_m, j) + added(__shfl_sync(kAll, right_m, j));
-      if (open && fj <= k) {
-        guess = base + j;
-        open = searching = false;
-      }
-      if (!__any_sync(kAll, open)) break;
-    }
-  }
-  return guess;
-}
-
 // Pass 1's blocks per SM (register cap): unset leaves it uncapped (122 registers on sm_90a: 4
 // blocks of 128 threads per SM).  Caps spill (5 blocks: 54 bytes); benchmarks/
 // select_harness.cu times variants (-DXSK_SELECT_PASS1_MIN_BLOCKS=5).
@@ -505,17 +405,12 @@ __global__ void XSK_SELECT_PASS1_BOUNDS select_kernel(SelectParams p) {
   const int npieces = 2 * p.NK - 1;
   const int64_t ta = (int64_t)s * p.NQ + i0, tb = (int64_t)s * p.NQ + min(i0 + kStride, p.NQ - 1);
   const int P0 = p.piece[ta], P1 = p.piece[tb];  // the two anchors' pieces
-  const int lo0 = (int)p.pool_lo[i0], hi0 = (int)p.win_lo[i0];
-  const int e = wlo - hi0;
-  const bool walkable = need && P0 >= 0 && plo == lo0 && e >= 0 && e < 32;
-  const int cap = min(min(P1 >= P0 ? P1 : npieces - 1, P0 + kMaxWalk), npieces - 1);
-  const int guess = walk_guess(p, s, lane, walkable, e, lo0, hi0, P0, cap,
-                               P0 >= 0 ? p.tau[ta] : 0.0, P0 >= 0 ? (double)p.nF[ta] : 0.0);
   if (!need) return;
-  // From here on, lane by lane (no warp intrinsics).  Rounds of two probes each: the first
-  // checks the guess (guess - 1 and guess) and finds the two k-th smallest ranks in the same
-  // descent; then the anchors' pieces (P0 - 1 and P1, as before) where they narrow the
-  // bracket; then thirds of it.
+  // From here on, lane by lane (no warp intrinsics).  Rounds of two probes each: first the
+  // anchors' pieces (P0 - 1 and P1) where they narrow the bracket, finding the two k-th
+  // smallest ranks in the same descent; then thirds of the bracket.  (Along a causal
+  // sequence a query's piece lies between its anchors': the first round leaves a bracket of
+  // about P1 - P0 pieces.)
   const Query q{p, s, plo, wlo, wlo - plo};
   const int lo_hint = P0 - 1, hi_hint = P1 < npieces - 1 ? P1 : -1;
   int p_lo = -1, p_hi = npieces - 1, r0 = 0, r1 = 0;
@@ -524,18 +419,14 @@ __global__ void XSK_SELECT_PASS1_BOUNDS select_kernel(SelectParams p) {
   while (first || p_hi - p_lo > 1) {
     auto inside = [&](int x) { return p_lo < x && x < p_hi; };
     int ma = -1, mb = -1;
-    if (first && guess >= 0) {
-      ma = guess - 1;
-      mb = guess;
-    } else if (hints) {  // the anchors' pieces, where they narrow the bracket
+    if (hints) {  // the anchors' pieces, where they narrow the bracket
       hints = false;
       ma = inside(lo_hint) ? lo_hint : -1;
       mb = inside(hi_hint) ? hi_hint : -1;
       if (ma >= 0 && mb >= 0 && ma >= mb) {  // (not a causal gap)
         if (ma == mb) mb = -1; else { const int x = ma; ma = mb; mb = x; }
       }
-      // one inside: pair it with the piece next to the bracket's end on its other side (a
-      // guess that was off by one is found there)
+      // one inside: pair it with the piece next to the bracket's end on its other side
       if (ma < 0 && mb >= 0 && p_lo + 1 < mb) ma = p_lo + 1;
       else if (mb < 0 && ma >= 0 && ma < p_hi - 1) mb = p_hi - 1;
     }
