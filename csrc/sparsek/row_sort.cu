@@ -14,6 +14,7 @@
 //     so CTAs that are already running) and scatters to the digit's place in the next order.
 // Integer counts only: the result does not depend on timing.
 #include "launch.h"
+#include "phase_sync.cuh"
 
 namespace xsk {
 namespace {
@@ -25,22 +26,6 @@ constexpr int kBatch = 8;  // earlier chunks' counts loaded together
 constexpr unsigned kFull = 0xffffffffu;
 // A published chunk count: (pass + 1) << kTagShift | count (<= kChunk).
 constexpr int kTagShift = 16;
-
-__device__ __forceinline__ int ld_acquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ int ld_relaxed(const int* p) {
-  int v;
-  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void st_release(int* p, int v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
 
 // Order-preserving image of a float (finite or infinite): -0.0 maps with +0.0.
 __device__ __forceinline__ unsigned sort_key(float x) {
@@ -99,13 +84,7 @@ __global__ void __launch_bounds__(kThreads)
   const int* idx_in = (pass & 1) ? idx_a : idx_b;
   unsigned* key_out = (pass & 1) ? key_b : key_a;
   int* idx_out = (pass & 1) ? idx_b : idx_a;
-  if (pass > 0) {
-    if (tid == 0) {
-      const int* prev = done + row * kPasses + pass - 1;
-      while (ld_acquire(prev) < nc) __nanosleep(64);
-    }
-    __syncthreads();
-  }
+  if (pass > 0) cta_wait_count(done + row * kPasses + pass - 1, nc);
   const int base = c * kChunk, nvalid = min(kChunk, n - base);
   const size_t roff = (size_t)row * n;
   unsigned key[kPerThread];
@@ -212,11 +191,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   // The row's next pass may start once all its chunks have scattered.
-  __syncthreads();
-  if (tid == 0 && pass + 1 < kPasses) {
-    __threadfence();
-    atomicAdd(done + row * kPasses + pass, 1);
-  }
+  if (pass + 1 < kPasses) cta_signal_count(done + row * kPasses + pass);
 }
 
 }  // namespace

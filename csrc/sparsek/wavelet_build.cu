@@ -18,6 +18,7 @@
 // CTAs that are already running.  (One launch per level cost ~10 us each at 64K keys, most
 // of it the launch's ramp and tail.)
 #include "launch.h"
+#include "phase_sync.cuh"
 #include "wavelet.cuh"
 
 namespace xsk {
@@ -27,22 +28,11 @@ constexpr int kThreads = 256, kPerThread = 8, kChunk = kThreads * kPerThread;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFull = 0xffffffffu;
 // csrc/api/sparsek_api.cpp sizes the scratch per 2048 elements: chunk_w [rows, nc] (a weight
-// sum per chunk) and the int words `sync` [rows * nc status | rows * nbits done | ticket]
-// (wavelet_sync_words).
+// sum per chunk) and the int words `sync` [rows * nc status | rows * nbits done | ticket].
 static_assert(kChunk == 2048, "scratch is allocated per 2048 elements");
 // A chunk's published status: (level + 1) << kTagShift | zero count (<= kChunk).
 constexpr int kTagShift = 16;
 static_assert(kChunk < (1 << kTagShift), "count field");
-
-__device__ __forceinline__ int ld_acquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void st_release(int* p, int v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
 
 // Element q of a chunk lives in warp q / 256, item (q % 256) / 32, lane q % 32: every load
 // and table store of a warp touches 32 consecutive elements.
@@ -116,13 +106,7 @@ __global__ void __launch_bounds__(kThreads)
   const double* w = (li & 1) ? w_odd : w_even;
   int* r_next = (li & 1) ? r_even : r_odd;
   double* w_next = (li & 1) ? w_even : w_odd;
-  if (li > 0) {
-    if (tid == 0) {
-      const int* prev = done + row * nbits + li - 1;
-      while (ld_acquire(prev) < nc) __nanosleep(64);
-    }
-    __syncthreads();
-  }
+  if (li > 0) cta_wait_count(done + row * nbits + li - 1, nc);
   const int base = c * kChunk, nvalid = min(kChunk, n - base);
   const int nz = nzeros[row * nbits + li];
   const int* rr = r + (size_t)row * n + base;
@@ -257,11 +241,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   // The row's next level may start once all its chunks have scattered: every thread's
   // stores, then one release (cumulative over the barrier) on the row's counter.
-  __syncthreads();
-  if (tid == 0 && li + 1 < nbits) {
-    __threadfence();
-    atomicAdd(done + row * nbits + li, 1);
-  }
+  if (li + 1 < nbits) cta_signal_count(done + row * nbits + li);
 }
 
 // out[row, j] = (weight sum of the elements of [lo_j, hi_j) with rank < th_hi[row, j]) minus
