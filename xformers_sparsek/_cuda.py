@@ -21,7 +21,7 @@ import torch
 
 from . import _ext
 from ._layout import QueryLayout
-from ._selection import Selection, build_tables, score_gradient
+from ._selection import Selection, _row_ranks, build_tables, score_gradient
 
 _TILE_ROWS = 128  # rows (query x packed head) of one forward CTA (FwdTraits::kBM)
 
@@ -181,10 +181,7 @@ def _with_ranks(scores: torch.Tensor, sel: Selection) -> Selection:
     of a second selection: the boundary's rank is the rank of its key jb, -1 where the whole
     pool is selected (ub = -inf there, a finite score otherwise)."""
     # (float32 keys: the same (score, index) order as their exact float64 values)
-    u = scores.float().contiguous()
-    _, perm = _sort_rows(u)
-    ranks = torch.empty_like(perm).scatter_(
-        1, perm, torch.arange(u.shape[1], device=u.device).expand_as(perm))
+    _, perm, ranks = _row_ranks(scores.float().contiguous(), sort=_sort_rows)
     rb = torch.where(torch.isneginf(sel.ub), -1, ranks.gather(1, sel.jb.clamp(min=0)))
     return Selection(sel.tau, sel.ub, sel.jb, sel.nF, rb, key_of_rank=perm.int().contiguous(),
                      rank_of_key=ranks.int().contiguous())

@@ -56,13 +56,14 @@ class Tables:
     th_mid1: torch.Tensor  # int64 [S, 2NK - 1] ... of "u <= midpoint + 1"
 
 
-def _row_ranks(values: torch.Tensor):
+def _row_ranks(values: torch.Tensor, sort=None):
     """Sort each row; return (sorted values, perm, ranks), all [S, N].
 
     Ranks order a row's elements by (value, index): ties in value go to the larger index,
-    which is what makes 'k-th largest by (u, j)' a rank query.
+    which is what makes 'k-th largest by (u, j)' a rank query.  ``sort(values)`` replaces
+    ``torch.sort(values, dim=1, stable=True)`` (the CUDA path passes its radix sort).
     """
-    sv, perm = torch.sort(values, dim=1, stable=True)
+    sv, perm = sort(values) if sort is not None else torch.sort(values, dim=1, stable=True)
     ranks = torch.empty_like(perm).scatter_(
         1, perm, torch.arange(values.shape[1], device=values.device).expand_as(perm)
     )
