@@ -30,11 +30,11 @@ def main(out_dir, S=65536):
     zeros, wsum, nzeros = C.wavelet_build(ranks, u64)
     plo = prob.layout.pool_lo.contiguous()
     wlo = prob.layout.win_lo.contiguous()
-    tau, ub, jb, nF, rb = C.select_queries(zeros, wsum, nzeros, cb, thm, thm1, sv, perm32, u64,
-                                           plo, wlo, topk)
+    tau, ub, jb, nF, rb = C.select_queries(zeros, wsum, nzeros, cb, thm, thm1, sv, perm32, plo,
+                                           wlo, topk)
     os.makedirs(out_dir, exist_ok=True)
     arrays = dict(zeros=zeros, wsum=wsum, nzeros=nzeros, cb=cb, th_mid=thm, th_mid1=thm1,
-                  sv=sv, perm=perm32, u=u64, pool_lo=plo, win_lo=wlo,
+                  sv=sv, perm=perm32, pool_lo=plo, win_lo=wlo,
                   tau=tau, ub=ub, jb=jb, nF=nF, rb=rb)
     for name, t in arrays.items():
         t.contiguous().cpu().numpy().tofile(os.path.join(out_dir, name + ".bin"))

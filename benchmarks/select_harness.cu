@@ -56,7 +56,6 @@ int main(int argc, char** argv) {
   p.th_mid1 = load<int>(dir, "th_mid1", (size_t)S * (2 * NK - 1));
   p.sv = load<double>(dir, "sv", rows);
   p.perm = load<int>(dir, "perm", rows);
-  p.u = load<double>(dir, "u", rows);
   p.pool_lo = load<int64_t>(dir, "pool_lo", NQ);
   p.win_lo = load<int64_t>(dir, "win_lo", NQ);
   p.nbits = nbits, p.S = S, p.NQ = NQ, p.NK = NK, p.topk = topk;

@@ -50,7 +50,7 @@ def tables(scores, layout, topk):
     return dict(zeros=c(tb.wm.zeros, np.int32), wsum=c(tb.wm.wsum, np.float64),
                 nzeros=c(tb.wm.nzeros, np.int32), nbits=tb.wm.nbits, cb=c(tb.cb, np.float64),
                 th_mid=c(tb.th_mid, np.int32), th_mid1=c(tb.th_mid1, np.int32),
-                sv=c(tb.sv, np.float64), perm=c(tb.perm, np.int32), u=c(u, np.float64),
+                sv=c(tb.sv, np.float64), perm=c(tb.perm, np.int32),
                 pool_lo=c(layout.pool_lo, np.int64), win_lo=c(layout.win_lo, np.int64),
                 S=u.shape[0], NQ=layout.num_queries, NK=u.shape[1], topk=int(topk))
 
@@ -65,7 +65,7 @@ def run(lib, T, which, anchors_per_warp=4):
     i = ctypes.c_int
     err = lib.run_select(
         i(which), p(T["zeros"]), p(T["wsum"]), p(T["nzeros"]), i(T["nbits"]), p(T["cb"]),
-        p(T["th_mid"]), p(T["th_mid1"]), p(T["sv"]), p(T["perm"]), p(T["u"]), p(T["pool_lo"]),
+        p(T["th_mid"]), p(T["th_mid1"]), p(T["sv"]), p(T["perm"]), p(T["pool_lo"]),
         p(T["win_lo"]), i(S), i(NQ), i(T["NK"]), i(T["topk"]), p(o["piece"]), p(o["tau"]),
         p(o["ub"]), p(o["jb"]), p(o["nF"]), p(o["rb"]), i(anchors_per_warp), None)
     assert err == 0, "divergent warp intrinsic"

@@ -169,7 +169,7 @@ def select(scores: torch.Tensor, layout: QueryLayout, topk: int) -> Selection:
         u64, sv, perm, ranks, cb, th_mid, th_mid1 = _tables(u)
         zeros, wsum, nzeros = C.wavelet_build(ranks, u64)
     tau, ub, jb, nF, rb = C.select_queries(
-        zeros, wsum, nzeros, cb, th_mid, th_mid1, sv, perm, u64,
+        zeros, wsum, nzeros, cb, th_mid, th_mid1, sv, perm,
         layout.pool_lo.contiguous(), layout.win_lo.contiguous(), int(topk),
     )
     return Selection(tau, ub, jb, nF, rb, key_of_rank=perm, rank_of_key=ranks)

@@ -140,7 +140,7 @@ std::vector<at::Tensor> select_tables(const at::Tensor& u, const at::Tensor& sv,
 std::vector<at::Tensor> select_queries(const at::Tensor& zeros, const at::Tensor& wsum,
                                const at::Tensor& nzeros, const at::Tensor& cb,
                                const at::Tensor& th_mid, const at::Tensor& th_mid1,
-                               const at::Tensor& sv, const at::Tensor& perm, const at::Tensor& u,
+                               const at::Tensor& sv, const at::Tensor& perm,
                                const at::Tensor& pool_lo, const at::Tensor& win_lo, int64_t topk) {
   check(zeros, "zeros", at::kInt);
   check(wsum, "wsum", at::kDouble);
@@ -150,7 +150,6 @@ std::vector<at::Tensor> select_queries(const at::Tensor& zeros, const at::Tensor
   check(th_mid1, "th_mid1", at::kInt);
   check(sv, "sv", at::kDouble);
   check(perm, "perm", at::kInt);
-  check(u, "u", at::kDouble);
   check(pool_lo, "pool_lo", at::kLong);
   check(win_lo, "win_lo", at::kLong);
   const at::cuda::OptionalCUDAGuard guard(sv.device());
@@ -158,7 +157,6 @@ std::vector<at::Tensor> select_queries(const at::Tensor& zeros, const at::Tensor
   TORCH_CHECK(zeros.dim() == 3 && zeros.size(0) == S && zeros.size(2) == NK + 1,
               "zeros must be [S, L, NK + 1]");
   TORCH_CHECK(wsum.sizes() == zeros.sizes(), "wsum must match zeros");
-  TORCH_CHECK(u.sizes() == sv.sizes(), "u must be [S, NK]");
   auto f64 = sv.options();
   auto i64 = pool_lo.options();
   at::Tensor tau = at::empty({S, NQ}, f64), ub = at::empty({S, NQ}, f64);
@@ -176,7 +174,6 @@ std::vector<at::Tensor> select_queries(const at::Tensor& zeros, const at::Tensor
   p.th_mid1 = th_mid1.data_ptr<int>();
   p.sv = sv.data_ptr<double>();
   p.perm = perm.data_ptr<int>();
-  p.u = u.data_ptr<double>();
   p.pool_lo = pool_lo.data_ptr<int64_t>();
   p.win_lo = win_lo.data_ptr<int64_t>();
   p.S = S;

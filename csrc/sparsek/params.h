@@ -20,7 +20,6 @@ struct SelectParams {
   const int* th_mid1;    // [S, 2 NK - 1]  ... of "u <= mid + 1"
   const double* sv;      // [S, NK] sorted scores
   const int* perm;       // [S, NK] key index of each rank
-  const double* u;       // [S, NK] scores by key (unread since pass 1 stopped guessing pieces)
   const int64_t* pool_lo;  // [NQ]
   const int64_t* win_lo;   // [NQ]
   int S, NQ, NK, topk;

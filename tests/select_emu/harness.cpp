@@ -88,7 +88,7 @@ extern "C" {
 // loads), zeros loads, loads, sectors, warp loads, then the same for pass 1].
 int run_select(int which, const int* zeros, const double* wsum, const int* nzeros, int nbits,
                const double* cb, const int* th_mid, const int* th_mid1, const double* sv,
-               const int* perm, const double* u, const int64_t* pool_lo, const int64_t* win_lo,
+               const int* perm, const int64_t* pool_lo, const int64_t* win_lo,
                int S, int NQ, int NK, int topk, int* piece, double* tau, double* ub, int64_t* jb,
                int64_t* nF, int64_t* rb, int anchors_per_warp, double* stats) {
   xsk::SelectParams p{};
@@ -101,7 +101,6 @@ int run_select(int which, const int* zeros, const double* wsum, const int* nzero
   p.th_mid1 = th_mid1;
   p.sv = sv;
   p.perm = perm;
-  p.u = u;
   p.pool_lo = pool_lo;
   p.win_lo = win_lo;
   p.S = S;
