@@ -69,3 +69,21 @@ def commit(given=None):
                                        stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
+
+
+# The long-S config (B=1, Hq=32 in G=8 groups of H=4, D=128, bf16, causal) as the dump
+# scripts draw it: one K tensor (also used as V) and one score per key, each expanded over a
+# group's query heads.
+LONG_S_GROUPS, LONG_S_HEADS, LONG_S_DIM, LONG_S_TOPK, LONG_S_WINDOW = 8, 4, 128, 2048, 512
+
+
+def long_s_inputs(S, seed=0):
+    """(q, k, scores) of the long-S config at S tokens, drawn in that order after seeding."""
+    import torch
+
+    G, H, D = LONG_S_GROUPS, LONG_S_HEADS, LONG_S_DIM
+    torch.manual_seed(seed)
+    q = torch.randn(1, S, G, H, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, S, G, 1, D, device="cuda", dtype=torch.bfloat16).expand(1, S, G, H, D)
+    sc = torch.randn(1, S, G, 1, device="cuda").expand(1, S, G, H)
+    return q, k, sc

@@ -11,20 +11,17 @@ written: the harness draws its own.  On a GPU machine, from the repo root:
 import os
 import sys
 
-import torch
 from xformers.ops.fmha import attn_bias as xab
 
 import xformers_sparsek as xs
+from common import LONG_S_TOPK, LONG_S_WINDOW, long_s_inputs
 from xformers_sparsek import _ext
 
 
 def main(out_dir, S=65536, mode="sparse"):
     C = _ext.load_extension()
-    G, H, D, topk, window = 8, 4, 128, 2048, 512
-    torch.manual_seed(0)
-    q = torch.randn(1, S, G, H, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, S, G, 1, D, device="cuda", dtype=torch.bfloat16).expand(1, S, G, H, D)
-    sc = torch.randn(1, S, G, 1, device="cuda").expand(1, S, G, H)
+    topk, window = LONG_S_TOPK, LONG_S_WINDOW
+    q, k, sc = long_s_inputs(S)
     recorded = {}
     fwd = C.fwd
 

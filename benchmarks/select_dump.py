@@ -12,17 +12,15 @@ import sys
 import torch
 from xformers.ops.fmha import attn_bias as xab
 
+from common import LONG_S_TOPK, LONG_S_WINDOW, long_s_inputs
 from xformers_sparsek import _ext
 from xformers_sparsek._problem import make_problem
 
 
 def main(out_dir, S=65536):
     C = _ext.load_extension()
-    G, H, D, topk, window = 8, 4, 128, 2048, 512
-    torch.manual_seed(0)
-    q = torch.randn(1, S, G, H, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, S, G, 1, D, device="cuda", dtype=torch.bfloat16).expand(1, S, G, H, D)
-    sc = torch.randn(1, S, G, 1, device="cuda").expand(1, S, G, H)
+    topk, window = LONG_S_TOPK, LONG_S_WINDOW
+    q, k, sc = long_s_inputs(S)
     prob = make_problem(q, k, k, sc, xab.LowerTriangularMask(), topk, window, None)
     u = prob.scores.float().contiguous()
     sv32, perm = torch.sort(u, dim=1, stable=True)
