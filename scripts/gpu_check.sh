@@ -6,7 +6,8 @@
 # The full suite alone takes minutes on an H100; to fit a 10-minute device call, pick steps
 # with STEPS (default "build info tests bench decode hf"; "decode" = the decode-C rows,
 # ~1-1.5 min; "hf" = scripts/hf_gpu_check.py; "profile" = benchmarks/profile_calls.py;
-# "harness" = the standalone forward and selection harnesses, SELECT_BLOCKS="5 6" variants;
+# "harness" = the standalone forward and selection harnesses, SELECT_BLOCKS="5 6" variants,
+# FWD_VARIANTS="dir ..." forward kernel variants (each dir: replacement csrc/sparsek/sm90 headers);
 # "suite" = xFormers' own tests, needs .xftests carried; >3 min for a 1/4 sample) and
 # narrow pytest with PYTEST_ARGS, e.g.
 #   STEPS="build tests" PYTEST_ARGS="-k cuda" bash scripts/gpu_check.sh
@@ -86,9 +87,11 @@ profile() { python3 benchmarks/profile_calls.py --out "$OUT" 2>&1 | tail -n 120 
 # transformers integration on a random Llama (exact bf16 vs sdpa, training step, generation)
 hf_check() { python3 scripts/hf_gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/hf.log"; }
 
-# the two standalone kernel harnesses (no torch in the timed loop): the Hopper forward on the
-# seed config, and the selection search at 64K against the package's own outputs; variants
-# with SELECT_BLOCKS (pass 1's register cap, e.g. "5 6")
+# the standalone kernel harnesses (no torch in the timed loop): the Hopper forward on the
+# seed config and at D = 128 on the long-S work items (64K sparse, 32K exact), and the
+# selection search at 64K against the package's own outputs; variants with SELECT_BLOCKS
+# (pass 1's register cap, e.g. "5 6") and FWD_VARIANTS (directories of replacement
+# csrc/sparsek/sm90 headers, each timed beside the tree's kernel and checked against its output)
 harness() { run_harnesses 2>&1 | tee "$OUT/harness.log"; return "${PIPESTATUS[0]}"; }
 run_harnesses() {
   local nv="nvcc -O3 --use_fast_math -std=c++17 --expt-relaxed-constexpr -arch=sm_90a"
@@ -101,6 +104,31 @@ run_harnesses() {
   for b in ${SELECT_BLOCKS:-}; do
     $nv -Icsrc -DXSK_SELECT_PASS1_MIN_BLOCKS="$b" -o /tmp/select_h"$b" \
       benchmarks/select_harness.cu && /tmp/select_h"$b" /tmp/sel64k "pass1 x$b" || return
+  done
+  fwd_long_variants "$nv"
+}
+fwd_long_variants() {
+  local nv=$1 v n d
+  build_fwd_long_variants "$nv" || return
+  python3 benchmarks/fwd_dump.py /tmp/fwd64k 65536 sparse &&
+    python3 benchmarks/fwd_dump.py /tmp/fwd32k_exact 32768 exact || return
+  for d in /tmp/fwd64k /tmp/fwd32k_exact; do
+    /tmp/fwd_long_h "$d" "$(basename "$d") tree" save || return
+    for v in ${FWD_VARIANTS:-}; do
+      n=$(basename "$v")
+      /tmp/fwd_long_h_"$n" "$d" "$(basename "$d") $n" check || return
+    done
+  done
+}
+build_fwd_long_variants() {
+  local nv=$1 v n
+  $nv -Icsrc -Icsrc/sparsek/sm90 -o /tmp/fwd_long_h benchmarks/fwd_long_harness.cu || return
+  for v in ${FWD_VARIANTS:-}; do
+    n=$(basename "$v")
+    rm -rf /tmp/fwdv_"$n" && mkdir -p /tmp/fwdv_"$n" && cp -r csrc /tmp/fwdv_"$n"/ &&
+      cp "$v"/*.cuh /tmp/fwdv_"$n"/csrc/sparsek/sm90/ || return
+    $nv -I/tmp/fwdv_"$n"/csrc -I/tmp/fwdv_"$n"/csrc/sparsek/sm90 -o /tmp/fwd_long_h_"$n" \
+      benchmarks/fwd_long_harness.cu || return
   done
 }
 
