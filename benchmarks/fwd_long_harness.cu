@@ -11,27 +11,12 @@
 //   /tmp/fwd_long /tmp/fwd64k label [save|check]
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <string>
 #include <vector>
 
 #include "fwd_kernel_sm90.cuh"
+#include "harness_io.h"
 using namespace xsk;
-
-template <typename E>
-static E* load(const std::string& dir, const char* name, size_t n) {
-  std::vector<E> h(n);
-  FILE* f = fopen((dir + "/" + name + ".bin").c_str(), "rb");
-  if (!f || fread(h.data(), sizeof(E), n, f) != n) {
-    fprintf(stderr, "cannot read %s/%s.bin\n", dir.c_str(), name);
-    exit(1);
-  }
-  fclose(f);
-  E* d;
-  cudaMalloc(&d, n * sizeof(E));
-  cudaMemcpy(d, h.data(), n * sizeof(E), cudaMemcpyHostToDevice);
-  return d;
-}
 
 // Standard normal draws from a counter hash (Box-Muller), generated on the device: the
 // 64K problem's q alone is 268 M elements.

@@ -12,23 +12,8 @@
 #include <string>
 #include <vector>
 
+#include "harness_io.h"
 #include "sparsek/select.cu"
-
-template <typename T>
-static T* load(const std::string& dir, const char* name, size_t n, std::vector<T>* host = nullptr) {
-  std::vector<T> h(n);
-  FILE* f = fopen((dir + "/" + name + ".bin").c_str(), "rb");
-  if (!f || fread(h.data(), sizeof(T), n, f) != n) {
-    fprintf(stderr, "cannot read %s/%s.bin (%zu values)\n", dir.c_str(), name, n);
-    exit(1);
-  }
-  fclose(f);
-  T* d = nullptr;
-  cudaMalloc(&d, n * sizeof(T));
-  cudaMemcpy(d, h.data(), n * sizeof(T), cudaMemcpyHostToDevice);
-  if (host) *host = std::move(h);
-  return d;
-}
 
 template <typename T>
 static bool same_bits(const T* d, const std::vector<T>& want) {
