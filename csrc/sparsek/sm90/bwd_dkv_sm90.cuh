@@ -31,7 +31,9 @@ struct BwdDkvSm90Traits {
   static constexpr int kRows = 64;      // rows per chunk
   static constexpr int kStages = 3;     // Q / dO chunk buffers
   static constexpr int kThreads = 256;
-  static constexpr int kMaxChunks = 16;  // rows per super-tile / kRows (_BWD_SUPER_ROWS = 1024)
+  static constexpr int kMaxChunks = 32;  // rows per super-tile / kRows (_BWD_SUPER_ROWS <= 2048)
+  // heads packed per group (rp_kv) at most: a thread's copies of a chunk then are one head
+  static constexpr int kMaxPackedHeads = 16;
   static constexpr size_t kSmem = 1024 /* alignment slack */ + 2 * kBK * D * sizeof(T) +
                                   2 * kStages * kRows * D * sizeof(T);
   static_assert(kSmem <= 200 * 1024, "shared memory (plus the static arrays)");
@@ -60,6 +62,8 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   __shared__ RowBounds s_chunk[Tr::kMaxChunks];
   __shared__ KeyBounds s_warp_keys[8];
   __shared__ int s_visit[Tr::kMaxChunks], s_nvisit;
+  __shared__ __align__(8) uint8_t s_mode[Tr::kMaxChunks * 8];  // BlockMode [chunk][warp]
+  static_assert(static_cast<int>(BlockMode::kSkip) == 0, "a chunk's word is 0: all skip");
 
   const int t = blockIdx.x, tile = blockIdx.y, group = blockIdx.z;
   const int RP = p.RP, s = group / (p.R / RP), rgroup = group % (p.R / RP);
@@ -69,7 +73,7 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   const KeyStreams ks = make_key_streams<BK>(p, tile, s, q0, q1);
   if (t >= ks.tilesA + ks.tilesB) return;  // (the grid covers the longest streams)
   const int nchunks = ((q1 - q0) * RP + RW - 1) / RW;
-  if (nchunks > Tr::kMaxChunks) __trap();  // the host's super-tiles have <= 1024 rows
+  if (nchunks > Tr::kMaxChunks || RP > Tr::kMaxPackedHeads) __trap();  // (the host checks)
   const int r_kv = rgroup * RP;
   const KeyRule rule = ks.rule(t);
   const bool interior = ks.interior(t, BK);
@@ -137,40 +141,52 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   const KeyBounds warp_keys = warp_key_bounds(kj, krank);
   if (lane == 0) s_warp_keys[warp] = warp_keys;
   __syncthreads();
-  const KeyBounds wg_keys = merge(merge(s_warp_keys[4 * wg], s_warp_keys[4 * wg + 1]),
-                                  merge(s_warp_keys[4 * wg + 2], s_warp_keys[4 * wg + 3]));
+  // each warp's BlockMode per chunk (one byte each, a chunk's 8 in one 8-byte word)
+  static_assert(Tr::kMaxChunks <= 32 && Tr::kThreads == 256, "a lane per chunk, 8 warps");
+  if (lane < nchunks)
+    s_mode[lane * 8 + warp] = static_cast<uint8_t>(block_mode(rule, interior, warp_keys, s_chunk[lane]));
+  __syncthreads();
   if (tid == 0) {  // the chunks some key of the tile is attended by
-    const KeyBounds tile_keys = merge(
-        merge(merge(s_warp_keys[0], s_warp_keys[1]), merge(s_warp_keys[2], s_warp_keys[3])),
-        merge(merge(s_warp_keys[4], s_warp_keys[5]), merge(s_warp_keys[6], s_warp_keys[7])));
     int n = 0;
     for (int c = 0; c < nchunks; ++c)
-      if (block_mode(rule, interior, tile_keys, s_chunk[c]) != BlockMode::kSkip) s_visit[n++] = c;
+      if (*reinterpret_cast<const uint64_t*>(s_mode + c * 8) != 0) s_visit[n++] = c;
     s_nvisit = n;
   }
   __syncthreads();
   const int nvisit = s_nvisit;
 
   // ---- chunk loader: Q and dO rows of chunk s_visit[v] into buffer v % NST ----------------
+  // A thread copies 16-byte piece ch of rows m0, m0 + kStep, ... of each chunk.  RP (a power
+  // of two) divides kStep (kMaxPackedHeads, checked by the host), so those rows are one head,
+  // kStep / RP queries apart: a base pointer per thread and one add per row.
   const T* qbase = static_cast<const T*>(p.q);
   const T* dobase = static_cast<const T*>(b.dout);
-  // A thread copies 16-byte piece ch of rows m0, m0 + 256 / CH, ... (RP is a power of two:
-  // shifts, not divisions, in this per-chunk address arithmetic).
-  static_assert(Tr::kThreads % CH == 0 && (RW * CH) % Tr::kThreads == 0, "copy pattern");
+  constexpr int kStep = Tr::kThreads / CH;
+  static_assert(Tr::kThreads % CH == 0 && RW % kStep == 0 && kStep % 8 == 0, "copy pattern");
+  static_assert(Tr::kMaxPackedHeads <= kStep, "a thread's rows are one head");
   const int rp_shift = __ffs(RP) - 1;
   const int ch = tid % CH, m0 = tid / CH;
-  const T* qs = qbase + s * p.q_ss + ch * 8;
-  const T* dos = dobase + s * b.do_ss + ch * 8;
+  const int q_first = m0 >> rp_shift;       // the query of row m0, from q0
+  const int q_left = q1 - q0 - q_first;     // queries from there to the super-tile's end
+  const int r_t = r_kv + (m0 & (RP - 1));   // the head of all this thread's rows
+  const T* q_t = qbase + s * p.q_ss + (int64_t)r_t * p.q_sr + (int64_t)(q0 + q_first) * p.q_sn +
+                 ch * 8;
+  const T* o_t = dobase + s * b.do_ss + (int64_t)r_t * b.do_sr +
+                 (int64_t)(q0 + q_first) * b.do_sn + ch * 8;
+  const int dst0 = sw128(RW, m0, ch);  // row m0 + i kStep: + i kStep 64 (kStep % 8 == 0)
   auto load_chunk = [&](int v) {
     const int c = s_visit[v], st = v % NST;
-    T* dQ = sQ + st * RW * D;
-    T* dO = sO + st * RW * D;
+    T* dQ = sQ + st * RW * D + dst0;
+    T* dO = sO + st * RW * D + dst0;
+    const int qc = c * (RW >> rp_shift), qstep = kStep >> rp_shift;
+    const T* qs = q_t + (int64_t)qc * p.q_sn;
+    const T* os = o_t + (int64_t)qc * b.do_sn;
 #pragma unroll
-    for (int m = m0; m < RW; m += Tr::kThreads / CH) {
-      const int row = c * RW + m, qi = q0 + (row >> rp_shift), r = r_kv + (row & (RP - 1));
-      const bool valid = qi < q1;
-      cp_async16(dQ + sw128(RW, m, ch), valid ? qs + qi * p.q_sn + r * p.q_sr : qbase, valid);
-      cp_async16(dO + sw128(RW, m, ch), valid ? dos + qi * b.do_sn + r * b.do_sr : dobase, valid);
+    for (int i = 0; i < RW / kStep; ++i) {
+      const bool valid = qc + i * qstep < q_left;
+      cp_async16(dQ + i * kStep * 64, valid ? qs + (int64_t)(i * qstep) * p.q_sn : qbase, valid);
+      cp_async16(dO + i * kStep * 64, valid ? os + (int64_t)(i * qstep) * b.do_sn : dobase,
+                 valid);
     }
   };
   if (nvisit > 0) load_chunk(0);
@@ -184,8 +200,14 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   fence_regs(dk);  // else the zeroing may sink into the wgmma pipeline and serialize it
   fence_regs(dv);
   float du[2] = {0.f, 0.f};
-  const T* wK = sK + wg * 64 * 64;  // this warpgroup's 64 keys (row offset in each 64-column block)
-  const T* wV = sV + wg * 64 * 64;
+  // wgmma descriptors: this warpgroup's 64 keys of K and V (row offset in each 64-column
+  // block), and stage 0 of the chunk rows as the K-major (S^T, dP^T) and the MN-major (dK, dV)
+  // operand; everything else is desc_add of constant or per-stage offsets.
+  constexpr int EB = sizeof(T);
+  const uint64_t desc_k = make_desc(sK + wg * 64 * 64, 16, 1024);
+  const uint64_t desc_v = make_desc(sV + wg * 64 * 64, 16, 1024);
+  const uint64_t desc_q = make_desc(sQ, 16, 1024), desc_o = make_desc(sO, 16, 1024);
+  const uint64_t desc_qt = make_desc(sQ, RW * 128, 1024), desc_ot = make_desc(sO, RW * 128, 1024);
 
   for (int v = 0; v < nvisit; ++v) {
     const int st = v % NST, c = s_visit[v];
@@ -194,33 +216,30 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
     __syncthreads();      // chunk v (and its metadata) visible; buffer (v + 1) % NST free
     if (v + 1 < nvisit) load_chunk(v + 1);
     cp_async_commit();
-    const RowBounds rows = s_chunk[c];
-    if (block_mode(rule, interior, wg_keys, rows) == BlockMode::kSkip) {  // adds zeros
+    // A warpgroup whose 4 warps all skip the chunk skips its products (they add zeros).
+    const uint32_t wg_modes =
+        static_cast<uint32_t>(*reinterpret_cast<const uint64_t*>(s_mode + c * 8) >> (32 * wg));
+    if (wg_modes == 0) {
       wgmma_wait<0>();  // the previous chunk's products read a buffer refilled next
       fence_regs(dk);
       fence_regs(dv);
       continue;
     }
-    const BlockMode mode = block_mode(rule, interior, warp_keys, rows);
-    const T* cQ = sQ + st * RW * D;
-    const T* cO = sO + st * RW * D;
+    const BlockMode mode = static_cast<BlockMode>((wg_modes >> (8 * (warp & 3))) & 0xff);
+    const uint32_t stage_bytes = st * RW * D * EB;
 
     // S^T = K Q^T, dP^T = V dO^T (64 keys x 64 rows each)
     fence_regs(sct);
     fence_regs(dpt);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t da = make_desc(wK + (kk >> 2) * BK * 64 + (kk & 3) * 16, 16, 1024);
-      const uint64_t db = make_desc(cQ + (kk >> 2) * RW * 64 + (kk & 3) * 16, 16, 1024);
-      WgmmaSS<T, RW>::run(sct, da, db, kk > 0);
-    }
+    for (int kk = 0; kk < D / 16; ++kk)
+      WgmmaSS<T, RW>::run(sct, desc_add(desc_k, kstep_bytes(kk, BK, EB)),
+                          desc_add(desc_q, stage_bytes + kstep_bytes(kk, RW, EB)), kk > 0);
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const uint64_t da = make_desc(wV + (kk >> 2) * BK * 64 + (kk & 3) * 16, 16, 1024);
-      const uint64_t db = make_desc(cO + (kk >> 2) * RW * 64 + (kk & 3) * 16, 16, 1024);
-      WgmmaSS<T, RW>::run(dpt, da, db, kk > 0);
-    }
+    for (int kk = 0; kk < D / 16; ++kk)
+      WgmmaSS<T, RW>::run(dpt, desc_add(desc_v, kstep_bytes(kk, BK, EB)),
+                          desc_add(desc_o, stage_bytes + kstep_bytes(kk, RW, EB)), kk > 0);
     wgmma_commit();
     wgmma_wait<0>();  // (also the previous chunk's dK / dV products)
     fence_regs(sct);
@@ -232,8 +251,11 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
     // Accumulator element 4 i + cc: key g + 8 (cc >> 1), row 8 i + 2 tq + (cc & 1); the
     // metadata of a thread's two rows of block i are adjacent (one 8-byte load each).
     uint32_t pf[RW / 16][4], dsf[RW / 16][4];
-    auto elementwise = [&](auto all_pairs) {
+    // kAllPairs: the block is kAll; kPool (with kAllPairs): its keys are pool keys (else
+    // window / allowed keys, gate 1: no gate and no score-gradient term to compute).
+    auto elementwise = [&](auto all_pairs, auto pool_keys) {
       constexpr bool kAllPairs = decltype(all_pairs)::value;
+      constexpr bool kPool = decltype(pool_keys)::value;
 #pragma unroll
       for (int i = 0; i < RW / 8; ++i) {
         const int m = c * RW + i * 8 + tq * 2;
@@ -257,14 +279,15 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
           bool att;
           if constexpr (kAllPairs) {  // attends()'s gate, without its tests
             att = true;
-            gate = rule == KeyRule::kPoolSelected ? fminf(fmaxf(ku[h] - tau, 0.f), 1.f) : 1.f;
+            gate = kPool ? fminf(fmaxf(ku[h] - tau, 0.f), 1.f) : 1.f;
           } else {
             const RowInfo ri{y ? plo2.y : plo2.x, y ? wlo2.y : wlo2.x, y ? whi2.y : whi2.x,
                              y ? rb2.y : rb2.x, tau};
             att = kj[h] >= 0 && attends(rule, interior, ri, kj[h], krank[h], ku[h], gate);
           }
           float pr, term;
-          if (pair_backward(att, rule == KeyRule::kPoolSelected, gate, sct[4 * i + cc],
+          const bool pool = kAllPairs ? kPool : rule == KeyRule::kPoolSelected;
+          if (pair_backward(att, pool, gate, sct[4 * i + cc],
                             dpt[4 * i + cc], y ? lse2.y : lse2.x, y ? delta2.y : delta2.x,
                             p.scale_log2, b.scale, pr, ds[cc], term))
             du[h] += term;
@@ -276,18 +299,23 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
         dsf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
       }
     };
-    with_block_mode(mode, elementwise);  // (a kSkip warp's rule attends nothing: zeros)
+    if (mode != BlockMode::kAll)  // (a kSkip warp's rule attends nothing: zeros)
+      elementwise(std::false_type{}, std::false_type{});
+    else if (rule == KeyRule::kPoolSelected)
+      elementwise(std::true_type{}, std::true_type{});
+    else
+      elementwise(std::true_type{}, std::false_type{});
 
     // dV += (P g)^T dO, dK += (dS g scale)^T Q: B = the chunk's rows, MN-major
     fence_regs(dk);
     fence_regs(dv);
     wgmma_fence();
 #pragma unroll
-    for (int kc = 0; kc < RW / 16; ++kc)
-      WgmmaRS<T, D>::run(dv, pf[kc], make_desc(cO + kc * 16 * 64, RW * 128, 1024));
+    for (int kc = 0; kc < RW / 16; ++kc)  // (rows kc * 16 of the chunk: 16 x 128-byte rows)
+      WgmmaRS<T, D>::run(dv, pf[kc], desc_add(desc_ot, stage_bytes + kc * 16 * 64 * EB));
 #pragma unroll
     for (int kc = 0; kc < RW / 16; ++kc)
-      WgmmaRS<T, D>::run(dk, dsf[kc], make_desc(cQ + kc * 16 * 64, RW * 128, 1024));
+      WgmmaRS<T, D>::run(dk, dsf[kc], desc_add(desc_qt, stage_bytes + kc * 16 * 64 * EB));
     wgmma_commit();
     fence_regs(dk);
     fence_regs(dv);

@@ -149,6 +149,14 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
       wg_wlo = min(wg_wlo, r.z);
     }
 
+    // wgmma descriptors: this warpgroup's Q and dO rows, stage 0 of K and V (K-major) and of K
+    // (MN-major); the K-steps, halves and stages are desc_add offsets
+    constexpr int EB = sizeof(T);
+    const uint64_t desc_q = make_desc(sQ + wg * 64 * 64, 16, 1024);
+    const uint64_t desc_o = make_desc(sO + wg * 64 * 64, 16, 1024);
+    const uint64_t desc_k = make_desc(sK, 16, 1024), desc_v = make_desc(sV, 16, 1024);
+    const uint64_t desc_kt = make_desc(sK, BN * 128, 1024);
+
     float dq[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
@@ -159,8 +167,7 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
       const int st = it % NST;
       mbar_wait(&full[st], (it / NST) & 1);
       fence_proxy_async();  // the stage was written by cp.async (see produce_key_tiles)
-      const T* cK = sK + st * BN * D;
-      const T* cV = sV + st * BN * D;
+      const uint32_t stage_bytes = st * BN * D * EB;
       const KeyRule rule = ks.rule(t);
       const bool listed = rule == KeyRule::kPoolSelected;
       const bool interior = ks.interior(t, BN);
@@ -175,19 +182,14 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
         fence_regs(dp);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          const int qo = (kk >> 2) * BM * 64 + wg * 64 * 64 + (kk & 3) * 16;
-          const int ko = (kk >> 2) * BN * 64 + hf * HB * 64 + (kk & 3) * 16;
-          WgmmaSS<T, HB>::run(sc, make_desc(sQ + qo, 16, 1024), make_desc(cK + ko, 16, 1024),
-                              kk > 0);
-        }
+        const uint32_t half_bytes = stage_bytes + hf * HB * 64 * EB;  // (keys hf * HB)
+        for (int kk = 0; kk < D / 16; ++kk)
+          WgmmaSS<T, HB>::run(sc, desc_add(desc_q, kstep_bytes(kk, BM, EB)),
+                              desc_add(desc_k, half_bytes + kstep_bytes(kk, BN, EB)), kk > 0);
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          const int qo = (kk >> 2) * BM * 64 + wg * 64 * 64 + (kk & 3) * 16;
-          const int ko = (kk >> 2) * BN * 64 + hf * HB * 64 + (kk & 3) * 16;
-          WgmmaSS<T, HB>::run(dp, make_desc(sO + qo, 16, 1024), make_desc(cV + ko, 16, 1024),
-                              kk > 0);
-        }
+        for (int kk = 0; kk < D / 16; ++kk)
+          WgmmaSS<T, HB>::run(dp, desc_add(desc_o, kstep_bytes(kk, BM, EB)),
+                              desc_add(desc_v, half_bytes + kstep_bytes(kk, BN, EB)), kk > 0);
         wgmma_commit();
         wgmma_wait<0>();  // (also the previous half's dQ products)
         fence_regs(sc);
@@ -269,7 +271,7 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
 #pragma unroll
         for (int kc = 0; kc < HB / 16; ++kc)
           WgmmaRS<T, D>::run(dq, dsf[kc],
-                             make_desc(cK + (hf * HB + kc * 16) * 64, BN * 128, 1024));
+                             desc_add(desc_kt, stage_bytes + (hf * HB + kc * 16) * 64 * EB));
         wgmma_commit();
         fence_regs(dq);
       }

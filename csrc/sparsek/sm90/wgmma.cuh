@@ -30,6 +30,20 @@ __device__ __forceinline__ uint64_t make_desc(const void* smem, uint32_t lbo, ui
          (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
 
+// The descriptor of the same layout `bytes` further on (a multiple of 16, staying inside
+// shared memory): only the start address field moves, and it cannot carry into the others,
+// so one 32-bit add does it (make_desc per wgmma costs half a dozen instructions).
+__device__ __forceinline__ uint64_t desc_add(uint64_t desc, uint32_t bytes) {
+  const uint32_t lo = static_cast<uint32_t>(desc) + (bytes >> 4);
+  return (desc & 0xFFFFFFFF00000000ull) | lo;
+}
+
+// Byte offset of K-step kk (16 columns) in a [D/64][rows][64] sw128 tile: the 64-column
+// block kk / 4, then 32 bytes per step inside its 128-byte rows.
+__host__ __device__ constexpr uint32_t kstep_bytes(int kk, int rows, int elem_bytes) {
+  return static_cast<uint32_t>((kk >> 2) * rows * 64 * elem_bytes + (kk & 3) * 16 * elem_bytes);
+}
+
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
