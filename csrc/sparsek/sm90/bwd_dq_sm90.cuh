@@ -181,8 +181,8 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
         fence_regs(sc);
         fence_regs(dp);
         wgmma_fence();
-#pragma unroll
         const uint32_t half_bytes = stage_bytes + hf * HB * 64 * EB;  // (keys hf * HB)
+#pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
           WgmmaSS<T, HB>::run(sc, desc_add(desc_q, kstep_bytes(kk, BM, EB)),
                               desc_add(desc_k, half_bytes + kstep_bytes(kk, BN, EB)), kk > 0);
