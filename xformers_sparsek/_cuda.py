@@ -233,7 +233,6 @@ _BWD_DQ_ROWS_HOPPER = 128
 # x 64 at most).  2048 against 1024: half the partial dk/dv slots to write and reduce (64K
 # forward + backward 54.3 -> 53.0 ms on the H200, session 10).
 _BWD_SUPER_ROWS = 2048
-_BWD_MAX_RP_KV = 16  # heads per dk/dv group at most (BwdDkvSm90Traits::kMaxPackedHeads)
 
 
 def _pad64(n: int) -> int:
@@ -305,7 +304,7 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     t0, t1 = _tiles(NQ, dq_rows // rp, q.device, layout.seq_key)
     lists, counts, ovf1 = C.build_lists(sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo,
                                         t0, t1, NK, int(topk) + dq_rows // rp)
-    rp_kv = min(rp, _BWD_MAX_RP_KV)  # heads per dk/dv group (sharing K/V, their sums combine)
+    rp_kv = rp  # heads packed per dk/dv group (they share K/V, so their sums combine)
     qs = _BWD_SUPER_ROWS // rp_kv
     s0, s1 = _tiles(NQ, qs, q.device, layout.seq_key)
     cap_s = int(topk) + qs

@@ -348,8 +348,6 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
   check(delta, "delta", at::kFloat);
   // (the Hopper dk/dv kernel maps rows to packed heads with shifts; rp divides 128 anyway)
   TORCH_CHECK(rp_kv > 0 && (rp_kv & (rp_kv - 1)) == 0, "rp_kv must be a power of two");
-  // (the Hopper dk/dv kernel: a thread's rows of a chunk are one head, kMaxPackedHeads)
-  TORCH_CHECK(rp_kv <= 16, "rp_kv must be at most 16");
   xsk::BwdDqParams b{};
   b.f = fill_params(q, k, v, u, tau, rb, ranks, pool_lo, win_lo, win_hi, tile_q0, tile_q1, lists,
                     counts, rp, scale);

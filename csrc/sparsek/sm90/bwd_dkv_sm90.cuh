@@ -32,8 +32,6 @@ struct BwdDkvSm90Traits {
   static constexpr int kStages = 3;     // Q / dO chunk buffers
   static constexpr int kThreads = 256;
   static constexpr int kMaxChunks = 32;  // rows per super-tile / kRows (_BWD_SUPER_ROWS <= 2048)
-  // heads packed per group (rp_kv) at most: a thread's copies of a chunk then are one head
-  static constexpr int kMaxPackedHeads = 16;
   static constexpr size_t kSmem = 1024 /* alignment slack */ + 2 * kBK * D * sizeof(T) +
                                   2 * kStages * kRows * D * sizeof(T);
   static_assert(kSmem <= 200 * 1024, "shared memory (plus the static arrays)");
@@ -73,7 +71,7 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   const KeyStreams ks = make_key_streams<BK>(p, tile, s, q0, q1);
   if (t >= ks.tilesA + ks.tilesB) return;  // (the grid covers the longest streams)
   const int nchunks = ((q1 - q0) * RP + RW - 1) / RW;
-  if (nchunks > Tr::kMaxChunks || RP > Tr::kMaxPackedHeads) __trap();  // (the host checks)
+  if (nchunks > Tr::kMaxChunks) __trap();  // the host's super-tiles have <= 2048 rows
   const int r_kv = rgroup * RP;
   const KeyRule rule = ks.rule(t);
   const bool interior = ks.interior(t, BK);
@@ -156,37 +154,41 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   const int nvisit = s_nvisit;
 
   // ---- chunk loader: Q and dO rows of chunk s_visit[v] into buffer v % NST ----------------
-  // A thread copies 16-byte piece ch of rows m0, m0 + kStep, ... of each chunk.  RP (a power
-  // of two) divides kStep (kMaxPackedHeads, checked by the host), so those rows are one head,
-  // kStep / RP queries apart: a base pointer per thread and one add per row.
+  // Thread tid copies row m = tid / kLanesPerRow of every chunk: 16-byte pieces c0, c0 + 4,
+  // ... (c0 = tid % 4).  RP (a power of two) divides 64, so row m is always head
+  // r_kv + m % RP of query q0 + 64 c / RP + m / RP: one address per chunk and tensor, the
+  // pieces at constant offsets.  In the 128-byte swizzle piece ch of row m sits at
+  // ch ^ (m % 8); c0 + 4 j = c0 ^ 4 j (c0 < 4), so piece j is at a per-thread constant plus
+  // (j / 2) 64-column blocks and, for odd j, a per-thread +-4 pieces.
   const T* qbase = static_cast<const T*>(p.q);
   const T* dobase = static_cast<const T*>(b.dout);
-  constexpr int kStep = Tr::kThreads / CH;
-  static_assert(Tr::kThreads % CH == 0 && RW % kStep == 0 && kStep % 8 == 0, "copy pattern");
-  static_assert(Tr::kMaxPackedHeads <= kStep, "a thread's rows are one head");
+  constexpr int kLanesPerRow = Tr::kThreads / RW;   // 4
+  constexpr int kPieces = CH / kLanesPerRow;        // pieces per row and thread (4 at D = 128)
+  static_assert(kLanesPerRow == 4 && CH % 8 == 0, "copy pattern: 4 lanes per row");
   const int rp_shift = __ffs(RP) - 1;
-  const int ch = tid % CH, m0 = tid / CH;
-  const int q_first = m0 >> rp_shift;       // the query of row m0, from q0
-  const int q_left = q1 - q0 - q_first;     // queries from there to the super-tile's end
-  const int r_t = r_kv + (m0 & (RP - 1));   // the head of all this thread's rows
+  const int m = tid / kLanesPerRow, c0 = tid % kLanesPerRow;
+  const int q_first = m >> rp_shift;      // row m's query in chunk 0, from q0
+  const int q_left = q1 - q0 - q_first;   // queries from there to the super-tile's end
+  const int r_t = r_kv + (m & (RP - 1));  // row m's head
   const T* q_t = qbase + s * p.q_ss + (int64_t)r_t * p.q_sr + (int64_t)(q0 + q_first) * p.q_sn +
-                 ch * 8;
+                 c0 * 8;
   const T* o_t = dobase + s * b.do_ss + (int64_t)r_t * b.do_sr +
-                 (int64_t)(q0 + q_first) * b.do_sn + ch * 8;
-  const int dst0 = sw128(RW, m0, ch);  // row m0 + i kStep: + i kStep 64 (kStep % 8 == 0)
+                 (int64_t)(q0 + q_first) * b.do_sn + c0 * 8;
+  const int x0 = c0 ^ (m & 7);
+  const int dst0 = m * 64 + (x0 << 3), dst_odd = ((x0 ^ 4) - x0) << 3;
   auto load_chunk = [&](int v) {
     const int c = s_visit[v], st = v % NST;
     T* dQ = sQ + st * RW * D + dst0;
     T* dO = sO + st * RW * D + dst0;
-    const int qc = c * (RW >> rp_shift), qstep = kStep >> rp_shift;
-    const T* qs = q_t + (int64_t)qc * p.q_sn;
-    const T* os = o_t + (int64_t)qc * b.do_sn;
+    const int qc = c * (RW >> rp_shift);
+    const bool valid = qc < q_left;
+    const T* qs = valid ? q_t + (int64_t)qc * p.q_sn : qbase;
+    const T* os = valid ? o_t + (int64_t)qc * b.do_sn : dobase;
 #pragma unroll
-    for (int i = 0; i < RW / kStep; ++i) {
-      const bool valid = qc + i * qstep < q_left;
-      cp_async16(dQ + i * kStep * 64, valid ? qs + (int64_t)(i * qstep) * p.q_sn : qbase, valid);
-      cp_async16(dO + i * kStep * 64, valid ? os + (int64_t)(i * qstep) * b.do_sn : dobase,
-                 valid);
+    for (int j = 0; j < kPieces; ++j) {
+      const int dj = (j >> 1) * RW * 64 + ((j & 1) ? dst_odd : 0);
+      cp_async16(dQ + dj, qs + (valid ? j * 32 : 0), valid);
+      cp_async16(dO + dj, os + (valid ? j * 32 : 0), valid);
     }
   };
   if (nvisit > 0) load_chunk(0);
