@@ -5,21 +5,28 @@
 // CTA = one key tile (BK = 128 keys) of one super-tile's key streams x one head group: the
 // grid's x is the key tile, so the CTAs of one super-tile run side by side and share its
 // Q / dO rows in L2 (the mma.sync pass walks every key tile of a super-tile in one CTA and
-// re-reads them from DRAM).  Two warpgroups of 64 keys each (wgmma M = 64) walk the
-// super-tile's rows in chunks of 64, skipping the chunks no key of the tile is attended by
-// (decided once per CTA from the rows' and keys' bounds):
-//   S^T = K Q^T and dP^T = V dO^T   (wgmma, both operands in shared memory, N = 64 rows),
+// re-reads them from DRAM).  Warpgroup 0 (the producer, 24 registers) loads the tile's K / V
+// and then the Q / dO rows of each chunk of 64 rows some key of the tile is attended by
+// (decided once per CTA from the rows' and keys' bounds) into a ring of three stages on
+// mbarriers (full: the copies landed; empty: the 8 consumer warps released the stage).
+// Warpgroups 1 and 2 (the consumers, 240 registers) hold 64 keys each (wgmma M = 64) and
+// walk the chunks in two halves of 32 rows (S^T and dP^T of a whole chunk plus dK, dV do not
+// fit 240 registers):
+//   S^T = K Q^T and dP^T = V dO^T   (wgmma, both operands in shared memory, N = 32 rows),
 //   P, dS and the score gradient's direct sums per (key, row), the BlockMode of each warp's
 //   16 keys picking the cheapest exact rule,
 //   dV += (P g)^T dO and dK += (dS g scale)^T Q   (wgmma, the A operand from registers).
-// All 256 threads load chunk v + 1 with cp.async while chunk v is computed; three buffers,
-// because a chunk's buffer is refilled only after both warpgroups waited for the products
-// that read it (at their next chunk's S^T).  Tiles use wgmma's 128-byte swizzle (sw128).
+// A consumer warp releases a chunk's stage once the products that read it have completed
+// (at its next chunk's first wait), so the two consumers need not move in step: they meet
+// only where the producer must wait for a stage.  Tiles use wgmma's 128-byte swizzle
+// (sw128).  (H200, 64K: 19.7 ms against 21.2 for the 256-thread version whose warpgroups
+// loaded the chunks themselves and met at a __syncthreads per chunk.)
 #pragma once
 #include <climits>
 #include <cmath>
 
 #include "../bwd_kernel.cuh"
+#include "key_producer.cuh"  // (RegSplit)
 #include "wgmma.cuh"
 
 namespace xsk {
@@ -30,10 +37,14 @@ struct BwdDkvSm90Traits {
   static constexpr int kBK = 128;       // keys per CTA: 64 per warpgroup
   static constexpr int kRows = 64;      // rows per chunk
   static constexpr int kStages = 3;     // Q / dO chunk buffers
-  static constexpr int kThreads = 256;
+  // warpgroup 0 loads the chunks (producer), warpgroups 1 and 2 compute (64 keys each)
+  static constexpr int kThreads = 384, kConsumerWarps = 8;
+  // the consumers hold dK, dV (64 + 64), S^T, dP^T (32 + 32) and the chunk's P / dS operands
+  using Regs = RegSplit<24, 240>;
   static constexpr int kMaxChunks = 32;  // rows per super-tile / kRows (_BWD_SUPER_ROWS <= 2048)
   static constexpr size_t kSmem = 1024 /* alignment slack */ + 2 * kBK * D * sizeof(T) +
-                                  2 * kStages * kRows * D * sizeof(T);
+                                  2 * kStages * kRows * D * sizeof(T) +
+                                  2 * kStages * sizeof(uint64_t);  // full / empty barriers
   // dynamic + the static row tables (7 words per row) + the small static arrays (< 4 KB)
   static_assert(kSmem + kMaxChunks * kRows * 7 * 4 + 4096 <= 227 * 1024, "shared memory");
 };
@@ -52,6 +63,8 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   T* sV = sK + BK * D;                 // [D/64][BK][64]
   T* sQ = sV + BK * D;                 // [NST][D/64][RW][64]
   T* sO = sQ + NST * RW * D;           // [NST][D/64][RW][64] dO rows
+  uint64_t* full = reinterpret_cast<uint64_t*>(sO + NST * RW * D);  // [NST] chunk landed
+  uint64_t* empty = full + NST;                                     // [NST] chunk released
   __shared__ int s_idx[BK], s_rank[BK];
   __shared__ float s_u[BK];
   // every row's metadata, loaded once (global loads in the chunk loop would stall its warps)
@@ -59,14 +72,15 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   __shared__ __align__(16) int s_plo[kMaxRows], s_wlo[kMaxRows], s_whi[kMaxRows], s_rb[kMaxRows];
   __shared__ __align__(16) float s_tau[kMaxRows], s_lse2[kMaxRows], s_delta[kMaxRows];
   __shared__ RowBounds s_chunk[Tr::kMaxChunks];
-  __shared__ KeyBounds s_warp_keys[8];
   __shared__ int s_visit[Tr::kMaxChunks], s_nvisit;
   __shared__ __align__(8) uint8_t s_mode[Tr::kMaxChunks * 8];  // BlockMode [chunk][warp]
   static_assert(static_cast<int>(BlockMode::kSkip) == 0, "a chunk's word is 0: all skip");
 
   const int t = blockIdx.x, tile = blockIdx.y, group = blockIdx.z;
   const int RP = p.RP, s = group / (p.R / RP), rgroup = group % (p.R / RP);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  // consumer warp 0..7 and warpgroup 0..1 (meaningless for the producer's warps 0..3)
+  const int cw = warp - 4, wg = cw >> 2;
   const int g = lane >> 2, tq = lane & 3;
   const int q0 = p.tile_q0[tile], q1 = p.tile_q1[tile];
   const KeyStreams ks = make_key_streams<BK>(p, tile, s, q0, q1);
@@ -81,7 +95,8 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   {
     const T* kbase = static_cast<const T*>(p.k) + s * p.k_ss + r_kv * p.k_sr;
     const T* vbase = static_cast<const T*>(p.v) + s * p.v_ss + r_kv * p.v_sr;
-    for (int c = tid; c < BK * CH; c += Tr::kThreads) {
+    // (by the producer's threads: full[0], which tracks their copies, then covers them)
+    for (int c = tid; warp < 4 && c < BK * CH; c += 128) {
       const int e = c / CH, ch = c % CH;
       const int j = ks.key(t, e, BK);
       const int64_t jj = j >= 0 ? j : 0;
@@ -126,24 +141,32 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   }
   __syncthreads();
 
-  // This thread's two keys (accumulator rows g and g + 8 of its warp's 16) and the bounds of
-  // its warp's, its warpgroup's and the tile's keys.
-  int kj[2], krank[2];
-  float ku[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int e = wg * 64 + (warp & 3) * 16 + g + 8 * h;
-    kj[h] = s_idx[e];
-    krank[h] = s_rank[e];
-    ku[h] = s_u[e];
+  if (tid == 0) {
+    for (int i = 0; i < NST; ++i) {
+      mbar_init(&full[i], 2 * 128);              // per producer thread: copies landed, arrival
+      mbar_init(&empty[i], Tr::kConsumerWarps);  // per consumer warp
+    }
   }
-  const KeyBounds warp_keys = warp_key_bounds(kj, krank);
-  if (lane == 0) s_warp_keys[warp] = warp_keys;
-  __syncthreads();
-  // each warp's BlockMode per chunk (one byte each, a chunk's 8 in one 8-byte word)
-  static_assert(Tr::kMaxChunks <= 32 && Tr::kThreads == 256, "a lane per chunk, 8 warps");
-  if (lane < nchunks)
-    s_mode[lane * 8 + warp] = static_cast<uint8_t>(block_mode(rule, interior, warp_keys, s_chunk[lane]));
+  // Consumers: this thread's two keys (accumulator rows g and g + 8 of its warp's 16), the
+  // bounds of its warp's keys, and its warp's BlockMode per chunk (one byte each, a chunk's
+  // 8 in one 8-byte word).
+  int kj[2] = {-1, -1}, krank[2] = {-1, -1};
+  float ku[2] = {0.f, 0.f};
+  KeyBounds warp_keys{};
+  if (cw >= 0) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int e = wg * 64 + (cw & 3) * 16 + g + 8 * h;
+      kj[h] = s_idx[e];
+      krank[h] = s_rank[e];
+      ku[h] = s_u[e];
+    }
+    warp_keys = warp_key_bounds(kj, krank);
+    static_assert(Tr::kMaxChunks <= 32 && Tr::kConsumerWarps == 8, "a lane per chunk, 8 warps");
+    if (lane < nchunks)
+      s_mode[lane * 8 + cw] =
+          static_cast<uint8_t>(block_mode(rule, interior, warp_keys, s_chunk[lane]));
+  }
   __syncthreads();
   if (tid == 0) {  // the chunks some key of the tile is attended by
     int n = 0;
@@ -154,179 +177,198 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   __syncthreads();
   const int nvisit = s_nvisit;
 
-  // ---- chunk loader: Q and dO rows of chunk s_visit[v] into buffer v % NST ----------------
-  // Thread tid copies row m = tid / kLanesPerRow of every chunk: 16-byte pieces c0, c0 + 4,
-  // ... (c0 = tid % 4).  RP (a power of two) divides 64, so row m is always head
-  // r_kv + m % RP of query q0 + 64 c / RP + m / RP: one address per chunk and tensor, the
-  // pieces at constant offsets.  In the 128-byte swizzle piece ch of row m sits at
+  // ---- producer: Q and dO rows of chunk s_visit[v] into stage v % NST ----------------------
+  // Thread tid copies rows m and m + 32 (m = tid / 4) of every chunk: 16-byte pieces c0,
+  // c0 + 4, ... (c0 = tid % 4).  Row rr of the super-tile is head r_kv + rr % RP of query
+  // q0 + rr / RP (RP a power of two).  In the 128-byte swizzle piece ch of row m sits at
   // ch ^ (m % 8); c0 + 4 j = c0 ^ 4 j (c0 < 4), so piece j is at a per-thread constant plus
-  // (j / 2) 64-column blocks and, for odd j, a per-thread +-4 pieces.
-  const T* qbase = static_cast<const T*>(p.q);
-  const T* dobase = static_cast<const T*>(b.dout);
-  constexpr int kLanesPerRow = Tr::kThreads / RW;   // 4
-  constexpr int kPieces = CH / kLanesPerRow;        // pieces per row and thread (4 at D = 128)
-  static_assert(kLanesPerRow == 4 && CH % 8 == 0, "copy pattern: 4 lanes per row");
-  const int rp_shift = __ffs(RP) - 1;
-  const int m = tid / kLanesPerRow, c0 = tid % kLanesPerRow;
-  const int q_first = m >> rp_shift;      // row m's query in chunk 0, from q0
-  const int q_left = q1 - q0 - q_first;   // queries from there to the super-tile's end
-  const int r_t = r_kv + (m & (RP - 1));  // row m's head
-  const T* q_t = qbase + s * p.q_ss + (int64_t)r_t * p.q_sr + (int64_t)(q0 + q_first) * p.q_sn +
-                 c0 * 8;
-  const T* o_t = dobase + s * b.do_ss + (int64_t)r_t * b.do_sr +
-                 (int64_t)(q0 + q_first) * b.do_sn + c0 * 8;
-  const int x0 = c0 ^ (m & 7);
-  const int dst0 = m * 64 + (x0 << 3), dst_odd = ((x0 ^ 4) - x0) << 3;
-  auto load_chunk = [&](int v) {
-    const int c = s_visit[v], st = v % NST;
-    T* dQ = sQ + st * RW * D + dst0;
-    T* dO = sO + st * RW * D + dst0;
-    const int qc = c * (RW >> rp_shift);
-    const bool valid = qc < q_left;
-    const T* qs = valid ? q_t + (int64_t)qc * p.q_sn : qbase;
-    const T* os = valid ? o_t + (int64_t)qc * b.do_sn : dobase;
+  // (j / 2) 64-column blocks and, for odd j, a per-thread +-4 pieces.  Each thread arrives on
+  // full[stage] twice: when its copies land and now; it refills a stage once the 8 consumer
+  // warps released it (empty).
+  if (warp < 4) {
+    setmaxnreg_dec<Tr::Regs::kProducerRegs>();
+    const T* qbase = static_cast<const T*>(p.q);
+    const T* dobase = static_cast<const T*>(b.dout);
+    constexpr int kPieces = CH / 4;  // pieces per row and thread (4 at D = 128)
+    static_assert(CH % 8 == 0, "copy pattern: 4 lanes per row");
+    const int rp_shift = __ffs(RP) - 1;
+    const int m = tid / 4, c0 = tid % 4;
+    const int x0 = c0 ^ (m & 7);  // (rows m and m + 32: the same m % 8)
+    const int dst0 = m * 64 + (x0 << 3), dst_odd = ((x0 ^ 4) - x0) << 3;
+    for (int v = 0; v < nvisit; ++v) {
+      const int c = s_visit[v], st = v % NST;
+      if (v >= NST) mbar_wait(&empty[st], ((v / NST) - 1) & 1);
 #pragma unroll
-    for (int j = 0; j < kPieces; ++j) {
-      const int dj = (j >> 1) * RW * 64 + ((j & 1) ? dst_odd : 0);
-      cp_async16(dQ + dj, qs + (valid ? j * 32 : 0), valid);
-      cp_async16(dO + dj, os + (valid ? j * 32 : 0), valid);
+      for (int h = 0; h < 2; ++h) {
+        const int rr = c * RW + m + 32 * h;  // the row in the super-tile
+        const int qi = q0 + (rr >> rp_shift), r = r_kv + (rr & (RP - 1));
+        const bool valid = qi < q1;
+        const T* qs = valid ? qbase + s * p.q_ss + (int64_t)r * p.q_sr + (int64_t)qi * p.q_sn + c0 * 8
+                            : qbase;
+        const T* os = valid ? dobase + s * b.do_ss + (int64_t)r * b.do_sr +
+                                  (int64_t)qi * b.do_sn + c0 * 8
+                            : dobase;
+        T* dQ = sQ + st * RW * D + dst0 + 32 * h * 64;
+        T* dO = sO + st * RW * D + dst0 + 32 * h * 64;
+#pragma unroll
+        for (int j = 0; j < kPieces; ++j) {
+          const int dj = (j >> 1) * RW * 64 + ((j & 1) ? dst_odd : 0);
+          cp_async16(dQ + dj, qs + (valid ? j * 32 : 0), valid);
+          cp_async16(dO + dj, os + (valid ? j * 32 : 0), valid);
+        }
+      }
+      cp_async_mbar_arrive(&full[st]);
+      mbar_arrive(&full[st]);
     }
-  };
-  if (nvisit > 0) load_chunk(0);
-  cp_async_commit();
+    cp_async_wait<0>();  // (no copy may outlive the CTA's shared memory)
+    return;
+  }
 
-  float dk[D / 2], dv[D / 2], sct[RW / 2], dpt[RW / 2];
+  // ================================== consumers ==========================================
+  setmaxnreg_inc<Tr::Regs::kConsumerRegs>();
+  // A chunk runs as two halves of HR = 32 rows (S^T, dP^T of 64 keys x 32 rows: 16 + 16
+  // registers instead of 32 + 32, which the 240 registers of a consumer need).
+  constexpr int HR = RW / 2;
+  float dk[D / 2], dv[D / 2], sct[HR / 2], dpt[HR / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
 #pragma unroll
-  for (int i = 0; i < RW / 2; ++i) sct[i] = dpt[i] = 0.f;
+  for (int i = 0; i < HR / 2; ++i) sct[i] = dpt[i] = 0.f;
   fence_regs(dk);  // else the zeroing may sink into the wgmma pipeline and serialize it
   fence_regs(dv);
   float du[2] = {0.f, 0.f};
-  // wgmma descriptors: this warpgroup's 64 keys of K and V (row offset in each 64-column
-  // block), and stage 0 of the chunk rows as the K-major (S^T, dP^T) and the MN-major (dK, dV)
-  // operand; everything else is desc_add of constant or per-stage offsets.
+  // wgmma descriptors (their 32-bit start words): this warpgroup's 64 keys of K and V (row
+  // offset in each 64-column block), and stage 0 of the chunk rows as the K-major (S^T, dP^T)
+  // and the MN-major (dK, dV) operand; K-steps, halves and stages are offsets (>> 4).
   constexpr int EB = sizeof(T);
-  const uint64_t desc_k = make_desc(sK + wg * 64 * 64, 16, 1024);
-  const uint64_t desc_v = make_desc(sV + wg * 64 * 64, 16, 1024);
-  const uint64_t desc_q = make_desc(sQ, 16, 1024), desc_o = make_desc(sO, 16, 1024);
-  const uint64_t desc_qt = make_desc(sQ, RW * 128, 1024), desc_ot = make_desc(sO, RW * 128, 1024);
+  const uint32_t desc_k = desc_lo(make_desc(sK + wg * 64 * 64, 16, 1024));
+  const uint32_t desc_v = desc_lo(make_desc(sV + wg * 64 * 64, 16, 1024));
+  const uint32_t desc_q = desc_lo(make_desc(sQ, 16, 1024));
+  const uint32_t desc_o = desc_lo(make_desc(sO, 16, 1024));
+  const uint32_t desc_qt = desc_lo(make_desc(sQ, RW * 128, 1024));
+  const uint32_t desc_ot = desc_lo(make_desc(sO, RW * 128, 1024));
 
+  // A stage is released (each consumer warp arrives on empty) once the products that read
+  // it have completed: at the next chunk's first wait for its S^T / dP^T.
   for (int v = 0; v < nvisit; ++v) {
     const int st = v % NST, c = s_visit[v];
-    cp_async_wait<0>();
+    mbar_wait(&full[st], (v / NST) & 1);
     fence_proxy_async();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
-    __syncthreads();      // chunk v (and its metadata) visible; buffer (v + 1) % NST free
-    if (v + 1 < nvisit) load_chunk(v + 1);
-    cp_async_commit();
     // A warpgroup whose 4 warps all skip the chunk skips its products (they add zeros).
     const uint32_t wg_modes =
         static_cast<uint32_t>(*reinterpret_cast<const uint64_t*>(s_mode + c * 8) >> (32 * wg));
     if (wg_modes == 0) {
-      wgmma_wait<0>();  // the previous chunk's products read a buffer refilled next
+      wgmma_wait<0>();  // the previous chunk's products are done: release its stage
       fence_regs(dk);
       fence_regs(dv);
+      if (v > 0 && lane == 0) mbar_arrive(&empty[(v - 1) % NST]);
       continue;
     }
-    const BlockMode mode = static_cast<BlockMode>((wg_modes >> (8 * (warp & 3))) & 0xff);
-    const uint32_t stage_bytes = st * RW * D * EB;
+    const BlockMode mode = static_cast<BlockMode>((wg_modes >> (8 * (cw & 3))) & 0xff);
+    const uint32_t stage16 = (st * RW * D * EB) >> 4;  // (descriptor units: 16 bytes)
 
-    // S^T = K Q^T, dP^T = V dO^T (64 keys x 64 rows each)
-    fence_regs(sct);
-    fence_regs(dpt);
-    wgmma_fence();
+#pragma unroll 1
+    for (int hf = 0; hf < 2; ++hf) {
+      // S^T = K Q^T, dP^T = V dO^T over rows [hf HR, hf HR + HR) of the chunk
+      const uint32_t rows16 = stage16 + ((hf * HR * 128) >> 4);  // (128-byte rows)
+      fence_regs(sct);
+      fence_regs(dpt);
+      wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      WgmmaSS<T, RW>::run(sct, desc_add(desc_k, kstep_bytes(kk, BK, EB)),
-                          desc_add(desc_q, stage_bytes + kstep_bytes(kk, RW, EB)), kk > 0);
+      for (int kk = 0; kk < D / 16; ++kk)
+        WgmmaSSLo<T, HR>::run(sct, desc_k, kstep_bytes(kk, BK, EB) >> 4, desc_q + rows16,
+                              kstep_bytes(kk, RW, EB) >> 4, kk > 0);
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      WgmmaSS<T, RW>::run(dpt, desc_add(desc_v, kstep_bytes(kk, BK, EB)),
-                          desc_add(desc_o, stage_bytes + kstep_bytes(kk, RW, EB)), kk > 0);
-    wgmma_commit();
-    wgmma_wait<0>();  // (also the previous chunk's dK / dV products)
-    fence_regs(sct);
-    fence_regs(dpt);
-    fence_regs(dk);
-    fence_regs(dv);
+      for (int kk = 0; kk < D / 16; ++kk)
+        WgmmaSSLo<T, HR>::run(dpt, desc_v, kstep_bytes(kk, BK, EB) >> 4, desc_o + rows16,
+                              kstep_bytes(kk, RW, EB) >> 4, kk > 0);
+      wgmma_commit();
+      wgmma_wait<0>();  // (also the products before: the previous chunk's release its stage)
+      fence_regs(sct);
+      fence_regs(dpt);
+      fence_regs(dk);
+      fence_regs(dv);
+      if (hf == 0 && v > 0 && lane == 0) mbar_arrive(&empty[(v - 1) % NST]);
 
-    // P g and dS g scale as the A operands of the products below; the direct score sums du.
-    // Accumulator element 4 i + cc: key g + 8 (cc >> 1), row 8 i + 2 tq + (cc & 1); the
-    // metadata of a thread's two rows of block i are adjacent (one 8-byte load each).
-    uint32_t pf[RW / 16][4], dsf[RW / 16][4];
-    // kAllPairs: the block is kAll; kPool (with kAllPairs): its keys are pool keys (else
-    // window / allowed keys, gate 1: no gate and no score-gradient term to compute).
-    auto elementwise = [&](auto all_pairs, auto pool_keys) {
-      constexpr bool kAllPairs = decltype(all_pairs)::value;
-      constexpr bool kPool = decltype(pool_keys)::value;
+      // P g and dS g scale as the A operands of the products below; the direct score sums
+      // du.  Accumulator element 4 i + cc: key g + 8 (cc >> 1), row 8 i + 2 tq + (cc & 1) of
+      // the half; the metadata of a thread's two rows of block i are adjacent (one 8-byte
+      // load each).
+      uint32_t pf[HR / 16][4], dsf[HR / 16][4];
+      // kAllPairs: the block is kAll; kPool (with kAllPairs): its keys are pool keys (else
+      // window / allowed keys, gate 1: no gate and no score-gradient term to compute).
+      auto elementwise = [&](auto all_pairs, auto pool_keys) {
+        constexpr bool kAllPairs = decltype(all_pairs)::value;
+        constexpr bool kPool = decltype(pool_keys)::value;
 #pragma unroll
-      for (int i = 0; i < RW / 8; ++i) {
-        const int m = c * RW + i * 8 + tq * 2;
-        const float2 tau2 = *reinterpret_cast<const float2*>(s_tau + m);
-        const float2 lse2 = *reinterpret_cast<const float2*>(s_lse2 + m);
-        const float2 delta2 = *reinterpret_cast<const float2*>(s_delta + m);
-        int2 plo2, wlo2, whi2, rb2;
-        if constexpr (!kAllPairs) {
-          plo2 = *reinterpret_cast<const int2*>(s_plo + m);
-          wlo2 = *reinterpret_cast<const int2*>(s_wlo + m);
-          whi2 = *reinterpret_cast<const int2*>(s_whi + m);
-          rb2 = *reinterpret_cast<const int2*>(s_rb + m);
-        }
-        float pv[4], ds[4];
-#pragma unroll
-        for (int cc = 0; cc < 4; ++cc) {
-          const int h = cc >> 1;
-          const bool y = cc & 1;  // the second of the two rows
-          const float tau = y ? tau2.y : tau2.x;
-          float gate;
-          bool att;
-          if constexpr (kAllPairs) {  // attends()'s gate, without its tests
-            att = true;
-            gate = kPool ? fminf(fmaxf(ku[h] - tau, 0.f), 1.f) : 1.f;
-          } else {
-            const RowInfo ri{y ? plo2.y : plo2.x, y ? wlo2.y : wlo2.x, y ? whi2.y : whi2.x,
-                             y ? rb2.y : rb2.x, tau};
-            att = kj[h] >= 0 && attends(rule, interior, ri, kj[h], krank[h], ku[h], gate);
+        for (int i = 0; i < HR / 8; ++i) {
+          const int m = c * RW + hf * HR + i * 8 + tq * 2;
+          const float2 tau2 = *reinterpret_cast<const float2*>(s_tau + m);
+          const float2 lse2 = *reinterpret_cast<const float2*>(s_lse2 + m);
+          const float2 delta2 = *reinterpret_cast<const float2*>(s_delta + m);
+          int2 plo2, wlo2, whi2, rb2;
+          if constexpr (!kAllPairs) {
+            plo2 = *reinterpret_cast<const int2*>(s_plo + m);
+            wlo2 = *reinterpret_cast<const int2*>(s_wlo + m);
+            whi2 = *reinterpret_cast<const int2*>(s_whi + m);
+            rb2 = *reinterpret_cast<const int2*>(s_rb + m);
           }
-          float pr, term;
-          const bool pool = kAllPairs ? kPool : rule == KeyRule::kPoolSelected;
-          if (pair_backward(att, pool, gate, sct[4 * i + cc],
-                            dpt[4 * i + cc], y ? lse2.y : lse2.x, y ? delta2.y : delta2.x,
-                            p.scale_log2, b.scale, pr, ds[cc], term))
-            du[h] += term;
-          pv[cc] = pr * gate;
+          float pv[4], ds[4];
+#pragma unroll
+          for (int cc = 0; cc < 4; ++cc) {
+            const int h = cc >> 1;
+            const bool y = cc & 1;  // the second of the two rows
+            const float tau = y ? tau2.y : tau2.x;
+            float gate;
+            bool att;
+            if constexpr (kAllPairs) {  // attends()'s gate, without its tests
+              att = true;
+              gate = kPool ? fminf(fmaxf(ku[h] - tau, 0.f), 1.f) : 1.f;
+            } else {
+              const RowInfo ri{y ? plo2.y : plo2.x, y ? wlo2.y : wlo2.x, y ? whi2.y : whi2.x,
+                               y ? rb2.y : rb2.x, tau};
+              att = kj[h] >= 0 && attends(rule, interior, ri, kj[h], krank[h], ku[h], gate);
+            }
+            float pr, term;
+            const bool pool = kAllPairs ? kPool : rule == KeyRule::kPoolSelected;
+            if (pair_backward(att, pool, gate, sct[4 * i + cc], dpt[4 * i + cc],
+                              y ? lse2.y : lse2.x, y ? delta2.y : delta2.x, p.scale_log2,
+                              b.scale, pr, ds[cc], term))
+              du[h] += term;
+            pv[cc] = pr * gate;
+          }
+          pf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(pv[0], pv[1]);
+          pf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(pv[2], pv[3]);
+          dsf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
+          dsf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
         }
-        pf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(pv[0], pv[1]);
-        pf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(pv[2], pv[3]);
-        dsf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
-        dsf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
-      }
-    };
-    if (mode != BlockMode::kAll)  // (a kSkip warp's rule attends nothing: zeros)
-      elementwise(std::false_type{}, std::false_type{});
-    else if (rule == KeyRule::kPoolSelected)
-      elementwise(std::true_type{}, std::true_type{});
-    else
-      elementwise(std::true_type{}, std::false_type{});
+      };
+      if (mode != BlockMode::kAll)  // (a kSkip warp's rule attends nothing: zeros)
+        elementwise(std::false_type{}, std::false_type{});
+      else if (rule == KeyRule::kPoolSelected)
+        elementwise(std::true_type{}, std::true_type{});
+      else
+        elementwise(std::true_type{}, std::false_type{});
 
-    // dV += (P g)^T dO, dK += (dS g scale)^T Q: B = the chunk's rows, MN-major
-    fence_regs(dk);
-    fence_regs(dv);
-    wgmma_fence();
+      // dV += (P g)^T dO, dK += (dS g scale)^T Q over the half's rows (B MN-major: 16 rows
+      // of 128 bytes per k-step)
+      fence_regs(dk);
+      fence_regs(dv);
+      wgmma_fence();
 #pragma unroll
-    for (int kc = 0; kc < RW / 16; ++kc)  // (rows kc * 16 of the chunk: 16 x 128-byte rows)
-      WgmmaRS<T, D>::run(dv, pf[kc], desc_add(desc_ot, stage_bytes + kc * 16 * 64 * EB));
+      for (int kc = 0; kc < HR / 16; ++kc)
+        WgmmaRSLo<T, D>::run(dv, pf[kc], desc_ot + stage16, ((hf * HR + kc * 16) * 64 * EB) >> 4);
 #pragma unroll
-    for (int kc = 0; kc < RW / 16; ++kc)
-      WgmmaRS<T, D>::run(dk, dsf[kc], desc_add(desc_qt, stage_bytes + kc * 16 * 64 * EB));
-    wgmma_commit();
-    fence_regs(dk);
-    fence_regs(dv);
+      for (int kc = 0; kc < HR / 16; ++kc)
+        WgmmaRSLo<T, D>::run(dk, dsf[kc], desc_qt + stage16, ((hf * HR + kc * 16) * 64 * EB) >> 4);
+      wgmma_commit();
+      fence_regs(dk);
+      fence_regs(dv);
+    }
   }
   wgmma_wait<0>();
   fence_regs(dk);
   fence_regs(dv);
-  cp_async_wait<0>();
 
   // ---- this key tile's partials -> its slots ----------------------------------------------
   const int slot0 = t < ks.tilesA ? t * BK : kp.list_slots + (t - ks.tilesA) * BK;
@@ -335,7 +377,7 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
     du[h] += __shfl_xor_sync(0xffffffffu, du[h], 1);
     du[h] += __shfl_xor_sync(0xffffffffu, du[h], 2);
     if (kj[h] < 0) continue;
-    const int e = wg * 64 + (warp & 3) * 16 + g + 8 * h;
+    const int e = wg * 64 + (cw & 3) * 16 + g + 8 * h;
     const size_t slot = ((size_t)group * p.ntiles + tile) * kp.slots + slot0 + e;
     float* dst = kp.part_kv + slot * 2 * D;
 #pragma unroll

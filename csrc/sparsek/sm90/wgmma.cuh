@@ -205,6 +205,70 @@ struct WgmmaRS<T, 64> {                                                         
   }                                                                                              \
 };
 
+// The same with the descriptors built inside the asm from 32-bit start words (desc_lo of a
+// 128-byte-swizzle descriptor with a 1024-byte stride, plus a byte offset >> 4), so that no
+// 64-bit descriptor lives outside its wgmma (written for the dk/dv kernel's 240-register
+// consumers; ptxas put a batch's descriptors in registers up front, with make_desc there).
+// Their effect on the register count alone was not measured: the 256-thread dk/dv kernel
+// spilled 92 bytes with them, 96 without.
+template <typename T, int N>
+struct WgmmaSSLo;
+template <typename T, int N>
+struct WgmmaRSLo;
+// hi word of every such descriptor: stride 1024 bytes (>> 4 = 64), layout 1 (128B swizzle)
+constexpr uint32_t kDescHi128 = (1024u >> 4) | (1u << 30);
+__device__ __forceinline__ uint32_t desc_lo(uint64_t desc) { return static_cast<uint32_t>(desc); }
+
+// (operand numbers: A0..A3 the A fragment, BL / BO / HI the descriptor pieces)
+#define XSK_WGMMA_RS_LO(T, TN, NN, NREG, REGS, OPS, A0, A1, A2, A3, BL, BO, HI)                \
+template <>                                                                                      \
+struct WgmmaRSLo<T, NN> {                                                                        \
+  static __device__ __forceinline__ void run(float (&d)[NREG], const uint32_t (&a)[4],           \
+                                             uint32_t b_lo, uint32_t b_off) {                    \
+    asm volatile(                                                                                \
+        "{\n.reg .pred p;\n.reg .b32 bl, hi, one;\n.reg .b64 db;\n"                             \
+        "mov.b32 one, 1;\nsetp.ne.b32 p, one, 0;\n"                                              \
+        "add.u32 bl, %" BL ", %" BO ";\nmov.b32 hi, %" HI ";\nmov.b64 db, {bl, hi};\n"            \
+        "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TN "." TN " {"                        \
+        REGS                                                                                     \
+        "}, {%" A0 ", %" A1 ", %" A2 ", %" A3 "}, db, p, 1, 1, 1;\n}\n"                           \
+        : OPS                                                                                    \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b_lo), "r"(b_off), "n"(kDescHi128));   \
+  }                                                                                              \
+};
+
+#define XSK_WGMMA_SS_LO_N32(T, TN)                                                               \
+template <>                                                                                      \
+struct WgmmaSSLo<T, 32> {                                                                        \
+  static __device__ __forceinline__ void run(float (&d)[16], uint32_t a_lo, uint32_t a_off,      \
+                                             uint32_t b_lo, uint32_t b_off, int accumulate) {    \
+    asm volatile(                                                                                \
+        "{\n.reg .pred p;\n.reg .b32 al, bl, hi;\n.reg .b64 da, db;\n"                          \
+        "setp.ne.b32 p, %20, 0;\n"                                                               \
+        "add.u32 al, %16, %17;\nadd.u32 bl, %18, %19;\nmov.b32 hi, %21;\n"                       \
+        "mov.b64 da, {al, hi};\nmov.b64 db, {bl, hi};\n"                                         \
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32." TN "." TN " {"                             \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"                   \
+        "}, da, db, p, 1, 1, 0, 0;\n}\n"                                                         \
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),     \
+          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),             \
+          "+f"(d[13]), "+f"(d[14]), "+f"(d[15])                                                  \
+        : "r"(a_lo), "r"(a_off), "r"(b_lo), "r"(b_off), "r"(accumulate), "n"(kDescHi128));      \
+  }                                                                                              \
+};
+XSK_WGMMA_SS_LO_N32(__half, "f16")
+XSK_WGMMA_SS_LO_N32(__nv_bfloat16, "bf16")
+#undef XSK_WGMMA_SS_LO_N32
+XSK_WGMMA_RS_LO(__half, "f16", 128, 64, XSK_WGMMA_D64_REGS, XSK_WGMMA_D64_OPS,
+                "64", "65", "66", "67", "68", "69", "70")
+XSK_WGMMA_RS_LO(__nv_bfloat16, "bf16", 128, 64, XSK_WGMMA_D64_REGS, XSK_WGMMA_D64_OPS,
+                "64", "65", "66", "67", "68", "69", "70")
+XSK_WGMMA_RS_LO(__half, "f16", 64, 32, XSK_WGMMA_D32_REGS, XSK_WGMMA_D32_OPS,
+                "32", "33", "34", "35", "36", "37", "38")
+XSK_WGMMA_RS_LO(__nv_bfloat16, "bf16", 64, 32, XSK_WGMMA_D32_REGS, XSK_WGMMA_D32_OPS,
+                "32", "33", "34", "35", "36", "37", "38")
+#undef XSK_WGMMA_RS_LO
+
 XSK_WGMMA_SS_N128(__half, "f16")
 XSK_WGMMA_SS_N128(__nv_bfloat16, "bf16")
 XSK_WGMMA_SS_N64(__half, "f16")
