@@ -6,6 +6,7 @@
 # The full suite alone takes minutes on an H100; to fit a 10-minute device call, pick steps
 # with STEPS (default "build info tests bench decode hf"; "decode" = the decode-C rows,
 # ~1-1.5 min; "hf" = scripts/hf_gpu_check.py; "profile" = benchmarks/profile_calls.py;
+# "ncu" = ncu's stall samples per instruction of one kernel (NCU_KERNEL, default the dk/dv pass);
 # "harness" = the standalone forward and selection harnesses, SELECT_BLOCKS="5 6" variants,
 # FWD_VARIANTS="dir ..." forward kernel variants (each dir: replacement csrc/sparsek/sm90 headers);
 # "suite" = xFormers' own tests, needs .xftests carried; >3 min for a 1/4 sample) and
@@ -84,6 +85,20 @@ suite() {
 # one decode step
 profile() { python3 benchmarks/profile_calls.py --out "$OUT" 2>&1 | tail -n 120 > "$OUT/profile.log"; }
 
+# where one kernel's warps stall, per instruction (benchmarks/ncu_source.py): NCU_KERNEL (a
+# regex, default bwd_dkv_sm90), NCU_S tokens (default 32768), NCU_ARGS for ncu_fwd.py
+# (default --bwd; "" for forward kernels); ~1-2 min
+ncu_lines() {
+  local k=${NCU_KERNEL:-bwd_dkv_sm90} rep=/tmp/ncu_lines
+  ncu --clock-control none --kernel-name "regex:$k" --launch-count 1 --section SourceCounters \
+    --section WarpStateStats --section SpeedOfLight -f -o $rep \
+    python3 benchmarks/ncu_fwd.py "${NCU_S:-32768}" ${NCU_ARGS---bwd} > "$OUT/ncu.log" 2>&1 || return
+  ncu -i $rep.ncu-rep --page details > "$OUT/ncu_details.txt" 2>&1
+  ncu -i $rep.ncu-rep --page source --csv --print-source sass > /tmp/ncu_src.csv || return
+  gzip -c /tmp/ncu_src.csv > "$OUT/ncu_src.csv.gz"
+  python3 benchmarks/ncu_source.py /tmp/ncu_src.csv | tee "$OUT/ncu_source.txt" | tail -n 45
+}
+
 # transformers integration on a random Llama (exact bf16 vs sdpa, training step, generation)
 hf_check() { python3 scripts/hf_gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/hf.log"; }
 
@@ -148,6 +163,7 @@ if want decode; then step "decode bench" decode; fi
 if want hf; then step "hf check" hf_check; fi
 if want profile; then step "profile" profile; fi
 if want harness; then step "harness" harness; fi
+if want ncu; then step "ncu (per line)" ncu_lines; fi
 if want suite && [ -d .xftests ]; then step "xformers suite" suite; fi
 
 failed=0
@@ -164,7 +180,8 @@ for st in "${statuses[@]}"; do [ "$st" = ok ] || failed=1; done
 if [ "${PACK:-1}" = 1 ]; then
   tar czf /tmp/gpu_check_logs.tgz -C "$OUT" . &&
     find "$OUT" -mindepth 1 -maxdepth 1 ! -name summary.txt ! -name results_section.md \
-      ! -name decode_section.md ! -name speedup.png ! -name decode.png ! -name profile.txt -exec rm -rf {} + &&
+      ! -name decode_section.md ! -name speedup.png ! -name decode.png ! -name profile.txt \
+      ! -name ncu_source.txt -exec rm -rf {} + &&
     mv /tmp/gpu_check_logs.tgz "$OUT/"
 fi
 exit $failed
