@@ -39,7 +39,8 @@ struct BwdDkvSm90Traits {
   static constexpr int kStages = 3;     // Q / dO chunk buffers
   // warpgroup 0 loads the chunks (producer), warpgroups 1 and 2 compute (64 keys each)
   static constexpr int kThreads = 384, kConsumerWarps = 8;
-  // the consumers hold dK, dV (64 + 64), S^T, dP^T (32 + 32) and the chunk's P / dS operands
+  // the consumers hold dK, dV (64 + 64 registers), S^T, dP^T of a half chunk (16 + 16) and
+  // its P / dS operands
   using Regs = RegSplit<24, 240>;
   static constexpr int kMaxChunks = 32;  // rows per super-tile / kRows (_BWD_SUPER_ROWS <= 2048)
   static constexpr size_t kSmem = 1024 /* alignment slack */ + 2 * kBK * D * sizeof(T) +
