@@ -7,6 +7,8 @@
 # with STEPS (default "build info tests bench decode hf"; "decode" = the decode-C rows,
 # ~1-1.5 min; "hf" = scripts/hf_gpu_check.py; "profile" = benchmarks/profile_calls.py;
 # "ncu" = ncu's stall samples per instruction of one kernel (NCU_KERNEL, default the dk/dv pass);
+# "bwd" = the 64K forward + backward's kernels, and BWD_VARIANTS="dir ..." (replacement sm90
+# headers, each rebuilt into the extension and timed; ~30 s each);
 # "harness" = the standalone forward and selection harnesses, SELECT_BLOCKS="5 6" variants,
 # FWD_VARIANTS="dir ..." forward kernel variants (each dir: replacement csrc/sparsek/sm90 headers);
 # "suite" = xFormers' own tests, needs .xftests carried; >3 min for a 1/4 sample) and
@@ -84,6 +86,23 @@ suite() {
 # per-call breakdown (kernels vs host work): seed config, 64K forward and forward+backward,
 # one decode step
 profile() { python3 benchmarks/profile_calls.py --out "$OUT" 2>&1 | tail -n 120 > "$OUT/profile.log"; }
+
+# the 64K forward + backward and its kernels (benchmarks/bwd_kernels.py) for the tree, then
+# for each of BWD_VARIANTS (directories of replacement csrc/sparsek/sm90 headers): copied in,
+# the extension rebuilt (only what includes them), timed; the tree's headers are put back
+bwd_variants() { run_bwd_variants 2>&1 | tee "$OUT/bwd.log"; return "${PIPESTATUS[0]}"; }
+run_bwd_variants() {
+  local v rc=0 keep=/tmp/sm90_tree
+  python3 benchmarks/bwd_kernels.py --label tree || return
+  rm -rf $keep && cp -r csrc/sparsek/sm90 $keep || return
+  for v in ${BWD_VARIANTS:-}; do
+    cp "$v"/*.cuh csrc/sparsek/sm90/ && touch csrc/sparsek/sm90/*.cu &&
+      build && python3 benchmarks/bwd_kernels.py --label "$(basename "$v")" || rc=1
+    cp $keep/* csrc/sparsek/sm90/
+  done
+  if [ -n "${BWD_VARIANTS:-}" ]; then touch csrc/sparsek/sm90/*.cu && build || rc=1; fi
+  return $rc
+}
 
 # where one kernel's warps stall, per instruction (benchmarks/ncu_source.py): NCU_KERNEL (a
 # regex, default bwd_dkv_sm90), NCU_S tokens (default 32768), NCU_ARGS for ncu_fwd.py
@@ -163,6 +182,7 @@ if want decode; then step "decode bench" decode; fi
 if want hf; then step "hf check" hf_check; fi
 if want profile; then step "profile" profile; fi
 if want harness; then step "harness" harness; fi
+if want bwd; then step "bwd variants" bwd_variants; fi
 if want ncu; then step "ncu (per line)" ncu_lines; fi
 if want suite && [ -d .xftests ]; then step "xformers suite" suite; fi
 
