@@ -8,10 +8,8 @@ import argparse
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from xformers.ops.fmha import attn_bias as xab
 
-import xformers_sparsek as xs
-from common import LONG_S_TOPK, LONG_S_WINDOW, long_s_inputs, median_ms
+from common import long_s_attention, median_ms
 
 
 def main():
@@ -21,18 +19,10 @@ def main():
     ap.add_argument("--top", type=int, default=8)
     args = ap.parse_args()
     S = args.S
-    q, k, sc = long_s_inputs(S)
-    G, H, D = q.shape[2], q.shape[3], q.shape[4]
-    # the leaves: one K / V / score per group, expanded over its H query heads in the call
-    qg = q.detach().requires_grad_()
-    kg = k[:, :, :, :1].contiguous().requires_grad_()
-    vg = torch.randn_like(kg).requires_grad_()
-    sg = sc[..., :1].contiguous().requires_grad_()
+    call, _ = long_s_attention(S, grad=True)
 
     def run():
-        o = xs.sparsek_attention(qg, kg.expand(1, S, G, H, D), vg.expand(1, S, G, H, D),
-                                 sg.expand(1, S, G, H), LONG_S_TOPK, LONG_S_WINDOW,
-                                 xab.LowerTriangularMask())
+        o = call()
         o.backward(torch.ones_like(o))
 
     times = [median_ms(run, 3) for _ in range(3)]

@@ -87,3 +87,28 @@ def long_s_inputs(S, seed=0):
     k = torch.randn(1, S, G, 1, D, device="cuda", dtype=torch.bfloat16).expand(1, S, G, H, D)
     sc = torch.randn(1, S, G, 1, device="cuda").expand(1, S, G, H)
     return q, k, sc
+
+
+def long_s_attention(S, grad=False, seed=0):
+    """(call, leaves) of the long-S config at S tokens.  The leaves are q and one K, V and
+    score per group (q, K and the scores as long_s_inputs draws them, V drawn after them),
+    requiring grad when `grad`; call() runs sparsek_attention on them, with K, V and the
+    scores expanded over each group's query heads, and returns its output."""
+    import torch
+    from xformers.ops.fmha import attn_bias as xab
+
+    import xformers_sparsek as xs
+
+    G, H, D = LONG_S_GROUPS, LONG_S_HEADS, LONG_S_DIM
+    q, k, sc = long_s_inputs(S, seed)
+    k1 = k[:, :, :, :1].contiguous()
+    v1 = torch.randn_like(k1)
+    leaves = [x.detach().requires_grad_(grad) for x in (q, k1, v1, sc[..., :1].contiguous())]
+
+    def call():
+        ql, kl, vl, sl = leaves
+        return xs.sparsek_attention(ql, kl.expand(1, S, G, H, D), vl.expand(1, S, G, H, D),
+                                    sl.expand(1, S, G, H), LONG_S_TOPK, LONG_S_WINDOW,
+                                    xab.LowerTriangularMask())
+
+    return call, leaves
