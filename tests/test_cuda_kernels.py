@@ -309,6 +309,49 @@ def test_cuda_tiles_never_span_sequences(case, gqa, bwd_kernel, monkeypatch):
         assert rel_err(a.cpu(), r) <= TOL[dtype], name
 
 
+NESTED_CASES = [
+    # (bias, B, Mq, Mk, window): every query of a sequence has the same pool start
+    (None, 2, 300, 300, 0),
+    (xab.LowerTriangularMask(), 2, 301, 301, 0),
+    (xab.LowerTriangularMask(), 1, 700, 700, 40),
+    (xab.LowerTriangularFromBottomRightMask(), 2, 150, 400, 9),
+    (xab.LowerTriangularFromBottomRightMask(), 1, 400, 150, 3),
+    (xab.BlockDiagonalCausalMask.from_seqlens([33, 270, 5, 130]), 1, 438, 438, 6),
+    (xab.BlockDiagonalMask.from_seqlens([100, 29], [64, 300]), 1, 129, 364, 0),
+]
+
+
+@pytest.mark.parametrize("case", range(len(NESTED_CASES)))
+def test_cuda_nested_pools_never_overflow(case):
+    """Layouts with nested pools (layout.nested) skip the overflow checks and the backward's
+    window-span max, host syncs (_cuda.forward, _cuda.backward): their tiles' key lists must
+    fit topk + the tile's queries, at every tile size the kernels use (forward / dq tiles of
+    128 or 64 rows, dk/dv super-tiles of 2048 rows, over 1 to 8 packed heads), for any
+    scores, ties included, and the super-tiles' window spans must fit _window_span_bound."""
+    bias, B, Mq, Mk, window = NESTED_CASES[case]
+    C = _ext.load_extension()
+    for seed, (topk, ties) in enumerate([(1, False), (7, True), (50, False), (50, True),
+                                         (1000, False)]):
+        q, k, v, s = make(B, Mq, Mk, 2, 1, 64, torch.bfloat16, gqa=False, seed=seed)
+        if ties:
+            s = s.round()  # a few distinct scores, many ties
+        prob = make_problem(q, k, v, s, bias, topk, window, None)
+        lay = prob.layout
+        assert lay.nested
+        sel = _cuda.select(prob.scores.float().contiguous(), lay, topk)
+        for rp in (1, 2, 4, 8):
+            for rows in {_cuda._TILE_ROWS, _cuda._BWD_DQ_ROWS, _cuda._BWD_SUPER_ROWS}:
+                nq = rows // rp
+                q0, q1 = _cuda._tiles(lay.num_queries, nq, q.device, lay.seq_key)
+                _, counts, overflow = C.build_lists(sel.key_of_rank, sel.rb, lay.pool_lo,
+                                                    lay.win_lo, q0, q1, lay.num_keys, topk + nq)
+                assert int(overflow.item()) == 0, (topk, ties, rp, rows)
+                assert int(counts.max()) <= topk + nq
+                wlo, whi = _cuda._tile_extents(lay, q0, q1)
+                span = int(torch.clamp(whi - wlo, min=0).max())
+                assert span <= _cuda._window_span_bound(lay, nq), (rp, rows)
+
+
 def test_cuda_backward_deterministic(bwd_kernel):
     q, k, v, s = make(1, 700, 700, 2, 4, 64, torch.bfloat16, seed=9)
     dout = torch.randn(q.shape, device="cuda").to(torch.bfloat16)

@@ -419,8 +419,8 @@ def test_cuda_driver_partial_slots_index():
                                        for _ in range(nsup)]) for _ in range(S)]).int()
     wlo = torch.randint(0, NK - 12, (nsup,), generator=g)
     n_win = torch.randint(0, 12, (nsup,), generator=g)
-    off, order = _cuda._partial_slots(slists, scounts, wlo, n_win, int(n_win.sum()), S, NK,
-                                      cap, slots, list_slots)
+    off, order = _cuda._partial_slots(slists, scounts, wlo, n_win, 13, S, NK, cap, slots,
+                                      list_slots)
     for h in range(S):
         for j in range(NK):
             want = []
@@ -432,3 +432,12 @@ def test_cuda_driver_partial_slots_index():
                     want.append(t * slots + list_slots + j - int(wlo[t]))
             a, b = int(off[h * NK + j]), int(off[h * NK + j + 1])
             assert order[a:b].tolist() == want, (h, j)
+
+
+def test_layout_nested_flag():
+    """Local-attention masks slide the pool start: not nested, so the forward checks."""
+    for bias in (xab.LowerTriangularFromBottomRightLocalAttentionMask(16),
+                 xab.BlockDiagonalMask.from_seqlens([40, 60]).make_local_attention(8)):
+        lay = _layout.build_layout(bias, 1, 100, 100, 0, CPU)
+        assert not lay.nested
+    assert _layout.build_layout(xab.LowerTriangularMask(), 2, 50, 50, 4, CPU).nested

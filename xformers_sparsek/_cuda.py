@@ -193,7 +193,8 @@ def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: fl
     Returns None if a tile's key list would overflow its topk + tile capacity (nested pools
     never do; sliding local-attention pools, and tiles whose queries span several sequences,
     can: a tile lists the keys of [min pool_lo, max win_lo) at or above its lowest boundary
-    rank, lists.cu); the caller then uses the PyTorch path.
+    rank, lists.cu); the caller then uses the PyTorch path.  Only layouts without nested
+    pools read the overflow flag (a host sync, after the launch).
     """
     C = _ext.load_extension()
     NQ, S, R, D = q.shape
@@ -211,12 +212,15 @@ def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: fl
             sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo, tile_q0, tile_q1,
             layout.num_keys, cap,
         )
-        if int(overflow.item()):
-            return None
+        # (counts are capped at cap, so an overflowing tile's truncated list is safe to run;
+        # the flag is read after the launch, so the GPU does not idle through the host's
+        # round trip)
         out, lse = C.fwd(
             q, k, v, u, sel.tau, sel.rb, sel.rank_of_key, layout.pool_lo, layout.win_lo,
             layout.win_hi, tile_q0, tile_q1, lists, counts, rp, scale,
         )
+        if not layout.nested and int(overflow.item()):
+            return None
     else:
         empty = _empty(q.device)
         out, lse = C.fwd(
@@ -252,15 +256,16 @@ def _tile_extents(layout: QueryLayout, q0: torch.Tensor, q1: torch.Tensor):
             whi.scatter_reduce_(0, tile, layout.win_hi, "amax"))
 
 
-def _partial_slots(slists, scounts, wlo_min, n_win, win_total: int, S: int, NK: int,
+def _partial_slots(slists, scounts, wlo_min, n_win, win_max: int, S: int, NK: int,
                    cap_s: int, slots: int, list_slots: int):
     """Where each key's dk/dv partials are (bwd_reduce's input): for key j of head h, the flat
     slots (super-tile t * slots + position) slot_order[off[h * NK + j] : off[h * NK + j + 1]]:
     its list slots, then its window slots, each in super-tile order (the order bwd_reduce
-    sums them in: fixed, so the sums are deterministic).  Every list slot takes part (unused
-    ones under the key S * NK, sorted past the real keys), so no nonzero() and no bincount()
-    (each a host sync).  Keys are int32 (unsupported_reason keeps S * NK under 2^29): half
-    the radix passes of int64 in the sort."""
+    sums them in: fixed, so the sums are deterministic).  Every list slot and every one of a
+    super-tile's win_max (>= n_win) window slots takes part (unused ones under the key
+    S * NK, sorted past the real keys), so no nonzero() and no bincount() (each a host
+    sync).  Keys are int32 (unsupported_reason keeps S * NK under 2^29): half the radix
+    passes of int64 in the sort."""
     dev = slists.device
     nsup = scounts.shape[1]
     valid = torch.arange(cap_s, device=dev) < scounts.unsqueeze(-1)  # [S, nsup, cap]
@@ -268,15 +273,24 @@ def _partial_slots(slists, scounts, wlo_min, n_win, win_total: int, S: int, NK: 
     keys = [torch.where(valid, slists + head * NK, S * NK).view(-1)]
     flats = [(torch.arange(nsup, device=dev).view(1, nsup, 1) * slots
               + torch.arange(cap_s, device=dev)).expand(S, nsup, cap_s).reshape(-1)]
-    t_rep = torch.repeat_interleave(torch.arange(nsup, device=dev), n_win, output_size=win_total)
-    i_win = torch.arange(win_total, device=dev) - (torch.cumsum(n_win, 0) - n_win)[t_rep]
+    i_win = torch.arange(win_max, device=dev)
+    in_win = i_win < n_win.view(nsup, 1)  # [nsup, win_max]
+    key_win = wlo_min.view(nsup, 1) + i_win
+    flat_win = (torch.arange(nsup, device=dev).view(nsup, 1) * slots + list_slots + i_win)
     for h in range(S):
-        keys.append((wlo_min[t_rep] + i_win + h * NK).int())
-        flats.append(t_rep * slots + list_slots + i_win)
+        keys.append(torch.where(in_win, key_win + h * NK, S * NK).int().view(-1))
+        flats.append(flat_win.view(-1))
     keys, flats = torch.cat(keys), torch.cat(flats)
     keys_sorted, order = torch.sort(keys, stable=True)
     off = torch.searchsorted(keys_sorted, torch.arange(S * NK + 1, device=dev, dtype=torch.int32))
     return off, flats[order].contiguous()
+
+
+def _window_span_bound(layout: QueryLayout, queries: int) -> int:
+    """An upper bound of max win_hi - min win_lo over a tile of `queries` consecutive queries
+    of one sequence on a nested layout: a query's window has at most `window` keys and its
+    ends advance by at most one key per query."""
+    return 0 if layout.window <= 0 else min(layout.window + queries - 1, layout.num_keys)
 
 
 def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, sel):
@@ -312,13 +326,15 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
                                           s0, s1, NK, cap_s)
     wlo_min, whi_max = _tile_extents(layout, s0, s1)
     n_win = torch.clamp(whi_max - wlo_min, min=0)
-    # the one host sync of the backward: overflow flags and the window extents' sizes
-    zero = torch.zeros(1, dtype=torch.int64, device=q.device)
-    ovf, win_max, win_total = torch.cat([
-        (ovf1.sum() + ovf2.sum()).view(1).long(), n_win.max().view(1) if n_win.numel() else zero,
-        n_win.sum().view(1) if n_win.numel() else zero]).tolist()
-    if ovf:
-        return None
+    if layout.nested:  # no list overflows (as in forward) and a bound of the window spans
+        win_max = _window_span_bound(layout, qs)
+    else:  # the one host sync of the backward: overflow flags and the window spans' max
+        zero = torch.zeros(1, dtype=torch.int64, device=q.device)
+        ovf, win_max = torch.cat([
+            (ovf1.sum() + ovf2.sum()).view(1).long(),
+            n_win.max().view(1) if n_win.numel() else zero]).tolist()
+        if ovf:
+            return None
     list_slots = _pad64(cap_s)
     slots = list_slots + _pad64(win_max)
     dq, grow, part_kv, part_u = C.bwd(
@@ -326,16 +342,15 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
         layout.win_hi, lse, delta, t0, t1, lists, counts, s0, s1, slists, scounts, rp, rp_kv,
         scale, slots, list_slots, hopper,
     )
-    off, slot_order = _partial_slots(slists, scounts, wlo_min, n_win, int(win_total), S, NK,
+    off, slot_order = _partial_slots(slists, scounts, wlo_min, n_win, int(win_max), S, NK,
                                      cap_s, slots, list_slots)
     rg = R // rp_kv
-    dk_g, dv_g, du_g = C.bwd_reduce(part_kv, part_u, off, slot_order, rg, NK)
-    # Group (s, rgroup) holds the gradient of the K/V its rp heads share; put it on the
-    # group's first head (autograd of the stride-0 expansion sums over the heads).
-    dk = torch.zeros(NK, S, R, D, dtype=q.dtype, device=q.device)
-    dv = torch.zeros_like(dk)
-    dk[:, :, ::rp_kv] = dk_g.view(S, rg, NK, D).permute(2, 0, 1, 3)  # (rounded once, here)
-    dv[:, :, ::rp_kv] = dv_g.view(S, rg, NK, D).permute(2, 0, 1, 3)
+    # Group (s, rgroup) holds the gradient of the K/V its rp heads share: bwd_reduce puts it
+    # on the group's first head and zeros on the others (autograd of the stride-0 expansion
+    # sums over the heads).
+    dk = torch.empty(NK, S, R, D, dtype=q.dtype, device=q.device)
+    dv = torch.empty_like(dk)
+    _, _, du_g = C.bwd_reduce(part_kv, part_u, off, slot_order, rg, rp_kv, dk, dv)
     du_direct = du_g.view(S, rg, NK).sum(1)
     g_row = grow.view(S, R, NQ).sum(1)
     dscores = score_gradient(scores, layout, sel, du_direct, g_row, range_sum=_range_sum)

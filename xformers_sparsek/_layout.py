@@ -80,6 +80,10 @@ class QueryLayout:
     # span two sequences (a tile's key list holds up to topk + rows keys only on nested pools
     # of one sequence).  None: unknown, uniform tiles.
     seq_starts: Optional[torch.Tensor] = None
+    # True when every query of a sequence has the same pool start (no local-attention
+    # window) and seq_starts is known: a query tile then lists at most topk + rows keys
+    # (lists.cu), so the CUDA forward skips its overflow check, a host sync.
+    nested: bool = False
 
     @functools.cached_property
     def seq_key(self) -> Tuple[int, ...]:
@@ -205,4 +209,5 @@ def _build_layout(causal, bottom_right, local_window, segments, nq, nk, window,
         causal,
         window,
         starts[starts < max(nq, 1)],
+        local_window is None,
     )

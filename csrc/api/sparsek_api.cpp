@@ -403,10 +403,13 @@ at::Tensor bwd_delta(const at::Tensor& dout, const at::Tensor& out) {
   return delta;
 }
 
-// Pass 3: per (group, key) sums of the partial slots -> (dk [G, NK, D], dv, du [G, NK]).
+// Pass 3: per (group, key) sums of the partial slots -> dk, dv [NK, S, R, D] (q's dtype; group
+// g = (s, rgroup) on head rgroup * heads_per_group, zeros on the group's other heads) and
+// du [G, NK] (fp32).
 std::vector<at::Tensor> bwd_reduce(const at::Tensor& part_kv, const at::Tensor& part_u,
                                    const at::Tensor& off, const at::Tensor& order,
-                                   int64_t groups_per_head, int64_t num_keys) {
+                                   int64_t groups_per_head, int64_t heads_per_group,
+                                   const at::Tensor& dk, const at::Tensor& dv) {
   check(part_kv, "part_kv", at::kFloat);
   check(part_u, "part_u", at::kFloat);
   check(off, "off", at::kLong);
@@ -414,14 +417,22 @@ std::vector<at::Tensor> bwd_reduce(const at::Tensor& part_kv, const at::Tensor& 
   const at::cuda::OptionalCUDAGuard guard(part_kv.device());
   const int groups = part_kv.size(0), D = part_kv.size(4);
   const int64_t group_slots = part_kv.size(1) * part_kv.size(2);
-  auto f32 = part_kv.options();
-  at::Tensor dk = at::empty({groups, num_keys, D}, f32), dv = at::empty({groups, num_keys, D}, f32);
-  at::Tensor du = at::empty({groups, num_keys}, f32);
+  TORCH_CHECK(dk.is_cuda() && dk.dim() == 4 && dk.sizes() == dv.sizes() &&
+                  dk.strides() == dv.strides() && dk.scalar_type() == dv.scalar_type() &&
+                  (dk.scalar_type() == at::kHalf || dk.scalar_type() == at::kBFloat16) &&
+                  dk.size(3) == D && dk.stride(3) == 1,
+              "dk / dv: [NK, S, R, D] 16-bit, last dim contiguous");
+  const int64_t NK = dk.size(0);
+  TORCH_CHECK(heads_per_group >= 1 && groups_per_head >= 1 &&
+                  dk.size(2) == groups_per_head * heads_per_group &&
+                  dk.size(1) * groups_per_head == groups,
+              "dk / dv heads do not match the groups of part_kv");
+  at::Tensor du = at::empty({groups, NK}, part_kv.options());
   CHECK_CUDA_OK(xsk::launch_bwd_reduce(
       part_kv.data_ptr<float>(), part_u.data_ptr<float>(), off.data_ptr<int64_t>(),
-      order.data_ptr<int64_t>(), groups, groups_per_head, num_keys, D, group_slots,
-      dk.data_ptr<float>(), dv.data_ptr<float>(), du.data_ptr<float>(),
-      at::cuda::getCurrentCUDAStream()));
+      order.data_ptr<int64_t>(), groups, groups_per_head, heads_per_group, NK, D, group_slots,
+      dtype_code(dk), dk.data_ptr(), dv.data_ptr(), dk.stride(0), dk.stride(1), dk.stride(2),
+      du.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
   return {dk, dv, du};
 }
 

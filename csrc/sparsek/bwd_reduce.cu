@@ -16,9 +16,20 @@ namespace {
 
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
-// delta[(s * R + r) * NQ + i] = sum_d dout[i, s, r, d] * out[i, s, r, d]; a warp per (i, s, r),
-// lane l holding elements [l * D / 32, (l + 1) * D / 32) (D = 64 or 128: 4 or 8 bytes).
+// delta[(s * R + r) * NQ + i] = sum_d dout[i, s, r, d] * out[i, s, r, d]; a warp per
+// kDeltaRows consecutive (i, s, r) rows, their loads issued before any sum (one row per warp
+// left the loads latency-bound: 0.49 ms at 64K for ~0.2 ms of traffic), lane l holding
+// elements [l * D / 32, (l + 1) * D / 32) (D = 64 or 128: 4 or 8 bytes).
+constexpr int kDeltaRows = 4;
 template <typename T, int D>
 __global__ void __launch_bounds__(256) bwd_delta_kernel(const T* dout, const T* out, int NQ, int S,
                                                         int R, int64_t do_sn, int64_t do_ss,
@@ -26,45 +37,96 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const T* dout, const T* 
                                                         int64_t o_sr, float* delta) {
   constexpr int E = D / 32;  // elements per lane
   using Vec = typename std::conditional<E == 4, uint2, uint32_t>::type;
-  const int64_t row = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
+  const int64_t rows = (int64_t)NQ * S * R;
+  const int64_t row0 = ((int64_t)blockIdx.x * 8 + (threadIdx.x >> 5)) * kDeltaRows;
   const int lane = threadIdx.x & 31;
-  if (row >= (int64_t)NQ * S * R) return;
-  const int r = row % R, s = (row / R) % S, i = row / ((int64_t)R * S);
-  const Vec a = *reinterpret_cast<const Vec*>(dout + i * do_sn + s * do_ss + r * do_sr + lane * E);
-  const Vec b = *reinterpret_cast<const Vec*>(out + i * o_sn + s * o_ss + r * o_sr + lane * E);
-  const T* x = reinterpret_cast<const T*>(&a);
-  const T* y = reinterpret_cast<const T*>(&b);
-  float acc = 0.f;
+  Vec a[kDeltaRows], b[kDeltaRows];
 #pragma unroll
-  for (int e = 0; e < E; ++e) acc += to_float(x[e]) * to_float(y[e]);
+  for (int u = 0; u < kDeltaRows; ++u) {
+    const int64_t row = row0 + u;
+    if (row >= rows) break;
+    const int r = row % R, s = (row / R) % S, i = row / ((int64_t)R * S);
+    a[u] = *reinterpret_cast<const Vec*>(dout + i * do_sn + s * do_ss + r * do_sr + lane * E);
+    b[u] = *reinterpret_cast<const Vec*>(out + i * o_sn + s * o_ss + r * o_sr + lane * E);
+  }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-  if (lane == 0) delta[((int64_t)s * R + r) * NQ + i] = acc;
+  for (int u = 0; u < kDeltaRows; ++u) {
+    const int64_t row = row0 + u;
+    if (row >= rows) break;
+    const T* x = reinterpret_cast<const T*>(&a[u]);
+    const T* y = reinterpret_cast<const T*>(&b[u]);
+    float acc = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc += to_float(x[e]) * to_float(y[e]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    const int r = row % R, s = (row / R) % S, i = row / ((int64_t)R * S);
+    if (lane == 0) delta[((int64_t)s * R + r) * NQ + i] = acc;
+  }
 }
 
 // Entries of key j of head s: order[off[s * NK + j] .. off[s * NK + j + 1]) are flat slot
 // indices within a group's [ntiles * slots] slots; the groups (s, rgroup) of one head share
-// the key lists, so group g reads head g / groups_per_head.
+// the key lists, so group g reads head g / groups_per_head.  Group g's sums go to head
+// rgroup * heads_per_group of dk / dv [NK, S, R, D] (16-bit, rounded once, here), its other
+// heads get zeros: autograd's sum over the stride-0 expansion of K / V adds the heads.
+// (Written here instead of an fp32 [G, NK, D] result that PyTorch zero-filled, copied and
+// converted into the expanded layout: ~0.8 ms of the 64K backward.)
+template <typename T>
 __global__ void bwd_reduce_kernel(const float* part_kv, const float* part_u,
                                   const int64_t* off, const int64_t* order, int NK, int D,
-                                  int groups_per_head, int64_t group_slots, float* dk, float* dv,
+                                  int groups_per_head, int heads_per_group, int64_t group_slots,
+                                  T* dk, T* dv, int64_t o_sn, int64_t o_ss, int64_t o_sr,
                                   float* du) {
   const int j = blockIdx.x, g = blockIdx.y, s = g / groups_per_head;
+  const int r0 = (g % groups_per_head) * heads_per_group;
   const int64_t a = off[(size_t)s * NK + j], b = off[(size_t)s * NK + j + 1];
   const float* base = part_kv + (size_t)g * group_slots * 2 * D;
+  T* dk_row = dk + j * o_sn + s * o_ss + r0 * o_sr;
+  T* dv_row = dv + j * o_sn + s * o_ss + r0 * o_sr;
+  // kBatch slots' loads in flight before their adds (in slot order: the same sums; a key
+  // has ~6 slots at 64K, so the batch is predicated, not a main loop and a tail): one slot
+  // at a time left the loads latency-bound (2.06 ms at 64K, ~1 ms of DRAM traffic)
+  constexpr int kBatch = 8;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float sk = 0.f, sv = 0.f;
-    for (int64_t e = a; e < b; ++e) {
-      const float* src = base + order[e] * 2 * D;
-      sk += src[d];
-      sv += src[D + d];
+    for (int64_t e0 = a; e0 < b; e0 += kBatch) {
+      float xk[kBatch], xv[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        if (e0 + i < b) {
+          const float* src = base + order[e0 + i] * 2 * D;
+          xk[i] = src[d];
+          xv[i] = src[D + d];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        if (e0 + i < b) {
+          sk += xk[i];
+          sv += xv[i];
+        }
+      }
     }
-    dk[((size_t)g * NK + j) * D + d] = sk;
-    dv[((size_t)g * NK + j) * D + d] = sv;
+    dk_row[d] = from_float<T>(sk);
+    dv_row[d] = from_float<T>(sv);
+    for (int i = 1; i < heads_per_group; ++i) {
+      dk_row[i * o_sr + d] = from_float<T>(0.f);
+      dv_row[i * o_sr + d] = from_float<T>(0.f);
+    }
   }
   if (threadIdx.x == 0) {
+    const float* pu = part_u + (size_t)g * group_slots;
     float su = 0.f;
-    for (int64_t e = a; e < b; ++e) su += part_u[(size_t)g * group_slots + order[e]];
+    for (int64_t e0 = a; e0 < b; e0 += kBatch) {
+      float x[kBatch];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i)
+        if (e0 + i < b) x[i] = pu[order[e0 + i]];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i)
+        if (e0 + i < b) su += x[i];
+    }
     du[(size_t)g * NK + j] = su;
   }
 }
@@ -77,7 +139,7 @@ cudaError_t launch_bwd_delta(const void* dout, const void* out, int dtype, int h
                              cudaStream_t stream) {
   const int64_t rows = (int64_t)NQ * S * R;
   if (rows == 0) return cudaSuccess;
-  const dim3 grid((unsigned)((rows + 7) / 8));
+  const dim3 grid((unsigned)((rows + 8 * kDeltaRows - 1) / (8 * kDeltaRows)));
   auto run = [&](auto kernel, auto type_tag) {
     using T = decltype(type_tag);
     kernel<<<grid, 256, 0, stream>>>(static_cast<const T*>(dout), static_cast<const T*>(out), NQ,
@@ -95,14 +157,20 @@ cudaError_t launch_bwd_delta(const void* dout, const void* out, int dtype, int h
 }
 
 cudaError_t launch_bwd_reduce(const float* part_kv, const float* part_u, const int64_t* off,
-                              const int64_t* order, int groups, int groups_per_head, int NK,
-                              int D, int64_t group_slots, float* dk, float* dv, float* du,
-                              cudaStream_t stream) {
+                              const int64_t* order, int groups, int groups_per_head,
+                              int heads_per_group, int NK, int D, int64_t group_slots, int dtype,
+                              void* dk, void* dv, int64_t o_sn, int64_t o_ss, int64_t o_sr,
+                              float* du, cudaStream_t stream) {
   if (groups == 0 || NK == 0) return cudaSuccess;
   dim3 grid(NK, groups);
-  bwd_reduce_kernel<<<grid, 128, 0, stream>>>(part_kv, part_u, off, order, NK, D,
-                                              groups_per_head, group_slots, dk, dv, du);
-  return cudaGetLastError();
+  auto run = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    bwd_reduce_kernel<T><<<grid, 128, 0, stream>>>(
+        part_kv, part_u, off, order, NK, D, groups_per_head, heads_per_group, group_slots,
+        static_cast<T*>(dk), static_cast<T*>(dv), o_sn, o_ss, o_sr, du);
+    return cudaGetLastError();
+  };
+  return dtype == 1 ? run(__nv_bfloat16{}) : run(__half{});
 }
 
 }  // namespace xsk

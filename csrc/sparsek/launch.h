@@ -48,10 +48,14 @@ cudaError_t launch_bwd_delta(const void* dout, const void* out, int dtype, int h
                              int S, int R, int64_t do_sn, int64_t do_ss, int64_t do_sr,
                              int64_t o_sn, int64_t o_ss, int64_t o_sr, float* delta,
                              cudaStream_t stream);
+// Pass 3: per (group, key) ordered sums of pass 2's partials into dk / dv (16-bit, strides
+// o_s*, head (g % groups_per_head) * heads_per_group, zeros on the group's other heads) and
+// du (fp32 [groups, NK]).
 cudaError_t launch_bwd_reduce(const float* part_kv, const float* part_u, const int64_t* off,
-                              const int64_t* order, int groups, int groups_per_head, int NK,
-                              int D, int64_t group_slots, float* dk, float* dv, float* du,
-                              cudaStream_t stream);
+                              const int64_t* order, int groups, int groups_per_head,
+                              int heads_per_group, int NK, int D, int64_t group_slots, int dtype,
+                              void* dk, void* dv, int64_t o_sn, int64_t o_ss, int64_t o_sr,
+                              float* du, cudaStream_t stream);
 
 // One SparseKCache decode step (decode.cu); dtype 0 = fp16, 1 = bf16; head_dim 64 or 128
 // (K and V); cudaErrorInvalidValue otherwise or for R > decode_max_rows().

@@ -13,13 +13,13 @@
 namespace xsk {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256, kWarps = kThreads / 32, kPer = 8;  // kPer: ranks per thread and pass
 
 __global__ void __launch_bounds__(kThreads) build_lists_kernel(ListParams p) {
   const int tile = blockIdx.x, s = blockIdx.y;
   const int q0 = p.tile_q0[tile], q1 = p.tile_q1[tile];
   __shared__ long long s_rb_min;
-  __shared__ int s_lo, s_hi, s_all, s_warp[kThreads / 32];
+  __shared__ int s_lo, s_hi, s_all;
   if (threadIdx.x == 0) {
     s_rb_min = 0x7fffffffffffffffLL;
     s_lo = 0x7fffffff;
@@ -51,34 +51,54 @@ __global__ void __launch_bounds__(kThreads) build_lists_kernel(ListParams p) {
     if (threadIdx.x == 0) p.counts[(size_t)s * p.ntiles + tile] = n;
     return;
   }
+  // Block-wide stream compaction in rank order, kPer * kThreads ranks per pass: entry
+  // (e, warp, lane) has rank r0 - e * kThreads - warp * 32 - lane, so (e, warp, lane) order
+  // is descending rank.  Two barriers per pass (a pass of 256 ranks with two barriers took
+  // 0.49 ms at 64K: early tiles walk ~NK * topk / pool ranks, barrier-bound).
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int top = p.NK - 1;
   const int bottom = (int)s_rb_min;
   const int* perm = p.perm + (size_t)s * p.NK;
+  static_assert(kPer * kWarps == 64, "one scan of two counts per lane");
+  __shared__ int s_off[2][kPer * kWarps + 1];  // (double-buffered: one barrier less a pass)
   int base = 0;
-  for (int r0 = top; r0 >= bottom; r0 -= kThreads) {
-    const int r = r0 - threadIdx.x;
-    int key = -1;
-    if (r >= bottom) {
-      key = perm[r];
-      if (key < lo || key >= hi) key = -1;
+  for (int r0 = top, pass = 0; r0 >= bottom; r0 -= kPer * kThreads, ++pass) {
+    int* off = s_off[pass & 1];
+    int key[kPer];
+    unsigned ballot[kPer];
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) {
+      const int r = r0 - e * kThreads - threadIdx.x;
+      key[e] = r >= bottom ? __ldg(perm + r) : -1;
+      if (key[e] < lo || key[e] >= hi) key[e] = -1;
     }
-    // Block-wide stream compaction in rank order.
-    const unsigned ballot = __ballot_sync(0xffffffffu, key >= 0);
-    if (lane == 0) s_warp[warp] = __popc(ballot);
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) {
+      ballot[e] = __ballot_sync(0xffffffffu, key[e] >= 0);
+      if (lane == 0) off[e * kWarps + warp] = __popc(ballot[e]);
+    }
     __syncthreads();
-    int before = 0, total = 0;
-    for (int w = 0; w < kThreads / 32; ++w) {
-      const int c = s_warp[w];
-      before += (w < warp) ? c : 0;
-      total += c;
+    if (warp == 0) {  // exclusive scan of the 64 counts in (e, warp) order
+      const int a = off[2 * lane], b = off[2 * lane + 1];
+      int x = a + b;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+      }
+      off[2 * lane] = x - a - b;
+      off[2 * lane + 1] = x - b;
+      if (lane == 31) off[kPer * kWarps] = x;
     }
-    if (key >= 0) {
-      const int pos = base + before + __popc(ballot & ((1u << lane) - 1));
-      if (pos < p.cap) out[pos] = key;
+    __syncthreads();
+    const unsigned below = (1u << lane) - 1;
+#pragma unroll
+    for (int e = 0; e < kPer; ++e) {
+      if (key[e] < 0) continue;
+      const int pos = base + off[e * kWarps + warp] + __popc(ballot[e] & below);
+      if (pos < p.cap) out[pos] = key[e];
     }
-    base += total;
-    __syncthreads();  // s_warp is reused
+    base += off[kPer * kWarps];
   }
   if (threadIdx.x == 0) {
     if (base > p.cap) atomicExch(p.overflow, 1);

@@ -114,18 +114,34 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
     }
   }
   // ---- every row's metadata (rows past the super-tile: P = 0), then each chunk's bounds ----
-  for (int row = tid; row < nchunks * RW; row += Tr::kThreads) {
-    const int qi = q0 + row / RP, r = rgroup * RP + row % RP;
-    const bool valid = qi < q1;
-    const RowInfo ri = load_row(p, s, qi, valid);
-    const size_t gi = ((size_t)s * p.R + r) * p.NQ + qi;
-    s_plo[row] = ri.plo;
-    s_wlo[row] = ri.wlo;
-    s_whi[row] = ri.whi;
-    s_rb[row] = ri.rb;
-    s_tau[row] = ri.tau;
-    s_lse2[row] = valid ? b.lse[gi] * kLog2e : INFINITY;
-    s_delta[row] = valid ? b.delta[gi] : 0.f;
+  // (kBatch rows per thread loaded before any is stored: their global loads overlap; a row
+  // at a time left the 12 warps waiting on one load chain after another)
+  constexpr int kBatch = 4;
+  for (int row0 = tid; row0 < nchunks * RW; row0 += kBatch * Tr::kThreads) {
+    RowInfo ri[kBatch];
+    float lse2[kBatch], delta[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int row = row0 + i * Tr::kThreads;
+      const int qi = q0 + row / RP, r = rgroup * RP + row % RP;
+      const bool valid = row < nchunks * RW && qi < q1;
+      ri[i] = load_row(p, s, qi, valid);
+      const size_t gi = ((size_t)s * p.R + r) * p.NQ + qi;
+      lse2[i] = valid ? b.lse[gi] * kLog2e : INFINITY;
+      delta[i] = valid ? b.delta[gi] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      const int row = row0 + i * Tr::kThreads;
+      if (row >= nchunks * RW) break;
+      s_plo[row] = ri[i].plo;
+      s_wlo[row] = ri[i].wlo;
+      s_whi[row] = ri[i].whi;
+      s_rb[row] = ri[i].rb;
+      s_tau[row] = ri[i].tau;
+      s_lse2[row] = lse2[i];
+      s_delta[row] = delta[i];
+    }
   }
   __syncthreads();
   for (int c = warp; c < nchunks; c += Tr::kThreads / 32) {  // a warp per chunk
@@ -169,11 +185,12 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
           static_cast<uint8_t>(block_mode(rule, interior, warp_keys, s_chunk[lane]));
   }
   __syncthreads();
-  if (tid == 0) {  // the chunks some key of the tile is attended by
-    int n = 0;
-    for (int c = 0; c < nchunks; ++c)
-      if (*reinterpret_cast<const uint64_t*>(s_mode + c * 8) != 0) s_visit[n++] = c;
-    s_nvisit = n;
+  if (warp == 0) {  // the chunks some key of the tile is attended by (a lane per chunk)
+    const bool visit =
+        lane < nchunks && *reinterpret_cast<const uint64_t*>(s_mode + lane * 8) != 0;
+    const unsigned ballot = __ballot_sync(0xffffffffu, visit);
+    if (visit) s_visit[__popc(ballot & ((1u << lane) - 1))] = lane;
+    if (lane == 0) s_nvisit = __popc(ballot);
   }
   __syncthreads();
   const int nvisit = s_nvisit;
