@@ -288,9 +288,13 @@ def _partial_slots(slists, scounts, wlo_min, n_win, win_max: int, S: int, NK: in
 
 def _window_span_bound(layout: QueryLayout, queries: int) -> int:
     """An upper bound of max win_hi - min win_lo over a tile of `queries` consecutive queries
-    of one sequence on a nested layout: a query's window has at most `window` keys and its
-    ends advance by at most one key per query."""
-    return 0 if layout.window <= 0 else min(layout.window + queries - 1, layout.num_keys)
+    of one sequence on a nested layout: without a causal mask every window is the same
+    empty interval; with one a query's window has at most `window` keys and both its ends
+    advance by at most one key per query (the tile's span covers its diagonal even when
+    window = 0)."""
+    if not layout.causal or queries <= 0:
+        return 0
+    return min(layout.window + queries - 1, layout.num_keys)
 
 
 def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, sel):

@@ -20,11 +20,12 @@ from .mask import check_topk_window_base
 
 
 def _layout_of(pool_lo, win_lo, win_hi, seq_starts, num_keys: int, window: int,
-               nested: bool = False) -> QueryLayout:
-    # The intervals, the sequence starts (the kernels' tiles) and whether pools are nested
-    # are all the kernels and the PyTorch path need; the segment list and the causal flag
-    # only matter while build_layout turns a bias into intervals.
-    return QueryLayout(pool_lo, win_lo, win_hi, pool_lo.numel(), num_keys, [], True, window,
+               nested: bool = False, causal: bool = True) -> QueryLayout:
+    # The intervals, the sequence starts (the kernels' tiles), whether pools are nested and
+    # the causal flag (with nested: the bound of the window spans) are all the kernels and
+    # the PyTorch path need; the segment list only matters while build_layout turns a bias
+    # into intervals.
+    return QueryLayout(pool_lo, win_lo, win_hi, pool_lo.numel(), num_keys, [], causal, window,
                        seq_starts, nested and seq_starts is not None)
 
 
@@ -37,11 +38,11 @@ def _check_scores_finite(scores: Optional[Tensor]) -> None:
 def sparsek_fwd(
     q: Tensor, k: Tensor, v: Tensor, scores: Optional[Tensor],
     pool_lo: Tensor, win_lo: Tensor, win_hi: Tensor, seq_starts: Optional[Tensor],
-    topk: int, window: int, scale: float, nested: bool = False,
+    topk: int, window: int, scale: float, nested: bool = False, causal: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> out [NQ,S,R,Dv], lse [S,R,NQ], and the selection (tau, ub, jb, nF) [S,NQ]."""
     _check_scores_finite(scores)
-    layout = _layout_of(pool_lo, win_lo, win_hi, seq_starts, k.shape[0], window, nested)
+    layout = _layout_of(pool_lo, win_lo, win_hi, seq_starts, k.shape[0], window, nested, causal)
     topk_ = topk if scores is not None else None
     out, lse, sel = _backend.forward(q, k, v, scores, layout, topk_, scale)
     if sel is None:
@@ -52,7 +53,8 @@ def sparsek_fwd(
 
 
 @sparsek_fwd.register_fake
-def _(q, k, v, scores, pool_lo, win_lo, win_hi, seq_starts, topk, window, scale, nested=False):
+def _(q, k, v, scores, pool_lo, win_lo, win_hi, seq_starts, topk, window, scale, nested=False,
+      causal=True):
     NQ, S, R, _ = q.shape
     out = q.new_empty(NQ, S, R, v.shape[-1])
     lse = q.new_empty(S, R, NQ, dtype=_attention.compute_dtype(q.dtype))
@@ -68,8 +70,9 @@ def sparsek_bwd(
     out: Tensor, lse: Tensor, tau: Tensor, ub: Tensor, jb: Tensor, nF: Tensor,
     pool_lo: Tensor, win_lo: Tensor, win_hi: Tensor, seq_starts: Optional[Tensor],
     topk: int, window: int, scale: float, need_dscores: bool, nested: bool = False,
+    causal: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    layout = _layout_of(pool_lo, win_lo, win_hi, seq_starts, k.shape[0], window, nested)
+    layout = _layout_of(pool_lo, win_lo, win_hi, seq_starts, k.shape[0], window, nested, causal)
     sel = Selection(tau, ub, jb, nF) if scores is not None else None
     topk_ = topk if scores is not None else None
     dq, dk, dv, ds = _backend.backward(
@@ -84,7 +87,7 @@ def sparsek_bwd(
 
 @sparsek_bwd.register_fake
 def _(dout, q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi, seq_starts,
-      topk, window, scale, need_dscores, nested=False):
+      topk, window, scale, need_dscores, nested=False, causal=True):
     ds = (
         scores.new_empty(scores.shape)
         if scores is not None and need_dscores
@@ -94,24 +97,26 @@ def _(dout, q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scores, pool_lo, win_lo, win_hi, seq_starts, topk, window, scale, nested = inputs
+    (q, k, v, scores, pool_lo, win_lo, win_hi, seq_starts, topk, window, scale, nested,
+     causal) = inputs
     out, lse, tau, ub, jb, nF = output
     ctx.save_for_backward(q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi,
                           seq_starts)
-    ctx.args = (topk, window, scale, nested)
+    ctx.args = (topk, window, scale, nested, causal)
     ctx.mark_non_differentiable(lse, tau, ub, jb, nF)
 
 
 def _backward(ctx, dout, _dlse, _dtau, _dub, _djb, _dnF):
     (q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi,
      seq_starts) = ctx.saved_tensors
-    topk, window, scale, nested = ctx.args
+    topk, window, scale, nested, causal = ctx.args
     need_ds = scores is not None and ctx.needs_input_grad[3]
     dq, dk, dv, ds = sparsek_bwd(
         dout, q, k, v, scores, out, lse, tau, ub, jb, nF, pool_lo, win_lo, win_hi, seq_starts,
-        topk, window, scale, need_ds, nested,
+        topk, window, scale, need_ds, nested, causal,
     )
-    return dq, dk, dv, (ds if need_ds else None), None, None, None, None, None, None, None, None
+    return (dq, dk, dv, (ds if need_ds else None), None, None, None, None, None, None, None,
+            None, None)
 
 
 torch.library.register_autograd("xformers_sparsek::fwd", _backward, setup_context=_setup_context)
@@ -147,7 +152,7 @@ def run_problem(prob, window: int) -> Tuple[Tensor, Tensor]:
     lay = prob.layout
     return sparsek_fwd(
         prob.q, prob.k, prob.v, prob.scores, lay.pool_lo, lay.win_lo, lay.win_hi,
-        lay.seq_starts, prob.topk or 0, window, prob.scale, lay.nested,
+        lay.seq_starts, prob.topk or 0, window, prob.scale, lay.nested, lay.causal,
     )[:2]
 
 

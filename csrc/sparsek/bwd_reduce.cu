@@ -25,11 +25,8 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
-// delta[(s * R + r) * NQ + i] = sum_d dout[i, s, r, d] * out[i, s, r, d]; a warp per
-// kDeltaRows consecutive (i, s, r) rows, their loads issued before any sum (one row per warp
-// left the loads latency-bound: 0.49 ms at 64K for ~0.2 ms of traffic), lane l holding
-// elements [l * D / 32, (l + 1) * D / 32) (D = 64 or 128: 4 or 8 bytes).
-constexpr int kDeltaRows = 4;
+// delta[(s * R + r) * NQ + i] = sum_d dout[i, s, r, d] * out[i, s, r, d]; a warp per (i, s, r),
+// lane l holding elements [l * D / 32, (l + 1) * D / 32) (D = 64 or 128: 4 or 8 bytes).
 template <typename T, int D>
 __global__ void __launch_bounds__(256) bwd_delta_kernel(const T* dout, const T* out, int NQ, int S,
                                                         int R, int64_t do_sn, int64_t do_ss,
@@ -37,32 +34,20 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const T* dout, const T* 
                                                         int64_t o_sr, float* delta) {
   constexpr int E = D / 32;  // elements per lane
   using Vec = typename std::conditional<E == 4, uint2, uint32_t>::type;
-  const int64_t rows = (int64_t)NQ * S * R;
-  const int64_t row0 = ((int64_t)blockIdx.x * 8 + (threadIdx.x >> 5)) * kDeltaRows;
+  const int64_t row = (int64_t)blockIdx.x * 8 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  Vec a[kDeltaRows], b[kDeltaRows];
+  if (row >= (int64_t)NQ * S * R) return;
+  const int r = row % R, s = (row / R) % S, i = row / ((int64_t)R * S);
+  const Vec a = *reinterpret_cast<const Vec*>(dout + i * do_sn + s * do_ss + r * do_sr + lane * E);
+  const Vec b = *reinterpret_cast<const Vec*>(out + i * o_sn + s * o_ss + r * o_sr + lane * E);
+  const T* x = reinterpret_cast<const T*>(&a);
+  const T* y = reinterpret_cast<const T*>(&b);
+  float acc = 0.f;
 #pragma unroll
-  for (int u = 0; u < kDeltaRows; ++u) {
-    const int64_t row = row0 + u;
-    if (row >= rows) break;
-    const int r = row % R, s = (row / R) % S, i = row / ((int64_t)R * S);
-    a[u] = *reinterpret_cast<const Vec*>(dout + i * do_sn + s * do_ss + r * do_sr + lane * E);
-    b[u] = *reinterpret_cast<const Vec*>(out + i * o_sn + s * o_ss + r * o_sr + lane * E);
-  }
+  for (int e = 0; e < E; ++e) acc += to_float(x[e]) * to_float(y[e]);
 #pragma unroll
-  for (int u = 0; u < kDeltaRows; ++u) {
-    const int64_t row = row0 + u;
-    if (row >= rows) break;
-    const T* x = reinterpret_cast<const T*>(&a[u]);
-    const T* y = reinterpret_cast<const T*>(&b[u]);
-    float acc = 0.f;
-#pragma unroll
-    for (int e = 0; e < E; ++e) acc += to_float(x[e]) * to_float(y[e]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    const int r = row % R, s = (row / R) % S, i = row / ((int64_t)R * S);
-    if (lane == 0) delta[((int64_t)s * R + r) * NQ + i] = acc;
-  }
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) delta[((int64_t)s * R + r) * NQ + i] = acc;
 }
 
 // Entries of key j of head s: order[off[s * NK + j] .. off[s * NK + j + 1]) are flat slot
@@ -139,7 +124,7 @@ cudaError_t launch_bwd_delta(const void* dout, const void* out, int dtype, int h
                              cudaStream_t stream) {
   const int64_t rows = (int64_t)NQ * S * R;
   if (rows == 0) return cudaSuccess;
-  const dim3 grid((unsigned)((rows + 8 * kDeltaRows - 1) / (8 * kDeltaRows)));
+  const dim3 grid((unsigned)((rows + 7) / 8));
   auto run = [&](auto kernel, auto type_tag) {
     using T = decltype(type_tag);
     kernel<<<grid, 256, 0, stream>>>(static_cast<const T*>(dout), static_cast<const T*>(out), NQ,
