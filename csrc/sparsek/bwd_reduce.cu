@@ -57,81 +57,59 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const T* dout, const T* 
 // heads get zeros: autograd's sum over the stride-0 expansion of K / V adds the heads.
 // (Written here instead of an fp32 [G, NK, D] result that PyTorch zero-filled, copied and
 // converted into the expanded layout: ~0.8 ms of the 64K backward.)
-//
-// A warp per (key, group), lane l summing elements [l V, l V + V) of dK and dV (V = D / 32:
-// a key's slot in one 16- / 8-byte load per lane and tensor), kReduceBatch slots' loads in
-// flight before their adds (a key has ~6 slots at 64K: the batch is predicated).  The adds
-// run in slot order for each element, as one thread per element would do them.  (A
-// 128-thread block per key with one slot's loads at a time took 2.06 ms at 64K for ~1 ms
-// of DRAM traffic.)
-constexpr int kReduceWarps = 8, kReduceBatch = 8;
-template <typename T, int D>
-__global__ void __launch_bounds__(kReduceWarps * 32)
-    bwd_reduce_kernel(const float* part_kv, const float* part_u, const int64_t* off,
-                      const int64_t* order, int NK, int groups_per_head, int heads_per_group,
-                      int64_t group_slots, T* dk, T* dv, int64_t o_sn, int64_t o_ss,
-                      int64_t o_sr, float* du) {
-  constexpr int V = D / 32;
-  static_assert(V == 2 || V == 4, "D = 64 or 128");
-  using FV = typename std::conditional<V == 4, float4, float2>::type;
-  using Packed = typename std::conditional<V == 4, uint2, uint32_t>::type;  // V 16-bit values
-  const int lane = threadIdx.x & 31;
-  const int j = blockIdx.x * kReduceWarps + (threadIdx.x >> 5), g = blockIdx.y;
-  if (j >= NK) return;
-  const int s = g / groups_per_head, r0 = (g % groups_per_head) * heads_per_group;
+template <typename T>
+__global__ void bwd_reduce_kernel(const float* part_kv, const float* part_u,
+                                  const int64_t* off, const int64_t* order, int NK, int D,
+                                  int groups_per_head, int heads_per_group, int64_t group_slots,
+                                  T* dk, T* dv, int64_t o_sn, int64_t o_ss, int64_t o_sr,
+                                  float* du) {
+  const int j = blockIdx.x, g = blockIdx.y, s = g / groups_per_head;
+  const int r0 = (g % groups_per_head) * heads_per_group;
   const int64_t a = off[(size_t)s * NK + j], b = off[(size_t)s * NK + j + 1];
-  const float* base = part_kv + (size_t)g * group_slots * 2 * D + lane * V;
-  float sk[V], sv[V];
+  const float* base = part_kv + (size_t)g * group_slots * 2 * D;
+  T* dk_row = dk + j * o_sn + s * o_ss + r0 * o_sr;
+  T* dv_row = dv + j * o_sn + s * o_ss + r0 * o_sr;
+  // kBatch slots' loads in flight before their adds (in slot order: the same sums; a key
+  // has ~6 slots at 64K, so the batch is predicated, not a main loop and a tail): one slot
+  // at a time left the loads latency-bound (2.06 ms at 64K, ~1 ms of DRAM traffic)
+  constexpr int kBatch = 8;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float sk = 0.f, sv = 0.f;
+    for (int64_t e0 = a; e0 < b; e0 += kBatch) {
+      float xk[kBatch], xv[kBatch];
 #pragma unroll
-  for (int c = 0; c < V; ++c) sk[c] = sv[c] = 0.f;
-  for (int64_t e0 = a; e0 < b; e0 += kReduceBatch) {
-    FV xk[kReduceBatch], xv[kReduceBatch];
-#pragma unroll
-    for (int i = 0; i < kReduceBatch; ++i) {
-      if (e0 + i < b) {
-        const float* src = base + order[e0 + i] * 2 * D;
-        xk[i] = *reinterpret_cast<const FV*>(src);
-        xv[i] = *reinterpret_cast<const FV*>(src + D);
+      for (int i = 0; i < kBatch; ++i) {
+        if (e0 + i < b) {
+          const float* src = base + order[e0 + i] * 2 * D;
+          xk[i] = src[d];
+          xv[i] = src[D + d];
+        }
       }
-    }
 #pragma unroll
-    for (int i = 0; i < kReduceBatch; ++i) {
-      if (e0 + i < b) {
-        const float* fk = reinterpret_cast<const float*>(&xk[i]);
-        const float* fv = reinterpret_cast<const float*>(&xv[i]);
-#pragma unroll
-        for (int c = 0; c < V; ++c) {
-          sk[c] += fk[c];
-          sv[c] += fv[c];
+      for (int i = 0; i < kBatch; ++i) {
+        if (e0 + i < b) {
+          sk += xk[i];
+          sv += xv[i];
         }
       }
     }
+    dk_row[d] = from_float<T>(sk);
+    dv_row[d] = from_float<T>(sv);
+    for (int i = 1; i < heads_per_group; ++i) {
+      dk_row[i * o_sr + d] = from_float<T>(0.f);
+      dv_row[i * o_sr + d] = from_float<T>(0.f);
+    }
   }
-  Packed pk, pv;
-  T* tk = reinterpret_cast<T*>(&pk);
-  T* tv = reinterpret_cast<T*>(&pv);
-#pragma unroll
-  for (int c = 0; c < V; ++c) {
-    tk[c] = from_float<T>(sk[c]);
-    tv[c] = from_float<T>(sv[c]);
-  }
-  const int64_t row = j * o_sn + s * o_ss + r0 * o_sr + lane * V;
-  *reinterpret_cast<Packed*>(dk + row) = pk;
-  *reinterpret_cast<Packed*>(dv + row) = pv;
-  for (int i = 1; i < heads_per_group; ++i) {  // (+0.0 is all-zero bits in both formats)
-    *reinterpret_cast<Packed*>(dk + row + i * o_sr) = Packed{};
-    *reinterpret_cast<Packed*>(dv + row + i * o_sr) = Packed{};
-  }
-  if (lane == 0) {
+  if (threadIdx.x == 0) {
     const float* pu = part_u + (size_t)g * group_slots;
     float su = 0.f;
-    for (int64_t e0 = a; e0 < b; e0 += kReduceBatch) {
-      float x[kReduceBatch];
+    for (int64_t e0 = a; e0 < b; e0 += kBatch) {
+      float x[kBatch];
 #pragma unroll
-      for (int i = 0; i < kReduceBatch; ++i)
+      for (int i = 0; i < kBatch; ++i)
         if (e0 + i < b) x[i] = pu[order[e0 + i]];
 #pragma unroll
-      for (int i = 0; i < kReduceBatch; ++i)
+      for (int i = 0; i < kBatch; ++i)
         if (e0 + i < b) su += x[i];
     }
     du[(size_t)g * NK + j] = su;
@@ -169,17 +147,11 @@ cudaError_t launch_bwd_reduce(const float* part_kv, const float* part_u, const i
                               void* dk, void* dv, int64_t o_sn, int64_t o_ss, int64_t o_sr,
                               float* du, cudaStream_t stream) {
   if (groups == 0 || NK == 0) return cudaSuccess;
-  if (D != 64 && D != 128) return cudaErrorInvalidValue;
-  // (16-byte rows: the dk / dv writes are V 16-bit values per lane)
-  if ((o_sn | o_ss | o_sr) % 8 != 0 || reinterpret_cast<uintptr_t>(dk) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(dv) % 16 != 0)
-    return cudaErrorInvalidValue;
-  dim3 grid((NK + kReduceWarps - 1) / kReduceWarps, groups);
+  dim3 grid(NK, groups);
   auto run = [&](auto type_tag) {
     using T = decltype(type_tag);
-    auto kernel = D == 128 ? bwd_reduce_kernel<T, 128> : bwd_reduce_kernel<T, 64>;
-    kernel<<<grid, kReduceWarps * 32, 0, stream>>>(
-        part_kv, part_u, off, order, NK, groups_per_head, heads_per_group, group_slots,
+    bwd_reduce_kernel<T><<<grid, 128, 0, stream>>>(
+        part_kv, part_u, off, order, NK, D, groups_per_head, heads_per_group, group_slots,
         static_cast<T*>(dk), static_cast<T*>(dv), o_sn, o_ss, o_sr, du);
     return cudaGetLastError();
   };
