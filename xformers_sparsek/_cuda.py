@@ -9,7 +9,10 @@ Forward pipeline on the GPU:
 Backward: the rank tables from the forward's selection outputs (``_with_ranks``), the key
 lists of the dq tiles and dk/dv super-tiles, ``bwd`` (pass 1 dq, pass 2 per-super-tile
 dk/dv partials), the ordered reduction ``bwd_reduce``, and the score gradient's
-fractional-mean term on ``wavelet_range_sum``.  One host sync (list overflow, window sizes).
+fractional-mean term on ``wavelet_range_sum``.  Host syncs: on nested layouts
+(``QueryLayout.nested``) none after the scores' finiteness check; on others the forward
+reads its lists' overflow flag after the launch, the backward its lists' overflow flags and
+the window spans' max before its kernels.
 The selection is computed on float32 scores (what the kernels compare against); its tables
 (one float32 sort + ``select_tables``) are bitwise those of ``_selection.build_tables``.
 """
