@@ -2,7 +2,11 @@
 the CUDA kernels of one call by device time (torch.profiler).  A label names the build in
 the output, e.g. when scripts/gpu_check.sh's "bwd" step times BWD_VARIANTS side by side.
 
-    python benchmarks/bwd_kernels.py [S] [--label NAME] [--top 8]
+    python benchmarks/bwd_kernels.py [S] [--label NAME] [--top 8] [--super-rows N]
+
+--super-rows sets the dk/dv super-tile rows (_cuda._BWD_SUPER_ROWS; the Hopper kernel's
+row tables hold BwdDkvSm90Traits::kMaxChunks x 64 rows, so a variant with fewer chunks needs
+fewer rows).
 """
 import argparse
 
@@ -17,7 +21,12 @@ def main():
     ap.add_argument("S", type=int, nargs="?", default=65536)
     ap.add_argument("--label", default="tree")
     ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--super-rows", type=int, default=None)
     args = ap.parse_args()
+    if args.super_rows:
+        from xformers_sparsek import _cuda
+
+        _cuda._BWD_SUPER_ROWS = args.super_rows
     S = args.S
     call, _ = long_s_attention(S, grad=True)
 

@@ -8,7 +8,8 @@
 # ~1-1.5 min; "hf" = scripts/hf_gpu_check.py; "profile" = benchmarks/profile_calls.py;
 # "ncu" = ncu's stall samples per instruction of one kernel (NCU_KERNEL, default the dk/dv pass);
 # "bwd" = the 64K forward + backward's kernels, and BWD_VARIANTS="dir ..." (replacement sm90
-# headers, each rebuilt into the extension and timed; ~30 s each);
+# headers, each rebuilt into the extension and timed; ~30 s each; BWD_ARGS for
+# benchmarks/bwd_kernels.py, e.g. "--super-rows 1024");
 # "harness" = the standalone forward and selection harnesses, SELECT_BLOCKS="5 6" variants,
 # FWD_VARIANTS="dir ..." forward kernel variants (each dir: replacement csrc/sparsek/sm90 headers);
 # "suite" = xFormers' own tests, needs .xftests carried; >3 min for a 1/4 sample) and
@@ -93,11 +94,12 @@ profile() { python3 benchmarks/profile_calls.py --out "$OUT" 2>&1 | tail -n 120 
 bwd_variants() { run_bwd_variants 2>&1 | tee "$OUT/bwd.log"; return "${PIPESTATUS[0]}"; }
 run_bwd_variants() {
   local v rc=0 keep=/tmp/sm90_tree
-  python3 benchmarks/bwd_kernels.py --label tree || return
+  # shellcheck disable=SC2086  # BWD_ARGS is split on purpose (e.g. "--super-rows 1024")
+  python3 benchmarks/bwd_kernels.py --label tree ${BWD_ARGS:-} || return
   rm -rf $keep && cp -r csrc/sparsek/sm90 $keep || return
   for v in ${BWD_VARIANTS:-}; do
     cp "$v"/*.cuh csrc/sparsek/sm90/ && touch csrc/sparsek/sm90/*.cu &&
-      build && python3 benchmarks/bwd_kernels.py --label "$(basename "$v")" || rc=1
+      build && python3 benchmarks/bwd_kernels.py --label "$(basename "$v")" ${BWD_ARGS:-} || rc=1
     cp $keep/* csrc/sparsek/sm90/
   done
   if [ -n "${BWD_VARIANTS:-}" ]; then touch csrc/sparsek/sm90/*.cu && build || rc=1; fi

@@ -376,7 +376,9 @@ def test_tile_key_lists_fit_their_capacity(bias_kind):
     max win_lo) at or above the tile's lowest boundary rank, or all of them when a query
     selects its whole pool) on _cuda._tiles' tiles: at most topk + rows keys wherever the
     pools are nested (every bias without a local window), so the forward and backward never
-    fall back to the PyTorch path there."""
+    fall back to the PyTorch path there; and each tile's window span (max win_hi - min
+    win_lo, the backward's window tiles) within _cuda._window_span_bound, which nested
+    layouts use instead of reading the spans back (a host sync)."""
     from xformers_sparsek import _cuda
     from xformers_sparsek._selection import _row_ranks
 
@@ -384,8 +386,9 @@ def test_tile_key_lists_fit_their_capacity(bias_kind):
         pytest.skip("sliding pools: lists may overflow (the PyTorch path then runs)")
     for trial in range(3):
         bias, B, Mq, Mk, causal = make_bias(bias_kind, max_len=90, allow_empty=True)
-        window = 5 if causal else 0
+        window = random.choice([0, 5]) if causal else 0
         lay = _layout.build_layout(bias, B, Mq, Mk, window, CPU)
+        assert lay.nested
         topk = random.choice([1, 7, 20])
         u = torch.randn(2, lay.num_keys, dtype=torch.float64)
         sel = _selection.select(u, lay, topk)
@@ -393,6 +396,9 @@ def test_tile_key_lists_fit_their_capacity(bias_kind):
         rb = torch.where(torch.isneginf(sel.ub), -1, ranks.gather(1, sel.jb.clamp(min=0)))
         for rows in (16, 32, 64, 128):
             q0, q1 = _cuda._tiles(lay.num_queries, rows, "cpu", lay.seq_key)
+            wlo, whi = _cuda._tile_extents(lay, q0, q1)
+            spans = (whi - wlo).clamp(min=0).tolist()
+            assert max(spans, default=0) <= _cuda._window_span_bound(lay, rows), (trial, rows)
             for a, b in zip(q0.tolist(), q1.tolist()):
                 lo, hi = int(lay.pool_lo[a:b].min()), int(lay.win_lo[a:b].max())
                 for h in range(2):
