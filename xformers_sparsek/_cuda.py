@@ -357,7 +357,7 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     # sums over the heads).
     dk = torch.empty(NK, S, R, D, dtype=q.dtype, device=q.device)
     dv = torch.empty_like(dk)
-    _, _, du_g = C.bwd_reduce(part_kv, part_u, off, slot_order, rg, rp_kv, dk, dv)
+    du_g = C.bwd_reduce(part_kv, part_u, off, slot_order, rg, rp_kv, dk, dv)
     du_direct = du_g.view(S, rg, NK).sum(1)
     g_row = grow.view(S, R, NQ).sum(1)
     dscores = score_gradient(scores, layout, sel, du_direct, g_row, range_sum=_range_sum)

@@ -403,10 +403,10 @@ at::Tensor bwd_delta(const at::Tensor& dout, const at::Tensor& out) {
   return delta;
 }
 
-// Pass 3: per (group, key) sums of the partial slots -> dk, dv [NK, S, R, D] (q's dtype; group
-// g = (s, rgroup) on head rgroup * heads_per_group, zeros on the group's other heads) and
-// du [G, NK] (fp32).
-std::vector<at::Tensor> bwd_reduce(const at::Tensor& part_kv, const at::Tensor& part_u,
+// Pass 3: per (group, key) sums of the partial slots, written into dk, dv [NK, S, R, D] (q's
+// dtype; group g = (s, rgroup) on head rgroup * heads_per_group, zeros on the group's other
+// heads); returns du [G, NK] (fp32).
+at::Tensor bwd_reduce(const at::Tensor& part_kv, const at::Tensor& part_u,
                                    const at::Tensor& off, const at::Tensor& order,
                                    int64_t groups_per_head, int64_t heads_per_group,
                                    const at::Tensor& dk, const at::Tensor& dv) {
@@ -433,7 +433,7 @@ std::vector<at::Tensor> bwd_reduce(const at::Tensor& part_kv, const at::Tensor& 
       order.data_ptr<int64_t>(), groups, groups_per_head, heads_per_group, NK, D, group_slots,
       dtype_code(dk), dk.data_ptr(), dv.data_ptr(), dk.stride(0), dk.stride(1), dk.stride(2),
       du.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
-  return {dk, dv, du};
+  return du;
 }
 
 }  // namespace
