@@ -10,17 +10,19 @@
 // (decided once per CTA from the rows' and keys' bounds) into a ring of three stages on
 // mbarriers (full: the copies landed; empty: the 8 consumer warps released the stage).
 // Warpgroups 1 and 2 (the consumers, 240 registers) hold 64 keys each (wgmma M = 64) and
-// walk the chunks in two halves of 32 rows (S^T and dP^T of a whole chunk plus dK, dV do not
-// fit 240 registers):
-//   S^T = K Q^T and dP^T = V dO^T   (wgmma, both operands in shared memory, N = 32 rows),
+// walk the chunks:
+//   S^T = K Q^T and dP^T = V dO^T   (wgmma, both operands in shared memory, N = 64 rows),
 //   P, dS and the score gradient's direct sums per (key, row), the BlockMode of each warp's
 //   16 keys picking the cheapest exact rule,
 //   dV += (P g)^T dO and dK += (dS g scale)^T Q   (wgmma, the A operand from registers).
-// A consumer warp releases a chunk's stage once the products that read it have completed
-// (at its next chunk's first wait), so the two consumers need not move in step: they meet
-// only where the producer must wait for a stage.  Tiles use wgmma's 128-byte swizzle
-// (sw128).  (H200, 64K: 19.7 ms against 21.2 for the 256-thread version whose warpgroups
-// loaded the chunks themselves and met at a __syncthreads per chunk.)
+// A consumer warp waits for a chunk's dK / dV products before it issues the next chunk's
+// S^T / dP^T: the P / dS register operands of the one and the accumulators of the other
+// would not fit 240 registers together (ptxas then serializes the wgmmas).  It releases the
+// chunk's stage there, so the two consumers need not move in step: they meet only where
+// the producer must wait for a stage.  (The tensor pipe runs one warpgroup's products while
+// the other does its elementwise work.  Issuing S^T / dP^T in halves of 32 rows, with the
+// previous products in flight, took 19.4 ms at 64K against 17.6 for whole chunks: twice the
+// reads of K and V, smaller wgmmas.)  Tiles use wgmma's 128-byte swizzle (sw128).
 #pragma once
 #include <climits>
 #include <cmath>
@@ -36,11 +38,15 @@ template <typename T, int D>
 struct BwdDkvSm90Traits {
   static constexpr int kBK = 128;       // keys per CTA: 64 per warpgroup
   static constexpr int kRows = 64;      // rows per chunk
+  // rows per S^T / dP^T product: kRows waits for the previous chunk's dK / dV first, so the
+  // S^T, dP^T, P and dS fragments of a whole chunk fit the registers; kRows / 2 (the
+  // 2026-12-02 kernel, slower) issues the halves while the previous products are in flight
+  static constexpr int kSubRows = 64;
   static constexpr int kStages = 3;     // Q / dO chunk buffers
   // warpgroup 0 loads the chunks (producer), warpgroups 1 and 2 compute (64 keys each)
   static constexpr int kThreads = 384, kConsumerWarps = 8;
-  // the consumers hold dK, dV (64 + 64 registers), S^T, dP^T of a half chunk (16 + 16) and
-  // its P / dS operands
+  // the consumers hold dK, dV (64 + 64 registers), S^T, dP^T of a chunk (32 + 32) and its
+  // P / dS operands (16 + 16)
   using Regs = RegSplit<24, 240>;
   static constexpr int kMaxChunks = 32;  // rows per super-tile / kRows (_BWD_SUPER_ROWS <= 2048)
   static constexpr size_t kSmem = 1024 /* alignment slack */ + 2 * kBK * D * sizeof(T) +
@@ -244,9 +250,9 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
 
   // ================================== consumers ==========================================
   setmaxnreg_inc<Tr::Regs::kConsumerRegs>();
-  // A chunk runs as two halves of HR = 32 rows (S^T, dP^T of 64 keys x 32 rows: 16 + 16
-  // registers instead of 32 + 32, which the 240 registers of a consumer need).
-  constexpr int HR = RW / 2;
+  // A chunk runs as RW / HR parts of HR rows (Tr::kSubRows).
+  constexpr int HR = Tr::kSubRows;
+  static_assert(HR == RW || HR == RW / 2, "whole chunks or halves");
   float dk[D / 2], dv[D / 2], sct[HR / 2], dpt[HR / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
@@ -286,9 +292,15 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
     const uint32_t stage16 = (st * RW * D * EB) >> 4;  // (descriptor units: 16 bytes)
 
 #pragma unroll 1
-    for (int hf = 0; hf < 2; ++hf) {
+    for (int hf = 0; hf < RW / HR; ++hf) {
       // S^T = K Q^T, dP^T = V dO^T over rows [hf HR, hf HR + HR) of the chunk
       const uint32_t rows16 = stage16 + ((hf * HR * 128) >> 4);  // (128-byte rows)
+      if constexpr (HR == RW) {  // the previous chunk's products done: its P / dS registers
+        wgmma_wait<0>();         // are free, and its stage can go
+        fence_regs(dk);
+        fence_regs(dv);
+        if (v > 0 && lane == 0) mbar_arrive(&empty[(v - 1) % NST]);
+      }
       fence_regs(sct);
       fence_regs(dpt);
       wgmma_fence();
@@ -306,11 +318,11 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
       fence_regs(dpt);
       fence_regs(dk);
       fence_regs(dv);
-      if (hf == 0 && v > 0 && lane == 0) mbar_arrive(&empty[(v - 1) % NST]);
+      if (HR < RW && hf == 0 && v > 0 && lane == 0) mbar_arrive(&empty[(v - 1) % NST]);
 
       // P g and dS g scale as the A operands of the products below; the direct score sums
       // du.  Accumulator element 4 i + cc: key g + 8 (cc >> 1), row 8 i + 2 tq + (cc & 1) of
-      // the half; the metadata of a thread's two rows of block i are adjacent (one 8-byte
+      // the part; the metadata of a thread's two rows of block i are adjacent (one 8-byte
       // load each).
       uint32_t pf[HR / 16][4], dsf[HR / 16][4];
       // kAllPairs: the block is kAll; kPool (with kAllPairs): its keys are pool keys (else
@@ -368,7 +380,7 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
       else
         elementwise(std::true_type{}, std::false_type{});
 
-      // dV += (P g)^T dO, dK += (dS g scale)^T Q over the half's rows (B MN-major: 16 rows
+      // dV += (P g)^T dO, dK += (dS g scale)^T Q over the part's rows (B MN-major: 16 rows
       // of 128 bytes per k-step)
       fence_regs(dk);
       fence_regs(dv);

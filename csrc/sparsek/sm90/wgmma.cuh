@@ -237,28 +237,40 @@ struct WgmmaRSLo<T, NN> {                                                       
   }                                                                                              \
 };
 
-#define XSK_WGMMA_SS_LO_N32(T, TN)                                                               \
+// (operand numbers: AL .. P the descriptor pieces and the accumulate flag)
+#define XSK_WGMMA_SS_LO(T, TN, NN, NREG, REGS, OPS, AL, AO, BL, BO, P, HI)                      \
 template <>                                                                                      \
-struct WgmmaSSLo<T, 32> {                                                                        \
-  static __device__ __forceinline__ void run(float (&d)[16], uint32_t a_lo, uint32_t a_off,      \
+struct WgmmaSSLo<T, NN> {                                                                        \
+  static __device__ __forceinline__ void run(float (&d)[NREG], uint32_t a_lo, uint32_t a_off,    \
                                              uint32_t b_lo, uint32_t b_off, int accumulate) {    \
     asm volatile(                                                                                \
         "{\n.reg .pred p;\n.reg .b32 al, bl, hi;\n.reg .b64 da, db;\n"                          \
-        "setp.ne.b32 p, %20, 0;\n"                                                               \
-        "add.u32 al, %16, %17;\nadd.u32 bl, %18, %19;\nmov.b32 hi, %21;\n"                       \
+        "setp.ne.b32 p, %" P ", 0;\n"                                                            \
+        "add.u32 al, %" AL ", %" AO ";\nadd.u32 bl, %" BL ", %" BO ";\nmov.b32 hi, %" HI ";\n"    \
         "mov.b64 da, {al, hi};\nmov.b64 db, {bl, hi};\n"                                         \
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32." TN "." TN " {"                             \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"                   \
+        "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TN "." TN " {"                        \
+        REGS                                                                                     \
         "}, da, db, p, 1, 1, 0, 0;\n}\n"                                                         \
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),     \
-          "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]),             \
-          "+f"(d[13]), "+f"(d[14]), "+f"(d[15])                                                  \
+        : OPS                                                                                    \
         : "r"(a_lo), "r"(a_off), "r"(b_lo), "r"(b_off), "r"(accumulate), "n"(kDescHi128));      \
   }                                                                                              \
 };
-XSK_WGMMA_SS_LO_N32(__half, "f16")
-XSK_WGMMA_SS_LO_N32(__nv_bfloat16, "bf16")
-#undef XSK_WGMMA_SS_LO_N32
+#define XSK_WGMMA_D16_REGS \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+#define XSK_WGMMA_D16_OPS \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+XSK_WGMMA_SS_LO(__half, "f16", 32, 16, XSK_WGMMA_D16_REGS, XSK_WGMMA_D16_OPS,
+                "16", "17", "18", "19", "20", "21")
+XSK_WGMMA_SS_LO(__nv_bfloat16, "bf16", 32, 16, XSK_WGMMA_D16_REGS, XSK_WGMMA_D16_OPS,
+                "16", "17", "18", "19", "20", "21")
+XSK_WGMMA_SS_LO(__half, "f16", 64, 32, XSK_WGMMA_D32_REGS, XSK_WGMMA_D32_OPS,
+                "32", "33", "34", "35", "36", "37")
+XSK_WGMMA_SS_LO(__nv_bfloat16, "bf16", 64, 32, XSK_WGMMA_D32_REGS, XSK_WGMMA_D32_OPS,
+                "32", "33", "34", "35", "36", "37")
+#undef XSK_WGMMA_SS_LO
+#undef XSK_WGMMA_D16_REGS
+#undef XSK_WGMMA_D16_OPS
 XSK_WGMMA_RS_LO(__half, "f16", 128, 64, XSK_WGMMA_D64_REGS, XSK_WGMMA_D64_OPS,
                 "64", "65", "66", "67", "68", "69", "70")
 XSK_WGMMA_RS_LO(__nv_bfloat16, "bf16", 128, 64, XSK_WGMMA_D64_REGS, XSK_WGMMA_D64_OPS,
