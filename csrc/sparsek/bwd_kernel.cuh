@@ -120,9 +120,9 @@ __device__ __forceinline__ bool pair_backward(bool att, bool pool, float g, floa
                                               float lse2, float delta, float scale_log2,
                                               float scale, float& pr, float& ds, float& term) {
   pr = att ? exp2f(s * (scale_log2 * g) - lse2) : 0.f;
-  const float dsv = pr * (g * dp - delta);
-  ds = dsv * g * scale;
-  term = pr * dp + dsv * scale * s;
+  const float dss = pr * (g * dp - delta) * scale;
+  ds = dss * g;
+  term = fmaf(dss, s, pr * dp);
   return pool && att && g > 0.f && g < 1.f;
 }
 
@@ -247,7 +247,7 @@ __global__ void __launch_bounds__(BwdDqTraits<T, D>::kThreads, BwdDqTraits<T, D>
             bool att;
             if constexpr (kAllPairs) {  // attends()'s gate, without its tests
               att = true;
-              g = rule == KeyRule::kPoolSelected ? fminf(fmaxf(sU[e] - rows[h].tau, 0.f), 1.f)
+              g = rule == KeyRule::kPoolSelected ? gate_of(sU[e], rows[h].tau)
                                                  : 1.f;
             } else {
               att = attends(rule, interior, rows[h], sIdx[e], sRank[e], sU[e], g);
@@ -449,7 +449,7 @@ __global__ void __launch_bounds__(BwdDkvTraits<T, D>::kThreads)
               bool att;
               if constexpr (kAllPairs) {  // attends()'s gate, without its tests
                 att = true;
-                g = rule == KeyRule::kPoolSelected ? fminf(fmaxf(ku[h] - rTau[m], 0.f), 1.f) : 1.f;
+                g = rule == KeyRule::kPoolSelected ? gate_of(ku[h], rTau[m]) : 1.f;
               } else {
                 const RowInfo ri{rPlo[m], rWlo[m], rWhi[m], rRb[m], rTau[m]};
                 att = kj[h] >= 0 && attends(rule, interior, ri, kj[h], krank[h], ku[h], g);

@@ -353,7 +353,7 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
             bool att;
             if constexpr (kAllPairs) {  // attends()'s gate, without its tests
               att = true;
-              gate = kPool ? fminf(fmaxf(ku[h] - tau, 0.f), 1.f) : 1.f;
+              gate = kPool ? gate_of(ku[h], tau) : 1.f;
             } else {
               const RowInfo ri{y ? plo2.y : plo2.x, y ? wlo2.y : wlo2.x, y ? whi2.y : whi2.x,
                                y ? rb2.y : rb2.x, tau};

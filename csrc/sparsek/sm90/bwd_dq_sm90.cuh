@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
               float gate = 1.f;
               bool att = true;
               if constexpr (M == TileMode::kPoolFast || M == TileMode::kPoolChecked)
-                gate = __saturatef(((c & 1) ? ku.y : ku.x) - rows[x].tau);
+                gate = gate_of((c & 1) ? ku.y : ku.x, rows[x].tau);
               if constexpr (M == TileMode::kPoolChecked) {
                 const int r = (c & 1) ? kr.y : kr.x;
                 att = j >= 0 && j >= rows[x].plo && j < rows[x].wlo && r >= rows[x].rb;

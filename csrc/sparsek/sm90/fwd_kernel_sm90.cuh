@@ -38,6 +38,10 @@
 namespace xsk {
 namespace sm90 {
 
+// How far (base 2) a row's logits may rise above its running maximum before the maximum
+// moves (the consumer loop's lazy rescaling): P stays below 2^8.
+constexpr float kMaxSlack = 8.f;
+
 template <typename T, int D>
 struct FwdSm90Traits {
   static constexpr int kBM = 128;  // = FwdTraits::kBM: same tiles and key lists
@@ -61,10 +65,10 @@ struct FwdSm90Traits {
 };
 
 // Turns the tile's raw scores S (thread's columns 8 i + 2 tq + {0, 1}, rows x = 0 / 1) into
-// base-2 logits s * scale * gate, -inf where the row does not attend; returns the row maxima.
-// The ungated modes (kOpen, kMasked) leave S unscaled: tile_probs applies the scale inside
-// its exp2 argument (one FFMA), and the caller scales their maxima (scale > 0: the launcher
-// guarantees it).
+// logits s * gate in units of the scale (gate 1 in the ungated modes kOpen, kMasked), -inf
+// where the row does not attend; returns the row maxima.  tile_probs applies the scale
+// inside its exp2 argument (one FFMA), and the caller scales the maxima (scale > 0: the
+// launcher guarantees it, so the scaled maximum is the maximum of the scaled logits).
 template <TileMode M, int BN>
 __device__ __forceinline__ void tile_logits(float (&sc)[BN / 2], float (&tile_max)[2],
                                             const RowInfo (&rows)[2], const int (&lo)[2],
@@ -93,8 +97,7 @@ __device__ __forceinline__ void tile_logits(float (&sc)[BN / 2], float (&tile_ma
       } else if constexpr (M == TileMode::kMasked) {
         v = (j >= lo[x] && j < rows[x].whi) ? sc[4 * i + c] : -INFINITY;
       } else {
-        const float gate = __saturatef(((c & 1) ? ku.y : ku.x) - rows[x].tau);
-        v = sc[4 * i + c] * (scale_log2 * gate);
+        v = sc[4 * i + c] * gate_of((c & 1) ? ku.y : ku.x, rows[x].tau);
         if constexpr (M == TileMode::kPoolChecked) {
           const int r = (c & 1) ? kr.y : kr.x;
           const bool att = j >= 0 && j >= rows[x].plo && j < rows[x].wlo && r >= rows[x].rb;
@@ -107,9 +110,8 @@ __device__ __forceinline__ void tile_logits(float (&sc)[BN / 2], float (&tile_ma
   }
 }
 
-// exp2(logit - max), the row sums, and P * gate packed as the register A operand of the
-// P V product (k16 block kc = n8 blocks 2 kc and 2 kc + 1).  Ungated tiles hold raw scores:
-// their logit is S * scale_log2.
+// exp2(logit * scale_log2 - max), the row sums, and P * gate packed as the register A
+// operand of the P V product (k16 block kc = n8 blocks 2 kc and 2 kc + 1).
 template <typename T, bool kGate, int BN>
 __device__ __forceinline__ void tile_probs(const float (&sc)[BN / 2], uint32_t (&pf)[BN / 16][4],
                                            float (&row_sum)[2], const float (&mx)[2],
@@ -123,9 +125,9 @@ __device__ __forceinline__ void tile_probs(const float (&sc)[BN / 2], uint32_t (
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int x = c >> 1;
-      pe[c] = exp2f(kGate ? sc[4 * i + c] - mx[x] : fmaf(sc[4 * i + c], scale_log2, -mx[x]));
+      pe[c] = exp2f(fmaf(sc[4 * i + c], scale_log2, -mx[x]));
       row_sum[x] += pe[c];
-      if constexpr (kGate) pe[c] *= __saturatef(((c & 1) ? ku.y : ku.x) - rows[x].tau);
+      if constexpr (kGate) pe[c] *= gate_of((c & 1) ? ku.y : ku.x, rows[x].tau);
     }
     pf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(pe[0], pe[1]);
     pf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(pe[2], pe[3]);
@@ -275,30 +277,43 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
           tile_logits<TileMode::kMasked, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
                                              tRank, tq, 0, key0);
       }
-      float scale_o[2], mx[2];
+      // A lazy running maximum m per row: it moves (and O and the row sum are rescaled) only
+      // when some row of the warp sees a logit above its m + kMaxSlack; otherwise the tile's
+      // exp2(logit - m) stay below 2^kMaxSlack, which the fp32 sums and 16-bit P hold to the
+      // same relative precision.  Most tiles then skip the 64 multiplies of O.
+      bool moved = false;
 #pragma unroll
       for (int x = 0; x < 2; ++x) {
         tile_max[x] = fmaxf(tile_max[x], __shfl_xor_sync(0xffffffffu, tile_max[x], 1));
         tile_max[x] = fmaxf(tile_max[x], __shfl_xor_sync(0xffffffffu, tile_max[x], 2));
-        if (!listed) tile_max[x] *= p.scale_log2;  // (raw scores: see tile_logits)
-        const float new_max = fmaxf(row_max[x], tile_max[x]);
-        scale_o[x] = (new_max == -INFINITY) ? 1.f : exp2f(row_max[x] - new_max);
-        row_max[x] = new_max;
-        row_sum[x] *= scale_o[x];
-        mx[x] = new_max == -INFINITY ? 0.f : new_max;  // exp2(-inf - 0) = 0, no NaN
+        tile_max[x] *= p.scale_log2;  // (logits in units of the scale: see tile_logits)
+        moved |= tile_max[x] > row_max[x] + kMaxSlack;  // (-inf + slack = -inf)
       }
+      if (__any_sync(0xffffffffu, moved)) {
+        float scale_o[2];
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          const float new_max = fmaxf(row_max[x], tile_max[x]);
+          scale_o[x] = (new_max == -INFINITY) ? 1.f : exp2f(row_max[x] - new_max);
+          row_max[x] = new_max;
+          row_sum[x] *= scale_o[x];
+        }
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          o[4 * i + 0] *= scale_o[0];
+          o[4 * i + 1] *= scale_o[0];
+          o[4 * i + 2] *= scale_o[1];
+          o[4 * i + 3] *= scale_o[1];
+        }
+      }
+      float mx[2];
+#pragma unroll
+      for (int x = 0; x < 2; ++x) mx[x] = row_max[x] == -INFINITY ? 0.f : row_max[x];  // no NaN
       uint32_t pf[BN / 16][4];
       if (listed)
         tile_probs<T, true, BN>(sc, pf, row_sum, mx, rows, tU, tq, p.scale_log2);
       else
         tile_probs<T, false, BN>(sc, pf, row_sum, mx, rows, tU, tq, p.scale_log2);
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        o[4 * i + 0] *= scale_o[0];
-        o[4 * i + 1] *= scale_o[0];
-        o[4 * i + 2] *= scale_o[1];
-        o[4 * i + 3] *= scale_o[1];
-      }
 
       // O += (P * gate) V
       fence_regs(o);
