@@ -187,6 +187,29 @@ def test_cuda_selection_equals_torch_selection():
             assert torch.equal(x, y) or torch.allclose(x, y, rtol=1e-12, atol=1e-12), name
 
 
+@pytest.mark.parametrize("rise", [5.0, 40.0])
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_forward_rising_logits(rise, sparse, dtype, fwd_kernel):
+    """Logits that climb along the keys by `rise` (base 2) per 128-key tile: the Hopper
+    forward's lazy running maximum moves only past max + 8, so with rise 5 some tiles run
+    with P up to 2^8 and the next ones must rescale; with rise 40 every tile must (a kernel
+    that never rescaled would overflow).  Against the float64 PyTorch path."""
+    B, M, G, H, D = 1, 700, 2, 4, 64
+    q, k, v, s = make(B, M, M, G, H, D, dtype, gqa=True, seed=8)
+    direction = torch.ones(D, device="cuda") / D ** 0.5
+    # q . k_j ~ c j, with c chosen so that a tile's logits (scale 1/sqrt(D)) climb by `rise`
+    c = rise / (128 * D ** -0.5 * 1.4426950408889634)
+    ramp = torch.arange(M, device="cuda", dtype=torch.float32) * (c / 2)
+    q = (0.2 * q.float() + 2.0 * direction).to(dtype)
+    k = (0.2 * k.float() + ramp[None, :, None, None, None] * direction).to(dtype)
+    bias = xab.LowerTriangularMask()
+    s, topk, window = (s, 200, 40) if sparse else (None, None, 0)
+    out = xs.sparsek_attention(q, k, v, s, topk, window, bias)
+    ref = float64_torch_path(q, k, v, s, topk, window, cpu_bias(bias))
+    assert rel_err(out.cpu(), ref) <= TOL[dtype]
+
+
 @pytest.mark.parametrize("window", [0, 64])
 def test_cuda_forward_medium_vs_torch_path(window, fwd_kernel):
     """4K tokens: CUDA kernels vs the PyTorch path (float32 math) on the same selection."""
