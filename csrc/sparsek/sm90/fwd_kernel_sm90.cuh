@@ -190,6 +190,13 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
   const int g = lane >> 2, tq = lane & 3;
   auto row_of = [&](int x) { return wg * 64 + (warp & 3) * 16 + g + 8 * x; };
   int it = 0;  // key tiles consumed so far (all items)
+  // wgmma descriptors (their 32-bit start words, wgmma.cuh): this warpgroup's rows of Q
+  // buffer 0 and stage 0 of K (K-major) and V (MN-major); buffers, stages and K-steps are
+  // offsets added inside the wgmma's asm
+  constexpr int EB = sizeof(T);
+  const uint32_t desc_q = desc_lo(make_desc(sQ + wg * 64 * 64, 16, 1024));
+  const uint32_t desc_k = desc_lo(make_desc(sK, 16, 1024));
+  const uint32_t desc_v = desc_lo(make_desc(sV, BN * 128, 1024));
 
   for (int item = blockIdx.x, k = 0; item < nitems; item += gridDim.x, ++k) {
     // The producer staged this item (Q rows, row info, key streams) in buffer k % 2.
@@ -199,7 +206,7 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
     const KeyStreams ks = meta.ks;
     const int q0 = meta.q0, q1 = meta.q1, s = meta.s, rgroup = meta.rgroup;
     const int ntiles_k = ks.tilesA + ks.tilesB;
-    const T* cQ = sQ + qb * BM * D;
+    const uint32_t item16 = (qb * BM * D * EB) >> 4;  // this item's Q buffer (16-byte units)
     RowInfo rows[2];
 #pragma unroll
     for (int x = 0; x < 2; ++x) rows[x] = stage.rows[qb * BM + row_of(x)];
@@ -223,16 +230,13 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
       fence_proxy_async();  // the stage was written by cp.async (see produce_key_tiles)
 
       // S = Q K^T
-      const T* cK = sK + st * BN * D;
-      const T* cV = sV + st * BN * D;
+      const uint32_t stage16 = (st * BN * D * EB) >> 4;  // (descriptor units: 16 bytes)
       fence_regs(sc);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        const uint64_t da =
-            make_desc(cQ + (kk >> 2) * BM * 64 + wg * 64 * 64 + (kk & 3) * 16, 16, 1024);
-        const uint64_t db = make_desc(cK + (kk >> 2) * BN * 64 + (kk & 3) * 16, 16, 1024);
-        WgmmaSS<T, BN>::run(sc, da, db, kk > 0);
+        WgmmaSSLo<T, BN>::run(sc, desc_q, item16 + (kstep_bytes(kk, BM, EB) >> 4), desc_k,
+                              stage16 + (kstep_bytes(kk, BN, EB) >> 4), kk > 0);
       }
       wgmma_commit();
       fence_regs(sc);
@@ -320,8 +324,7 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
       wgmma_fence();
 #pragma unroll
       for (int kc = 0; kc < BN / 16; ++kc) {
-        const uint64_t db = make_desc(cV + kc * 16 * 64, BN * 128, 1024);
-        WgmmaRS<T, D>::run(o, pf[kc], db);
+        WgmmaRSLo<T, D>::run(o, pf[kc], desc_v, stage16 + ((kc * 16 * 64 * EB) >> 4));
       }
       wgmma_commit();
       fence_regs(o);
