@@ -145,21 +145,6 @@ struct WgmmaRS;
   "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 
-#define XSK_WGMMA_SS_N128(T, TN)                                                                 \
-template <>                                                                                      \
-struct WgmmaSS<T, 128> {                                                                         \
-  static __device__ __forceinline__ void run(float (&d)[64], uint64_t da, uint64_t db,           \
-                                             int accumulate) {                                   \
-    asm volatile(                                                                                \
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                             \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." TN "." TN " {"                            \
-        XSK_WGMMA_D64_REGS                                                                       \
-        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                                                       \
-        : XSK_WGMMA_D64_OPS                                                                      \
-        : "l"(da), "l"(db), "r"(accumulate));                                                    \
-  }                                                                                              \
-};
-
 #define XSK_WGMMA_SS_N64(T, TN)                                                                  \
 template <>                                                                                      \
 struct WgmmaSS<T, 64> {                                                                          \
@@ -221,7 +206,7 @@ constexpr uint32_t kDescHi128 = (1024u >> 4) | (1u << 30);
 __device__ __forceinline__ uint32_t desc_lo(uint64_t desc) { return static_cast<uint32_t>(desc); }
 
 // (operand numbers: A0..A3 the A fragment, BL / BO / HI the descriptor pieces)
-#define XSK_WGMMA_RS_LO(T, TN, NN, NREG, REGS, OPS, A0, A1, A2, A3, BL, BO, HI)                \
+#define XSK_WGMMA_RS_LO(T, TN, NN, NREG, A0, A1, A2, A3, BL, BO, HI)                         \
 template <>                                                                                      \
 struct WgmmaRSLo<T, NN> {                                                                        \
   static __device__ __forceinline__ void run(float (&d)[NREG], const uint32_t (&a)[4],           \
@@ -231,15 +216,15 @@ struct WgmmaRSLo<T, NN> {                                                       
         "mov.b32 one, 1;\nsetp.ne.b32 p, one, 0;\n"                                              \
         "add.u32 bl, %" BL ", %" BO ";\nmov.b32 hi, %" HI ";\nmov.b64 db, {bl, hi};\n"            \
         "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TN "." TN " {"                        \
-        REGS                                                                                     \
+        XSK_WGMMA_D##NREG##_REGS                                                                 \
         "}, {%" A0 ", %" A1 ", %" A2 ", %" A3 "}, db, p, 1, 1, 1;\n}\n"                           \
-        : OPS                                                                                    \
+        : XSK_WGMMA_D##NREG##_OPS                                                                \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b_lo), "r"(b_off), "n"(kDescHi128));   \
   }                                                                                              \
 };
 
 // (operand numbers: AL .. P the descriptor pieces and the accumulate flag)
-#define XSK_WGMMA_SS_LO(T, TN, NN, NREG, REGS, OPS, AL, AO, BL, BO, P, HI)                      \
+#define XSK_WGMMA_SS_LO(T, TN, NN, NREG, AL, AO, BL, BO, P, HI)                              \
 template <>                                                                                      \
 struct WgmmaSSLo<T, NN> {                                                                        \
   static __device__ __forceinline__ void run(float (&d)[NREG], uint32_t a_lo, uint32_t a_off,    \
@@ -250,9 +235,9 @@ struct WgmmaSSLo<T, NN> {                                                       
         "add.u32 al, %" AL ", %" AO ";\nadd.u32 bl, %" BL ", %" BO ";\nmov.b32 hi, %" HI ";\n"    \
         "mov.b64 da, {al, hi};\nmov.b64 db, {bl, hi};\n"                                         \
         "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TN "." TN " {"                        \
-        REGS                                                                                     \
+        XSK_WGMMA_D##NREG##_REGS                                                                 \
         "}, da, db, p, 1, 1, 0, 0;\n}\n"                                                         \
-        : OPS                                                                                    \
+        : XSK_WGMMA_D##NREG##_OPS                                                                \
         : "r"(a_lo), "r"(a_off), "r"(b_lo), "r"(b_off), "r"(accumulate), "n"(kDescHi128));      \
   }                                                                                              \
 };
@@ -261,40 +246,31 @@ struct WgmmaSSLo<T, NN> {                                                       
 #define XSK_WGMMA_D16_OPS \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
   "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-XSK_WGMMA_SS_LO(__half, "f16", 32, 16, XSK_WGMMA_D16_REGS, XSK_WGMMA_D16_OPS,
-                "16", "17", "18", "19", "20", "21")
-XSK_WGMMA_SS_LO(__nv_bfloat16, "bf16", 32, 16, XSK_WGMMA_D16_REGS, XSK_WGMMA_D16_OPS,
-                "16", "17", "18", "19", "20", "21")
-XSK_WGMMA_SS_LO(__half, "f16", 128, 64, XSK_WGMMA_D64_REGS, XSK_WGMMA_D64_OPS,
-                "64", "65", "66", "67", "68", "69")
-XSK_WGMMA_SS_LO(__nv_bfloat16, "bf16", 128, 64, XSK_WGMMA_D64_REGS, XSK_WGMMA_D64_OPS,
-                "64", "65", "66", "67", "68", "69")
-XSK_WGMMA_SS_LO(__half, "f16", 64, 32, XSK_WGMMA_D32_REGS, XSK_WGMMA_D32_OPS,
-                "32", "33", "34", "35", "36", "37")
-XSK_WGMMA_SS_LO(__nv_bfloat16, "bf16", 64, 32, XSK_WGMMA_D32_REGS, XSK_WGMMA_D32_OPS,
-                "32", "33", "34", "35", "36", "37")
+// Both element types of one shape (NREG names the accumulator lists: XSK_WGMMA_D<NREG>_*).
+#define XSK_WGMMA_SS_LO2(NN, NREG, ...)                   \
+  XSK_WGMMA_SS_LO(__half, "f16", NN, NREG, __VA_ARGS__) \
+  XSK_WGMMA_SS_LO(__nv_bfloat16, "bf16", NN, NREG, __VA_ARGS__)
+XSK_WGMMA_SS_LO2(32, 16, "16", "17", "18", "19", "20", "21")
+XSK_WGMMA_SS_LO2(64, 32, "32", "33", "34", "35", "36", "37")
+XSK_WGMMA_SS_LO2(128, 64, "64", "65", "66", "67", "68", "69")
+#undef XSK_WGMMA_SS_LO2
 #undef XSK_WGMMA_SS_LO
 #undef XSK_WGMMA_D16_REGS
 #undef XSK_WGMMA_D16_OPS
-XSK_WGMMA_RS_LO(__half, "f16", 128, 64, XSK_WGMMA_D64_REGS, XSK_WGMMA_D64_OPS,
-                "64", "65", "66", "67", "68", "69", "70")
-XSK_WGMMA_RS_LO(__nv_bfloat16, "bf16", 128, 64, XSK_WGMMA_D64_REGS, XSK_WGMMA_D64_OPS,
-                "64", "65", "66", "67", "68", "69", "70")
-XSK_WGMMA_RS_LO(__half, "f16", 64, 32, XSK_WGMMA_D32_REGS, XSK_WGMMA_D32_OPS,
-                "32", "33", "34", "35", "36", "37", "38")
-XSK_WGMMA_RS_LO(__nv_bfloat16, "bf16", 64, 32, XSK_WGMMA_D32_REGS, XSK_WGMMA_D32_OPS,
-                "32", "33", "34", "35", "36", "37", "38")
+#define XSK_WGMMA_RS_LO2(NN, NREG, ...)                   \
+  XSK_WGMMA_RS_LO(__half, "f16", NN, NREG, __VA_ARGS__) \
+  XSK_WGMMA_RS_LO(__nv_bfloat16, "bf16", NN, NREG, __VA_ARGS__)
+XSK_WGMMA_RS_LO2(128, 64, "64", "65", "66", "67", "68", "69", "70")
+XSK_WGMMA_RS_LO2(64, 32, "32", "33", "34", "35", "36", "37", "38")
+#undef XSK_WGMMA_RS_LO2
 #undef XSK_WGMMA_RS_LO
 
-XSK_WGMMA_SS_N128(__half, "f16")
-XSK_WGMMA_SS_N128(__nv_bfloat16, "bf16")
 XSK_WGMMA_SS_N64(__half, "f16")
 XSK_WGMMA_SS_N64(__nv_bfloat16, "bf16")
 XSK_WGMMA_RS_N128(__half, "f16")
 XSK_WGMMA_RS_N128(__nv_bfloat16, "bf16")
 XSK_WGMMA_RS_N64(__half, "f16")
 XSK_WGMMA_RS_N64(__nv_bfloat16, "bf16")
-#undef XSK_WGMMA_SS_N128
 #undef XSK_WGMMA_SS_N64
 #undef XSK_WGMMA_RS_N128
 #undef XSK_WGMMA_RS_N64
