@@ -72,8 +72,8 @@ struct FwdSm90Traits {
 template <TileMode M, int BN>
 __device__ __forceinline__ void tile_logits(float (&sc)[BN / 2], float (&tile_max)[2],
                                             const RowInfo (&rows)[2], const int (&lo)[2],
-                                            float scale_log2, const int* idx, const float* u,
-                                            const int* rank, int tq, int nvalid, int key0) {
+                                            const int* idx, const float* u, const int* rank,
+                                            int tq, int nvalid, int key0) {
 #pragma unroll
   for (int i = 0; i < BN / 8; ++i) {
     const int e = i * 8 + tq * 2;
@@ -265,21 +265,20 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
         }
         const int lo[2] = {0, 0};
         if (nvalid == BN && mn_rank >= wg_rb && mn_j >= wg_plo && mx_j < wg_wlo)
-          tile_logits<TileMode::kPoolFast, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
-                                               tRank, tq, nvalid, 0);
+          tile_logits<TileMode::kPoolFast, BN>(sc, tile_max, rows, lo, tIdx, tU, tRank, tq,
+                                               nvalid, 0);
         else
-          tile_logits<TileMode::kPoolChecked, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx,
-                                                  tU, tRank, tq, ks.nA - t * BN, 0);
+          tile_logits<TileMode::kPoolChecked, BN>(sc, tile_max, rows, lo, tIdx, tU, tRank, tq,
+                                                  ks.nA - t * BN, 0);
       } else {
         const int key0 = t < ks.tilesA ? ks.a_lo + t * BN : ks.b_lo + (t - ks.tilesA) * BN;
         const int lo[2] = {rule == KeyRule::kWindow ? rows[0].wlo : rows[0].plo,
                            rule == KeyRule::kWindow ? rows[1].wlo : rows[1].plo};
         if (ks.interior(t, BN))
-          tile_logits<TileMode::kOpen, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
-                                           tRank, tq, 0, key0);
+          tile_logits<TileMode::kOpen, BN>(sc, tile_max, rows, lo, tIdx, tU, tRank, tq, 0, key0);
         else
-          tile_logits<TileMode::kMasked, BN>(sc, tile_max, rows, lo, p.scale_log2, tIdx, tU,
-                                             tRank, tq, 0, key0);
+          tile_logits<TileMode::kMasked, BN>(sc, tile_max, rows, lo, tIdx, tU, tRank, tq, 0,
+                                             key0);
       }
       // A lazy running maximum m per row: it moves (and O and the row sum are rescaled) only
       // when some row of the warp sees a logit above its m + kMaxSlack; otherwise the tile's
