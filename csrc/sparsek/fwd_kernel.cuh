@@ -186,6 +186,7 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads)
           // exp2(-inf - finite) = 0; rows with nothing attended yet use max 0 (no NaN)
           pe[c] = exp2f(sc[mt][n][c] - (row_max[x] == -INFINITY ? 0.f : row_max[x]));
           row_sum[x] += pe[c];
+          // (gate_of's value: with gate_of this kernel spilled 12 more bytes)
           if (rule == KeyRule::kPoolSelected)
             pe[c] *= fminf(fmaxf(ku[n][c & 1] - rows[x].tau, 0.f), 1.f);
         }

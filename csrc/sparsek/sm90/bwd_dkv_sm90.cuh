@@ -38,10 +38,6 @@ template <typename T, int D>
 struct BwdDkvSm90Traits {
   static constexpr int kBK = 128;       // keys per CTA: 64 per warpgroup
   static constexpr int kRows = 64;      // rows per chunk
-  // rows per S^T / dP^T product: kRows waits for the previous chunk's dK / dV first, so the
-  // S^T, dP^T, P and dS fragments of a whole chunk fit the registers; kRows / 2 (the
-  // 2026-12-02 kernel, slower) issues the halves while the previous products are in flight
-  static constexpr int kSubRows = 64;
   static constexpr int kStages = 3;     // Q / dO chunk buffers
   // warpgroup 0 loads the chunks (producer), warpgroups 1 and 2 compute (64 keys each)
   static constexpr int kThreads = 384, kConsumerWarps = 8;
@@ -250,20 +246,17 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
 
   // ================================== consumers ==========================================
   setmaxnreg_inc<Tr::Regs::kConsumerRegs>();
-  // A chunk runs as RW / HR parts of HR rows (Tr::kSubRows).
-  constexpr int HR = Tr::kSubRows;
-  static_assert(HR == RW || HR == RW / 2, "whole chunks or halves");
-  float dk[D / 2], dv[D / 2], sct[HR / 2], dpt[HR / 2];
+  float dk[D / 2], dv[D / 2], sct[RW / 2], dpt[RW / 2];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
 #pragma unroll
-  for (int i = 0; i < HR / 2; ++i) sct[i] = dpt[i] = 0.f;
+  for (int i = 0; i < RW / 2; ++i) sct[i] = dpt[i] = 0.f;
   fence_regs(dk);  // else the zeroing may sink into the wgmma pipeline and serialize it
   fence_regs(dv);
   float du[2] = {0.f, 0.f};
   // wgmma descriptors (their 32-bit start words): this warpgroup's 64 keys of K and V (row
   // offset in each 64-column block), and stage 0 of the chunk rows as the K-major (S^T, dP^T)
-  // and the MN-major (dK, dV) operand; K-steps, halves and stages are offsets (>> 4).
+  // and the MN-major (dK, dV) operand; K-steps and stages are offsets (>> 4).
   constexpr int EB = sizeof(T);
   const uint32_t desc_k = desc_lo(make_desc(sK + wg * 64 * 64, 16, 1024));
   const uint32_t desc_v = desc_lo(make_desc(sV + wg * 64 * 64, 16, 1024));
@@ -273,128 +266,121 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
   const uint32_t desc_ot = desc_lo(make_desc(sO, RW * 128, 1024));
 
   // A stage is released (each consumer warp arrives on empty) once the products that read
-  // it have completed: at the next chunk's first wait for its S^T / dP^T.
+  // it have completed: before the next chunk's S^T / dP^T are issued.  The wait also frees
+  // the previous chunk's P / dS registers (this chunk's fragments do not fit beside them).
+  auto finish_previous_chunk = [&](int v) {
+    wgmma_wait<0>();
+    fence_regs(dk);
+    fence_regs(dv);
+    if (v > 0 && lane == 0) mbar_arrive(&empty[(v - 1) % NST]);
+  };
   for (int v = 0; v < nvisit; ++v) {
     const int st = v % NST, c = s_visit[v];
     mbar_wait(&full[st], (v / NST) & 1);
     fence_proxy_async();  // cp.async writes (generic proxy) -> wgmma reads (async proxy)
-    // A warpgroup whose 4 warps all skip the chunk skips its products (they add zeros).
     const uint32_t wg_modes =
         static_cast<uint32_t>(*reinterpret_cast<const uint64_t*>(s_mode + c * 8) >> (32 * wg));
-    if (wg_modes == 0) {
-      wgmma_wait<0>();  // the previous chunk's products are done: release its stage
-      fence_regs(dk);
-      fence_regs(dv);
-      if (v > 0 && lane == 0) mbar_arrive(&empty[(v - 1) % NST]);
+    if (wg_modes == 0) {  // all 4 warps skip the chunk: its products add zeros
+      finish_previous_chunk(v);
       continue;
     }
     const BlockMode mode = static_cast<BlockMode>((wg_modes >> (8 * (cw & 3))) & 0xff);
     const uint32_t stage16 = (st * RW * D * EB) >> 4;  // (descriptor units: 16 bytes)
 
-#pragma unroll 1
-    for (int hf = 0; hf < RW / HR; ++hf) {
-      // S^T = K Q^T, dP^T = V dO^T over rows [hf HR, hf HR + HR) of the chunk
-      const uint32_t rows16 = stage16 + ((hf * HR * 128) >> 4);  // (128-byte rows)
-      if constexpr (HR == RW) {  // the previous chunk's products done: its P / dS registers
-        wgmma_wait<0>();         // are free, and its stage can go
-        fence_regs(dk);
-        fence_regs(dv);
-        if (v > 0 && lane == 0) mbar_arrive(&empty[(v - 1) % NST]);
-      }
-      fence_regs(sct);
-      fence_regs(dpt);
-      wgmma_fence();
+    // S^T = K Q^T, dP^T = V dO^T over the chunk's rows
+    finish_previous_chunk(v);
+    fence_regs(sct);
+    fence_regs(dpt);
+    wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        WgmmaSSLo<T, HR>::run(sct, desc_k, kstep_bytes(kk, BK, EB) >> 4, desc_q + rows16,
-                              kstep_bytes(kk, RW, EB) >> 4, kk > 0);
+    for (int kk = 0; kk < D / 16; ++kk)
+      WgmmaSSLo<T, RW>::run(sct, desc_k, kstep_bytes(kk, BK, EB) >> 4, desc_q + stage16,
+                            kstep_bytes(kk, RW, EB) >> 4, kk > 0);
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        WgmmaSSLo<T, HR>::run(dpt, desc_v, kstep_bytes(kk, BK, EB) >> 4, desc_o + rows16,
-                              kstep_bytes(kk, RW, EB) >> 4, kk > 0);
-      wgmma_commit();
-      wgmma_wait<0>();  // (also the products before: the previous chunk's release its stage)
-      fence_regs(sct);
-      fence_regs(dpt);
-      fence_regs(dk);
-      fence_regs(dv);
-      if (HR < RW && hf == 0 && v > 0 && lane == 0) mbar_arrive(&empty[(v - 1) % NST]);
+    for (int kk = 0; kk < D / 16; ++kk)
+      WgmmaSSLo<T, RW>::run(dpt, desc_v, kstep_bytes(kk, BK, EB) >> 4, desc_o + stage16,
+                            kstep_bytes(kk, RW, EB) >> 4, kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(sct);
+    fence_regs(dpt);
+    fence_regs(dk);
+    fence_regs(dv);
 
-      // P g and dS g scale as the A operands of the products below; the direct score sums
-      // du.  Accumulator element 4 i + cc: key g + 8 (cc >> 1), row 8 i + 2 tq + (cc & 1) of
-      // the part; the metadata of a thread's two rows of block i are adjacent (one 8-byte
-      // load each).
-      uint32_t pf[HR / 16][4], dsf[HR / 16][4];
-      // kAllPairs: the block is kAll; kPool (with kAllPairs): its keys are pool keys (else
-      // window / allowed keys, gate 1: no gate and no score-gradient term to compute).
-      auto elementwise = [&](auto all_pairs, auto pool_keys) {
-        constexpr bool kAllPairs = decltype(all_pairs)::value;
-        constexpr bool kPool = decltype(pool_keys)::value;
+    // P g and dS g scale as the A operands of the products below; the direct score sums
+    // du.  Accumulator element 4 i + cc: key g + 8 (cc >> 1), row 8 i + 2 tq + (cc & 1) of
+    // the chunk; the metadata of a thread's two rows of block i are adjacent (one 8-byte
+    // load each).
+    uint32_t pf[RW / 16][4], dsf[RW / 16][4];
+    // kAllPairs: the block is kAll; kPool (with kAllPairs): its keys are pool keys (else
+    // window / allowed keys, gate 1: no gate and no score-gradient term to compute).
+    auto elementwise = [&](auto all_pairs, auto pool_keys) {
+      constexpr bool kAllPairs = decltype(all_pairs)::value;
+      constexpr bool kPool = decltype(pool_keys)::value;
 #pragma unroll
-        for (int i = 0; i < HR / 8; ++i) {
-          const int m = c * RW + hf * HR + i * 8 + tq * 2;
-          const float2 tau2 = *reinterpret_cast<const float2*>(s_tau + m);
-          const float2 lse2 = *reinterpret_cast<const float2*>(s_lse2 + m);
-          const float2 delta2 = *reinterpret_cast<const float2*>(s_delta + m);
-          int2 plo2, wlo2, whi2, rb2;
-          if constexpr (!kAllPairs) {
-            plo2 = *reinterpret_cast<const int2*>(s_plo + m);
-            wlo2 = *reinterpret_cast<const int2*>(s_wlo + m);
-            whi2 = *reinterpret_cast<const int2*>(s_whi + m);
-            rb2 = *reinterpret_cast<const int2*>(s_rb + m);
-          }
-          float pv[4], ds[4];
-#pragma unroll
-          for (int cc = 0; cc < 4; ++cc) {
-            const int h = cc >> 1;
-            const bool y = cc & 1;  // the second of the two rows
-            const float tau = y ? tau2.y : tau2.x;
-            float gate;
-            bool att;
-            if constexpr (kAllPairs) {  // attends()'s gate, without its tests
-              att = true;
-              gate = kPool ? gate_of(ku[h], tau) : 1.f;
-            } else {
-              const RowInfo ri{y ? plo2.y : plo2.x, y ? wlo2.y : wlo2.x, y ? whi2.y : whi2.x,
-                               y ? rb2.y : rb2.x, tau};
-              att = kj[h] >= 0 && attends(rule, interior, ri, kj[h], krank[h], ku[h], gate);
-            }
-            float pr, term;
-            const bool pool = kAllPairs ? kPool : rule == KeyRule::kPoolSelected;
-            if (pair_backward(att, pool, gate, sct[4 * i + cc], dpt[4 * i + cc],
-                              y ? lse2.y : lse2.x, y ? delta2.y : delta2.x, p.scale_log2,
-                              b.scale, pr, ds[cc], term))
-              du[h] += term;
-            pv[cc] = pr * gate;
-          }
-          pf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(pv[0], pv[1]);
-          pf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(pv[2], pv[3]);
-          dsf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
-          dsf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
+      for (int i = 0; i < RW / 8; ++i) {
+        const int m = c * RW + i * 8 + tq * 2;
+        const float2 tau2 = *reinterpret_cast<const float2*>(s_tau + m);
+        const float2 lse2 = *reinterpret_cast<const float2*>(s_lse2 + m);
+        const float2 delta2 = *reinterpret_cast<const float2*>(s_delta + m);
+        int2 plo2, wlo2, whi2, rb2;
+        if constexpr (!kAllPairs) {
+          plo2 = *reinterpret_cast<const int2*>(s_plo + m);
+          wlo2 = *reinterpret_cast<const int2*>(s_wlo + m);
+          whi2 = *reinterpret_cast<const int2*>(s_whi + m);
+          rb2 = *reinterpret_cast<const int2*>(s_rb + m);
         }
-      };
-      if (mode != BlockMode::kAll)  // (a kSkip warp's rule attends nothing: zeros)
-        elementwise(std::false_type{}, std::false_type{});
-      else if (rule == KeyRule::kPoolSelected)
-        elementwise(std::true_type{}, std::true_type{});
-      else
-        elementwise(std::true_type{}, std::false_type{});
+        float pv[4], ds[4];
+#pragma unroll
+        for (int cc = 0; cc < 4; ++cc) {
+          const int h = cc >> 1;
+          const bool y = cc & 1;  // the second of the two rows
+          const float tau = y ? tau2.y : tau2.x;
+          float gate;
+          bool att;
+          if constexpr (kAllPairs) {  // attends()'s gate, without its tests
+            att = true;
+            gate = kPool ? gate_of(ku[h], tau) : 1.f;
+          } else {
+            const RowInfo ri{y ? plo2.y : plo2.x, y ? wlo2.y : wlo2.x, y ? whi2.y : whi2.x,
+                             y ? rb2.y : rb2.x, tau};
+            att = kj[h] >= 0 && attends(rule, interior, ri, kj[h], krank[h], ku[h], gate);
+          }
+          float pr, term;
+          const bool pool = kAllPairs ? kPool : rule == KeyRule::kPoolSelected;
+          if (pair_backward(att, pool, gate, sct[4 * i + cc], dpt[4 * i + cc],
+                            y ? lse2.y : lse2.x, y ? delta2.y : delta2.x, p.scale_log2,
+                            b.scale, pr, ds[cc], term))
+            du[h] += term;
+          pv[cc] = pr * gate;
+        }
+        pf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(pv[0], pv[1]);
+        pf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(pv[2], pv[3]);
+        dsf[i >> 1][(i & 1) * 2 + 0] = Mma<T>::pack(ds[0], ds[1]);
+        dsf[i >> 1][(i & 1) * 2 + 1] = Mma<T>::pack(ds[2], ds[3]);
+      }
+    };
+    if (mode != BlockMode::kAll)  // (a kSkip warp's rule attends nothing: zeros)
+      elementwise(std::false_type{}, std::false_type{});
+    else if (rule == KeyRule::kPoolSelected)
+      elementwise(std::true_type{}, std::true_type{});
+    else
+      elementwise(std::true_type{}, std::false_type{});
 
-      // dV += (P g)^T dO, dK += (dS g scale)^T Q over the part's rows (B MN-major: 16 rows
-      // of 128 bytes per k-step)
-      fence_regs(dk);
-      fence_regs(dv);
-      wgmma_fence();
+    // dV += (P g)^T dO, dK += (dS g scale)^T Q over the chunk's rows (B MN-major: 16 rows
+    // of 128 bytes per k-step)
+    fence_regs(dk);
+    fence_regs(dv);
+    wgmma_fence();
 #pragma unroll
-      for (int kc = 0; kc < HR / 16; ++kc)
-        WgmmaRSLo<T, D>::run(dv, pf[kc], desc_ot + stage16, ((hf * HR + kc * 16) * 64 * EB) >> 4);
+    for (int kc = 0; kc < RW / 16; ++kc)
+      WgmmaRSLo<T, D>::run(dv, pf[kc], desc_ot + stage16, (kc * 16 * 64 * EB) >> 4);
 #pragma unroll
-      for (int kc = 0; kc < HR / 16; ++kc)
-        WgmmaRSLo<T, D>::run(dk, dsf[kc], desc_qt + stage16, ((hf * HR + kc * 16) * 64 * EB) >> 4);
-      wgmma_commit();
-      fence_regs(dk);
-      fence_regs(dv);
-    }
+    for (int kc = 0; kc < RW / 16; ++kc)
+      WgmmaRSLo<T, D>::run(dk, dsf[kc], desc_qt + stage16, (kc * 16 * 64 * EB) >> 4);
+    wgmma_commit();
+    fence_regs(dk);
+    fence_regs(dv);
   }
   wgmma_wait<0>();
   fence_regs(dk);

@@ -241,22 +241,14 @@ struct WgmmaSSLo<T, NN> {                                                       
         : "r"(a_lo), "r"(a_off), "r"(b_lo), "r"(b_off), "r"(accumulate), "n"(kDescHi128));      \
   }                                                                                              \
 };
-#define XSK_WGMMA_D16_REGS \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
-#define XSK_WGMMA_D16_OPS \
-  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
 // Both element types of one shape (NREG names the accumulator lists: XSK_WGMMA_D<NREG>_*).
 #define XSK_WGMMA_SS_LO2(NN, NREG, ...)                   \
   XSK_WGMMA_SS_LO(__half, "f16", NN, NREG, __VA_ARGS__) \
   XSK_WGMMA_SS_LO(__nv_bfloat16, "bf16", NN, NREG, __VA_ARGS__)
-XSK_WGMMA_SS_LO2(32, 16, "16", "17", "18", "19", "20", "21")
 XSK_WGMMA_SS_LO2(64, 32, "32", "33", "34", "35", "36", "37")
 XSK_WGMMA_SS_LO2(128, 64, "64", "65", "66", "67", "68", "69")
 #undef XSK_WGMMA_SS_LO2
 #undef XSK_WGMMA_SS_LO
-#undef XSK_WGMMA_D16_REGS
-#undef XSK_WGMMA_D16_OPS
 #define XSK_WGMMA_RS_LO2(NN, NREG, ...)                   \
   XSK_WGMMA_RS_LO(__half, "f16", NN, NREG, __VA_ARGS__) \
   XSK_WGMMA_RS_LO(__nv_bfloat16, "bf16", NN, NREG, __VA_ARGS__)
