@@ -13,7 +13,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import long_s_attention, median_ms
+from common import kernel_rows, long_s_attention, median_ms
 
 
 def main():
@@ -40,16 +40,11 @@ def main():
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    kernels = []
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        t = e.self_cuda_time_total if t is None else t
-        if t > 0:
-            kernels.append((t / 1e3, e.count, e.key))
+    kernels = kernel_rows(prof)
     total = sum(t for t, _, _ in kernels)
     print(f"[{args.label}] S={S} fwd+bwd ms " + " ".join(f"{t:.2f}" for t in times) +
           f"; kernels {total:.2f} ms")
-    for t, n, name in sorted(kernels, reverse=True)[:args.top]:
+    for t, n, name in kernels[:args.top]:
         print(f"[{args.label}]   {t:8.3f} ms x{n:<3d} {name[:90]}")
 
 

@@ -15,7 +15,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import back_to_back_ms, long_s_attention, median_ms
+from common import back_to_back_ms, kernel_rows, long_s_attention, median_ms
 
 BIG_OPS = ("aten::add_", "aten::fill_", "aten::copy_", "aten::sum", "aten::zeros", "aten::sort",
            "aten::add")
@@ -48,13 +48,12 @@ def main():
                  record_shapes=True) as prof:
         run()
         torch.cuda.synchronize()
-    rows = [(e.self_device_time_total / 1e3, e.count, e.key[:80]) for e in prof.key_averages()
-            if (getattr(e, "self_device_time_total", 0) or 0) > 0]
+    rows = kernel_rows(prof)
     print(f"S={S} {'fwd+bwd' if bwd else 'fwd'}: single {t:.3f} ms, back-to-back {tb:.3f} ms, "
           f"host (until return) {1e3 * host[2]:.3f} ms, kernels {sum(r[0] for r in rows):.3f} ms "
           f"(CPU ops and their kernels both listed)")
-    for ms, n, name in sorted(rows, reverse=True)[:30]:
-        print(f"   {ms:8.3f} ms x{n:<3d} {name}")
+    for ms, n, name in rows[:30]:
+        print(f"   {ms:8.3f} ms x{n:<3d} {name[:80]}")
 
     events = prof.events()
     kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),

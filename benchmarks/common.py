@@ -112,3 +112,15 @@ def long_s_attention(S, grad=False, seed=0):
                                     xab.LowerTriangularMask())
 
     return call, leaves
+
+
+def kernel_rows(prof):
+    """The CUDA kernels of a torch.profiler run: (ms of device time, calls, name), most time
+    first."""
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        t = e.self_cuda_time_total if t is None else t
+        if t > 0:
+            rows.append((t / 1e3, e.count, e.key))
+    return sorted(rows, reverse=True)
