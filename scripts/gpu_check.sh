@@ -156,16 +156,20 @@ fwd_long_variants() {
     done
   done
 }
-build_fwd_long_variants() {
-  local nv=$1 v n
-  $nv -Icsrc -Icsrc/sparsek/sm90 -o /tmp/fwd_long_h benchmarks/fwd_long_harness.cu || return
+build_fwd_long_variants() {  # the tree's harness and every variant's, compiled in parallel
+  local nv=$1 v n pids=() pid rc=0
+  $nv -Icsrc -Icsrc/sparsek/sm90 -o /tmp/fwd_long_h benchmarks/fwd_long_harness.cu &
+  pids+=($!)
   for v in ${FWD_VARIANTS:-}; do
     n=$(basename "$v")
     rm -rf /tmp/fwdv_"$n" && mkdir -p /tmp/fwdv_"$n" && cp -r csrc /tmp/fwdv_"$n"/ &&
       cp "$v"/*.cuh /tmp/fwdv_"$n"/csrc/sparsek/sm90/ || return
     $nv -I/tmp/fwdv_"$n"/csrc -I/tmp/fwdv_"$n"/csrc/sparsek/sm90 -o /tmp/fwd_long_h_"$n" \
-      benchmarks/fwd_long_harness.cu || return
+      benchmarks/fwd_long_harness.cu &
+    pids+=($!)
   done
+  for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+  return $rc
 }
 
 want() { [[ " ${STEPS:-build info tests bench decode hf} " == *" $1 "* ]]; }
