@@ -81,7 +81,10 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
 
   const int t = blockIdx.x, tile = blockIdx.y, group = blockIdx.z;
   const int RP = p.RP, s = group / (p.R / RP), rgroup = group % (p.R / RP);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int tid = threadIdx.x, lane = tid & 31;
+  // (the warp index by a shuffle: ptxas then knows it is warp-uniform and keeps what
+  // derives from it, the wgmma descriptors included, in uniform registers)
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   // consumer warp 0..7 and warpgroup 0..1 (meaningless for the producer's warps 0..3)
   const int cw = warp - 4, wg = cw >> 2;
   const int g = lane >> 2, tq = lane & 3;

@@ -60,7 +60,8 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(sStat + NST * 4);
   uint64_t* empty = full + NST;
 
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);  // (known warp-uniform: see dk/dv)
   const int RP = p.RP;
   if (tid == 0) {
     for (int i = 0; i < NST; ++i) {
