@@ -110,6 +110,21 @@ struct ItemStage {
   uint64_t* empty;  // [2]
 };
 
+// Key row jk's 16-byte piece at base + jk * stride_bytes -> shared address dst, zero-filled
+// unless `mask & bit`; in PTX so that the address is one IMAD.WIDE and the test one LOP3
+// (the same in C++ compiled to ~8 instructions per copy: a shift, a compare, moves).
+__device__ __forceinline__ void cp_async16_key(uint32_t dst, const char* base, uint32_t jk,
+                                               uint32_t stride_bytes, uint32_t mask,
+                                               uint32_t bit) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .b32 m, n;\n.reg .b64 a;\n"
+      "and.b32 m, %3, %4;\nsetp.ne.u32 p, m, 0;\nselp.u32 n, 16, 0, p;\n"
+      "mad.wide.u32 a, %1, %2, %5;\n"
+      "cp.async.cg.shared.global [%0], [a], 16, n;\n}\n" ::"r"(dst),
+      "r"(jk), "r"(stride_bytes), "r"(mask), "r"(bit), "l"(base)
+      : "memory");
+}
+
 // Warp w gathers keys [32 w, 32 w + 32) of each tile: lane l reads key 32 w + l's list
 // entry, score and rank (coalesced), then every key's K and V rows go out as one warp
 // instruction per key (D = 128: 32 lanes x 16 bytes = one 256-byte row of K and of V)
@@ -213,8 +228,8 @@ __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems
       for (int i = 0; i < 32 / kKeysPerInstr; ++i) {
         const int kk = i * kKeysPerInstr;  // + sub
         const uint32_t jk = __shfl_sync(0xffffffffu, jc, kk + sub);
-        cp_async16_shared(dst + kk * 128 + (xo ^ ((kk & 7) << 4)),
-                          src + static_cast<uint64_t>(jk) * sn_bytes, (valid_keys >> kk) & 1);
+        cp_async16_key(dst + kk * 128 + (xo ^ ((kk & 7) << 4)), src, jk, sn_bytes, valid_keys,
+                       1u << kk);
       }
       if (listed) {
         sIdx[st * BN + e] = j;
