@@ -71,28 +71,37 @@ __global__ void bwd_reduce_kernel(const float* part_kv, const float* part_u,
   T* dv_row = dv + j * o_sn + s * o_ss + r0 * o_sr;
   // kBatch slots' loads in flight before their adds (in slot order: the same sums; a key
   // has ~6 slots at 64K, so the batch is predicated, not a main loop and a tail): one slot
-  // at a time left the loads latency-bound (2.06 ms at 64K, ~1 ms of DRAM traffic)
+  // at a time left the loads latency-bound (2.06 ms at 64K, ~1 ms of DRAM traffic).  Thread
+  // d < D sums column d of dK and dV; thread 0 also sums the score gradient, its loads in
+  // the same batch (a loop of its own after the columns' added one more trip to memory).
   constexpr int kBatch = 8;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float sk = 0.f, sv = 0.f;
-    for (int64_t e0 = a; e0 < b; e0 += kBatch) {
-      float xk[kBatch], xv[kBatch];
+  const int d = threadIdx.x;  // the launch has blockDim.x >= D
+  const bool sums_column = d < D, sums_u = d == 0;
+  const float* pu = part_u + (size_t)g * group_slots;
+  float sk = 0.f, sv = 0.f, su = 0.f;
+  for (int64_t e0 = a; e0 < b; e0 += kBatch) {
+    float xk[kBatch] = {}, xv[kBatch] = {}, xu[kBatch] = {};
 #pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        if (e0 + i < b) {
-          const float* src = base + order[e0 + i] * 2 * D;
-          xk[i] = src[d];
-          xv[i] = src[D + d];
+    for (int i = 0; i < kBatch; ++i) {
+      if (e0 + i < b) {
+        const int64_t slot = order[e0 + i];
+        if (sums_column) {
+          xk[i] = base[slot * 2 * D + d];
+          xv[i] = base[slot * 2 * D + D + d];
         }
-      }
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        if (e0 + i < b) {
-          sk += xk[i];
-          sv += xv[i];
-        }
+        if (sums_u) xu[i] = pu[slot];
       }
     }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      if (e0 + i < b) {
+        sk += xk[i];
+        sv += xv[i];
+        su += xu[i];
+      }
+    }
+  }
+  if (sums_column) {
     dk_row[d] = from_float<T>(sk);
     dv_row[d] = from_float<T>(sv);
     for (int i = 1; i < heads_per_group; ++i) {
@@ -100,20 +109,7 @@ __global__ void bwd_reduce_kernel(const float* part_kv, const float* part_u,
       dv_row[i * o_sr + d] = from_float<T>(0.f);
     }
   }
-  if (threadIdx.x == 0) {
-    const float* pu = part_u + (size_t)g * group_slots;
-    float su = 0.f;
-    for (int64_t e0 = a; e0 < b; e0 += kBatch) {
-      float x[kBatch];
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i)
-        if (e0 + i < b) x[i] = pu[order[e0 + i]];
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i)
-        if (e0 + i < b) su += x[i];
-    }
-    du[(size_t)g * NK + j] = su;
-  }
+  if (sums_u) du[(size_t)g * NK + j] = su;
 }
 
 }  // namespace
@@ -147,10 +143,12 @@ cudaError_t launch_bwd_reduce(const float* part_kv, const float* part_u, const i
                               void* dk, void* dv, int64_t o_sn, int64_t o_ss, int64_t o_sr,
                               float* du, cudaStream_t stream) {
   if (groups == 0 || NK == 0) return cudaSuccess;
+  constexpr int kThreads = 128;  // one thread per column of dK / dV
+  if (D > kThreads) return cudaErrorInvalidValue;
   dim3 grid(NK, groups);
   auto run = [&](auto type_tag) {
     using T = decltype(type_tag);
-    bwd_reduce_kernel<T><<<grid, 128, 0, stream>>>(
+    bwd_reduce_kernel<T><<<grid, kThreads, 0, stream>>>(
         part_kv, part_u, off, order, NK, D, groups_per_head, heads_per_group, group_slots,
         static_cast<T*>(dk), static_cast<T*>(dv), o_sn, o_ss, o_sr, du);
     return cudaGetLastError();
