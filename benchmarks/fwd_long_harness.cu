@@ -122,6 +122,9 @@ int main(int argc, char** argv) {
   }
   printf("%-16s %8.3f ms/launch  checksum %.6f", label, ms / iters, cs);
   if (maxdiff >= 0) printf("  max|o - ref| %.3g", maxdiff);
+#if __has_include("key_tma.h")  // (older trees, timed beside this one, have no TMA path)
+  printf("  TMA key maps: %s", sm90::with_key_maps<__nv_bfloat16, 128>(p).tma_keys ? "yes" : "no");
+#endif
   printf("\n");
   return 0;
 }

@@ -48,6 +48,12 @@ struct ListParams {
   int* overflow;  // set to 1 when a tile needs more than cap keys
 };
 
+// A CUtensorMap (the TMA's description of a global tensor), opaque here so that this header
+// needs no driver API; filled on the host by sm90/key_tma.h.
+struct alignas(64) TmaDesc {
+  uint64_t opaque[16];
+};
+
 // Attention forward over gathered key tiles.
 struct FwdParams {
   const void* q;  // [NQ, S, R, D], last dim contiguous
@@ -70,6 +76,10 @@ struct FwdParams {
   int cap;
   int S, R, RP, NQ, NK, ntiles;
   float scale_log2;    // scale * log2(e)
+  // The Hopper kernels' TMA maps of K and V ([NK, S, R, D] as 4-D boxes of 64 columns x 32
+  // keys), set by sm90/key_tma.h where the driver encodes them; tma_keys = 0: cp.async only.
+  TmaDesc tma_k, tma_v;
+  int tma_keys;
 };
 
 // Backward, pass 1 (query-centric, like the forward): dQ and, per row, the sum G of

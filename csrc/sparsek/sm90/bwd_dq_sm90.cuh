@@ -42,7 +42,7 @@ struct BwdDqSm90Traits {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
-    bwd_dq_sm90_kernel(const BwdDqParams b, const int nitems) {
+    bwd_dq_sm90_kernel(const __grid_constant__ BwdDqParams b, const int nitems) {
 #if defined(XSK_SM90A)
   using Tr = BwdDqSm90Traits<T, D>;
   constexpr int BM = Tr::kBM, BN = Tr::kBN, HB = Tr::kHalf, NST = Tr::kStages, CH = D / 8;
@@ -305,8 +305,10 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
 template <typename T, int D>
 cudaError_t run_bwd_dq_sm90(const BwdDqParams& b, cudaStream_t stream) {
   using Tr = BwdDqSm90Traits<T, D>;
-  return launch_persistent(bwd_dq_sm90_kernel<T, D>, b, num_items(b.f), Tr::kThreads,
-                           Tr::kSmem, stream);
+  BwdDqParams bm = b;
+  bm.f = with_key_maps<T, D>(b.f);
+  return launch_persistent(bwd_dq_sm90_kernel<T, D>, bm, num_items(b.f), Tr::kThreads, Tr::kSmem,
+                           stream);
 }
 
 }  // namespace sm90

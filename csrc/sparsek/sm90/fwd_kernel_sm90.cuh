@@ -139,7 +139,7 @@ __device__ __forceinline__ void tile_probs(const float (&sc)[BN / 2], uint32_t (
 // item's keys while the consumers finish the current one.
 template <typename T, int D>
 __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
-    sparsek_fwd_sm90_kernel(const FwdParams p, const int nitems) {
+    sparsek_fwd_sm90_kernel(const __grid_constant__ FwdParams p, const int nitems) {
 #if defined(XSK_SM90A)
   using Tr = FwdSm90Traits<T, D>;
   constexpr int BM = Tr::kBM, BN = Tr::kBN, NST = Tr::kStages;
@@ -378,8 +378,8 @@ __global__ void __launch_bounds__(FwdSm90Traits<T, D>::kThreads, 1)
 template <typename T, int D>
 cudaError_t run_fwd_sm90(const FwdParams& p, cudaStream_t stream) {
   using Tr = FwdSm90Traits<T, D>;
-  return launch_persistent(sparsek_fwd_sm90_kernel<T, D>, p, num_items(p), Tr::kThreads,
-                           Tr::kSmem, stream);
+  return launch_persistent(sparsek_fwd_sm90_kernel<T, D>, with_key_maps<T, D>(p), num_items(p),
+                           Tr::kThreads, Tr::kSmem, stream);
 }
 
 }  // namespace sm90

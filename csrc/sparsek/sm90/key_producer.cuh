@@ -11,6 +11,7 @@
 #include <climits>
 
 #include "../tile_common.cuh"
+#include "key_tma.h"
 #include "wgmma.cuh"
 
 namespace xsk {
@@ -219,17 +220,36 @@ __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems
       // rows).  In the 128-byte swizzle, row r's chunk c sits at chunk c ^ (r % 8), and
       // r % 8 = (i kKeysPerInstr % 8) ^ sub, so the destination is a per-lane base plus
       // constants.
-      const uint32_t valid_keys = __ballot_sync(0xffffffffu, j >= 0) >> sub;
-      const int jc = max(j, 0);
-      const uint32_t dst = smem_addr((is_v ? sV : sK) + st * BN * D) + (ch >> 3) * BN * 128 +
-                           (warp * 32 + sub) * 128;
-      const uint32_t xo = ((ch & 7) ^ sub) << 4;
+      const uint32_t valid_ballot = __ballot_sync(0xffffffffu, j >= 0);
+      if (p.tma_keys && !listed && valid_ballot == 0xffffffffu) {
+        // the warp's 32 keys are j .. j + 31 of lane 0 (a contiguous stream, every key in
+        // it): TMA boxes of K and V, counted on full[st] as transaction bytes
+        if (lane == 0) {
+          mbar_expect_tx(&full[st], 2 * 32 * D * sizeof(T));
+          const int rk = p.k_sr ? r_kv : 0, sk = p.k_ss ? w.s : 0;
+          const int rv = p.v_sr ? r_kv : 0, sv = p.v_ss ? w.s : 0;
+          const uint32_t row0 = warp * 32 * 128;
 #pragma unroll
-      for (int i = 0; i < 32 / kKeysPerInstr; ++i) {
-        const int kk = i * kKeysPerInstr;  // + sub
-        const uint32_t jk = __shfl_sync(0xffffffffu, jc, kk + sub);
-        cp_async16_key(dst + kk * 128 + (xo ^ ((kk & 7) << 4)), src, jk, sn_bytes, valid_keys,
-                       1u << kk);
+          for (int c = 0; c < D / 64; ++c) {
+            tma_load_4d(smem_addr(sK + st * BN * D) + c * BN * 128 + row0, &p.tma_k, &full[st],
+                        c * 64, rk, sk, j);
+            tma_load_4d(smem_addr(sV + st * BN * D) + c * BN * 128 + row0, &p.tma_v, &full[st],
+                        c * 64, rv, sv, j);
+          }
+        }
+      } else {
+        const uint32_t valid_keys = valid_ballot >> sub;
+        const int jc = max(j, 0);
+        const uint32_t dst = smem_addr((is_v ? sV : sK) + st * BN * D) + (ch >> 3) * BN * 128 +
+                             (warp * 32 + sub) * 128;
+        const uint32_t xo = ((ch & 7) ^ sub) << 4;
+#pragma unroll
+        for (int i = 0; i < 32 / kKeysPerInstr; ++i) {
+          const int kk = i * kKeysPerInstr;  // + sub
+          const uint32_t jk = __shfl_sync(0xffffffffu, jc, kk + sub);
+          cp_async16_key(dst + kk * 128 + (xo ^ ((kk & 7) << 4)), src, jk, sn_bytes, valid_keys,
+                         1u << kk);
+        }
       }
       if (listed) {
         sIdx[st * BN + e] = j;

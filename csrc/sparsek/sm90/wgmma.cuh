@@ -110,6 +110,26 @@ __device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
                : "memory");
 }
 
+// Adds tx bytes to the current phase's expected transaction count (the TMA copies that
+// will complete on `bar`), without arriving.
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t tx) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(tx)
+               : "memory");
+}
+
+// TMA: the box of tensor map `map` (a __grid_constant__ kernel parameter) at coordinates
+// (c0, c1, c2, c3) -> shared address dst, completing `bar`'s transactions by its bytes.
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* map, uint64_t* bar, int c0,
+                                            int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+      "r"(smem_addr(bar))
+      : "memory");
+}
+
 // ---- wgmma m64nNk16 ----------------------------------------------------------------------
 // WgmmaSS: D[64 x N] (+)= A[64 x 16] B[16 x N], A and B K-major in shared memory
 //          (accumulate = 0 overwrites D).

@@ -1,0 +1,74 @@
+// Host side of the Hopper producers' TMA path: the tensor maps of K and V in FwdParams.
+// The producer gathers listed (top-k) keys one row at a time with cp.async; a contiguous
+// run of keys (window tiles, exact mode) goes out as a few TMA boxes instead, which issue
+// no per-row instructions and write the same 128-byte swizzled layout (key_producer.cuh).
+#pragma once
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "../params.h"
+
+namespace xsk {
+namespace sm90 {
+
+constexpr int kTmaKeyRows = 32;  // keys per TMA box: one producer warp's share of a tile
+
+// cuTensorMapEncodeTiled from the driver (no link against libcuda), or nullptr.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();  // (not sticky; do not leave it for the launch's check)
+      f = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// One key tensor [NK, S, R, D] (strides sn, ss, sr in elements, the last dim contiguous) as
+// a 4-D map (D, R, S, NK) with boxes of 64 columns x kTmaKeyRows keys, 128-byte swizzle.  A
+// head axis with stride 0 (K / V shared by heads) becomes an axis of extent 1: the kernel
+// then reads coordinate 0 on it.
+template <typename T, int D>
+inline bool encode_key_map(const void* base, int64_t sn, int64_t ss, int64_t sr, int S, int R,
+                           int NK, TmaDesc* out) {
+  const auto encode = tensor_map_encoder();
+  if (!encode || NK <= 0) return false;
+  constexpr int64_t kEl = sizeof(T);
+  const cuuint64_t dims[4] = {(cuuint64_t)D, sr ? (cuuint64_t)R : 1, ss ? (cuuint64_t)S : 1,
+                              (cuuint64_t)NK};
+  // (an axis of extent 1 still needs a valid stride: one row of D elements)
+  const cuuint64_t strides[3] = {(cuuint64_t)((sr ? sr : D) * kEl),
+                                 (cuuint64_t)((ss ? ss : D) * kEl), (cuuint64_t)(sn * kEl)};
+  const cuuint32_t box[4] = {64, 1, 1, kTmaKeyRows};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType dt = std::is_same<T, __half>::value
+                                     ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                     : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  static_assert(sizeof(TmaDesc) == sizeof(CUtensorMap), "TmaDesc holds a CUtensorMap");
+  return encode(reinterpret_cast<CUtensorMap*>(out), dt, 4, const_cast<void*>(base), dims,
+                strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// p with its K / V tensor maps (tma_keys = 1), or with tma_keys = 0 (cp.async only) where
+// the driver cannot encode them (sn, ss, sr must be multiples of 16 bytes, the base aligned).
+template <typename T, int D>
+inline FwdParams with_key_maps(FwdParams p) {
+  p.tma_keys = encode_key_map<T, D>(p.k, p.k_sn, p.k_ss, p.k_sr, p.S, p.R, p.NK, &p.tma_k) &&
+               encode_key_map<T, D>(p.v, p.v_sn, p.v_ss, p.v_sr, p.S, p.R, p.NK, &p.tma_v);
+  return p;
+}
+
+}  // namespace sm90
+}  // namespace xsk
