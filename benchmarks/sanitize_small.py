@@ -17,6 +17,7 @@ for gqa, dtype, D in [(True, torch.bfloat16, 128), (False, torch.float16, 64)]:
     out.backward(torch.randn_like(out))
     exact = xs.sparsek_attention(q, k.expand(*e, D), v.expand(*e, D), None, None, 0,
                                  xab.LowerTriangularMask())
+    exact.backward(torch.randn_like(exact))  # (contiguous key runs: the TMA paths)
 # the selection tables' own kernels on rows of several 2048-element chunks (the rows above
 # fit in one): the radix sort (row_sort.cu) and the wavelet build (wavelet_build.cu)
 from xformers_sparsek import _cuda  # noqa: E402

@@ -104,6 +104,9 @@ struct BwdDkvParams {
   float* part_u;          // [S * RG, ntiles, slots]
   int slots;              // per super-tile: pad64(cap) + pad64(max window span)
   int list_slots;         // pad64(cap): where the window stream's slots start
+  // TMA maps of q and dout for the Hopper pass (sm90/key_tma.h); tma_rows = 0: cp.async only
+  TmaDesc tma_q, tma_do;
+  int tma_rows;
 };
 
 // One single-token decode step of SparseKCache (decode.cu). Shapes: B sequences, G KV

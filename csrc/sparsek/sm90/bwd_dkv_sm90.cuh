@@ -28,7 +28,7 @@
 #include <cmath>
 
 #include "../bwd_kernel.cuh"
-#include "key_producer.cuh"  // (RegSplit)
+#include "key_producer.cuh"  // (RegSplit, key_tma.h)
 #include "wgmma.cuh"
 
 namespace xsk {
@@ -54,7 +54,7 @@ struct BwdDkvSm90Traits {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
-    bwd_dkv_sm90_kernel(const BwdDkvParams kp) {
+    bwd_dkv_sm90_kernel(const __grid_constant__ BwdDkvParams kp) {
 #if defined(XSK_SM90A)
   using Tr = BwdDkvSm90Traits<T, D>;
   constexpr int BK = Tr::kBK, RW = Tr::kRows, NST = Tr::kStages, CH = D / 8;
@@ -221,6 +221,28 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
     for (int v = 0; v < nvisit; ++v) {
       const int c = s_visit[v], st = v % NST;
       if (v >= NST) mbar_wait(&empty[st], ((v / NST) - 1) & 1);
+      if (kp.tma_rows && q0 + (((c + 1) * RW) >> rp_shift) <= q1) {
+        // a full chunk: TMA boxes of its 64 rows (RP heads x 64 / RP queries, in row order),
+        // counted on full[st] as transaction bytes.  (A chunk with rows past the super-tile
+        // takes the copies below, which zero-fill those rows: a box would load the next
+        // queries' rows, and their products with P = 0 are NaN where such a row is not finite.)
+        if (tid == 0) {
+          mbar_expect_tx(&full[st], 2 * RW * D * sizeof(T));
+          const int qc = q0 + ((c * RW) >> rp_shift);
+          const int rq = p.q_sr ? r_kv : 0, sq = p.q_ss ? s : 0;
+          const int ro = b.do_sr ? r_kv : 0, so = b.do_ss ? s : 0;
+#pragma unroll
+          for (int cb = 0; cb < D / 64; ++cb) {
+            tma_load_4d(smem_addr(sQ + st * RW * D) + cb * RW * 128, &kp.tma_q, &full[st],
+                        cb * 64, rq, sq, qc);
+            tma_load_4d(smem_addr(sO + st * RW * D) + cb * RW * 128, &kp.tma_do, &full[st],
+                        cb * 64, ro, so, qc);
+          }
+        }
+        cp_async_mbar_arrive(&full[st]);
+        mbar_arrive(&full[st]);
+        continue;
+      }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int rr = c * RW + m + 32 * h;  // the row in the super-tile
@@ -427,7 +449,7 @@ cudaError_t run_bwd_dkv_sm90(const BwdDkvParams& kp, cudaStream_t stream) {
                       (kp.slots - kp.list_slots + Tr::kBK - 1) / Tr::kBK;
   if (tiles_k == 0 || f.ntiles == 0 || f.S == 0) return cudaSuccess;
   dim3 grid(tiles_k, f.ntiles, f.S * (f.R / f.RP));
-  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(kp);
+  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(with_row_maps<T, D>(kp, Tr::kRows));
   return cudaGetLastError();
 }
 

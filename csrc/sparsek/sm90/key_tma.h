@@ -1,7 +1,8 @@
-// Host side of the Hopper producers' TMA path: the tensor maps of K and V in FwdParams.
-// The producer gathers listed (top-k) keys one row at a time with cp.async; a contiguous
-// run of keys (window tiles, exact mode) goes out as a few TMA boxes instead, which issue
-// no per-row instructions and write the same 128-byte swizzled layout (key_producer.cuh).
+// Host side of the Hopper producers' TMA path: tensor maps of K and V (FwdParams) and of
+// Q and dO (BwdDkvParams).  The key producer (key_producer.cuh) gathers listed (top-k) keys
+// one row at a time with cp.async; a contiguous run of keys (window tiles, exact mode) goes
+// out as a few TMA boxes instead, which issue no per-row instructions and write the same
+// 128-byte swizzled layout.  The dk/dv pass loads each full chunk of Q / dO rows so.
 #pragma once
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -34,22 +35,23 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// One key tensor [NK, S, R, D] (strides sn, ss, sr in elements, the last dim contiguous) as
-// a 4-D map (D, R, S, NK) with boxes of 64 columns x kTmaKeyRows keys, 128-byte swizzle.  A
-// head axis with stride 0 (K / V shared by heads) becomes an axis of extent 1: the kernel
-// then reads coordinate 0 on it.
+// A tensor [N, S, R, D] (strides sn, ss, sr in elements, the last dim contiguous) as a 4-D
+// map (D, R, S, N) with boxes of 64 columns x box_r heads x 1 x box_n rows, 128-byte
+// swizzle: a box lands as box_r * box_n rows of 128 bytes, head-minor, in the layout of
+// sw128.  A head axis with stride 0 (shared by heads) becomes an axis of extent 1 (the kernel
+// reads coordinate 0 on it), so it takes boxes of one head only.
 template <typename T, int D>
-inline bool encode_key_map(const void* base, int64_t sn, int64_t ss, int64_t sr, int S, int R,
-                           int NK, TmaDesc* out) {
+inline bool encode_map(const void* base, int64_t sn, int64_t ss, int64_t sr, int S, int R, int N,
+                       int box_r, int box_n, TmaDesc* out) {
   const auto encode = tensor_map_encoder();
-  if (!encode || NK <= 0) return false;
+  if (!encode || N <= 0 || (sr == 0 && box_r > 1)) return false;
   constexpr int64_t kEl = sizeof(T);
   const cuuint64_t dims[4] = {(cuuint64_t)D, sr ? (cuuint64_t)R : 1, ss ? (cuuint64_t)S : 1,
-                              (cuuint64_t)NK};
+                              (cuuint64_t)N};
   // (an axis of extent 1 still needs a valid stride: one row of D elements)
   const cuuint64_t strides[3] = {(cuuint64_t)((sr ? sr : D) * kEl),
                                  (cuuint64_t)((ss ? ss : D) * kEl), (cuuint64_t)(sn * kEl)};
-  const cuuint32_t box[4] = {64, 1, 1, kTmaKeyRows};
+  const cuuint32_t box[4] = {64, (cuuint32_t)box_r, 1, (cuuint32_t)box_n};
   const cuuint32_t unit[4] = {1, 1, 1, 1};
   const CUtensorMapDataType dt = std::is_same<T, __half>::value
                                      ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
@@ -61,13 +63,28 @@ inline bool encode_key_map(const void* base, int64_t sn, int64_t ss, int64_t sr,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// p with its K / V tensor maps (tma_keys = 1), or with tma_keys = 0 (cp.async only) where
-// the driver cannot encode them (sn, ss, sr must be multiples of 16 bytes, the base aligned).
+// p with its K / V tensor maps (tma_keys = 1; boxes of kTmaKeyRows keys of one head), or
+// with tma_keys = 0 (cp.async only) where the driver cannot encode them (sn, ss, sr must be
+// multiples of 16 bytes, the base aligned).
 template <typename T, int D>
 inline FwdParams with_key_maps(FwdParams p) {
-  p.tma_keys = encode_key_map<T, D>(p.k, p.k_sn, p.k_ss, p.k_sr, p.S, p.R, p.NK, &p.tma_k) &&
-               encode_key_map<T, D>(p.v, p.v_sn, p.v_ss, p.v_sr, p.S, p.R, p.NK, &p.tma_v);
+  p.tma_keys =
+      encode_map<T, D>(p.k, p.k_sn, p.k_ss, p.k_sr, p.S, p.R, p.NK, 1, kTmaKeyRows, &p.tma_k) &&
+      encode_map<T, D>(p.v, p.v_sn, p.v_ss, p.v_sr, p.S, p.R, p.NK, 1, kTmaKeyRows, &p.tma_v);
   return p;
+}
+
+// kp with the Q / dO maps of the dk/dv pass (tma_rows = 1): a box is one chunk of `rows`
+// rows, RP packed heads x rows / RP queries, in the chunk's row order.
+template <typename T, int D>
+inline BwdDkvParams with_row_maps(BwdDkvParams kp, int rows) {
+  const BwdDqParams& b = kp.b;
+  const FwdParams& f = b.f;
+  kp.tma_rows = encode_map<T, D>(f.q, f.q_sn, f.q_ss, f.q_sr, f.S, f.R, f.NQ, f.RP,
+                                 rows / f.RP, &kp.tma_q) &&
+                encode_map<T, D>(b.dout, b.do_sn, b.do_ss, b.do_sr, f.S, f.R, f.NQ, f.RP,
+                                 rows / f.RP, &kp.tma_do);
+  return kp;
 }
 
 }  // namespace sm90
