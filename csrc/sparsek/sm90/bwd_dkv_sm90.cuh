@@ -7,8 +7,9 @@
 // Q / dO rows in L2 (the mma.sync pass walks every key tile of a super-tile in one CTA and
 // re-reads them from DRAM).  Warpgroup 0 (the producer, 24 registers) loads the tile's K / V
 // and then the Q / dO rows of each chunk of 64 rows some key of the tile is attended by
-// (decided once per CTA from the rows' and keys' bounds) into a ring of three stages on
-// mbarriers (full: the copies landed; empty: the 8 consumer warps released the stage).
+// (decided once per CTA from the rows' and keys' bounds; full chunks as TMA boxes) into a
+// ring of three stages on mbarriers (full: the copies landed; empty: the 8 consumer warps
+// released the stage).
 // Warpgroups 1 and 2 (the consumers, 240 registers) hold 64 keys each (wgmma M = 64) and
 // walk the chunks:
 //   S^T = K Q^T and dP^T = V dO^T   (wgmma, both operands in shared memory, N = 64 rows),

@@ -2,8 +2,9 @@
 // per-tile TileMode, the work items and the producer warpgroup.  A persistent CTA walks the
 // items (query tile, selection head, head group); warpgroup 0 gathers each item's key tiles
 // (BN = 128 keys of K and V, plus each key's index, score and rank in sparse mode) with
-// cp.async into stage it % NST of a shared-memory ring (the copies arrive on full[stage] when
-// they land) and waits on empty[stage] (the consumer warps' releases) before refilling it.
+// cp.async, or TMA boxes for a warp's contiguous run of keys, into stage it % NST of a
+// shared-memory ring (the copies arrive on full[stage] when they land) and waits on
+// empty[stage] (the consumer warps' releases) before refilling it.
 // It runs ahead into the next item while the consumers finish the current one; for the
 // forward it also stages each item's Q rows and row data (ItemStage).
 #pragma once
