@@ -230,15 +230,10 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
         if (tid == 0) {
           mbar_expect_tx(&full[st], 2 * RW * D * sizeof(T));
           const int qc = q0 + ((c * RW) >> rp_shift);
-          const int rq = p.q_sr ? r_kv : 0, sq = p.q_ss ? s : 0;
-          const int ro = b.do_sr ? r_kv : 0, so = b.do_ss ? s : 0;
-#pragma unroll
-          for (int cb = 0; cb < D / 64; ++cb) {
-            tma_load_4d(smem_addr(sQ + st * RW * D) + cb * RW * 128, &kp.tma_q, &full[st],
-                        cb * 64, rq, sq, qc);
-            tma_load_4d(smem_addr(sO + st * RW * D) + cb * RW * 128, &kp.tma_do, &full[st],
-                        cb * 64, ro, so, qc);
-          }
+          tma_load_rows<D>(smem_addr(sQ + st * RW * D), RW * 128, kp.tma_q, &full[st], p.q_sr,
+                           p.q_ss, r_kv, s, qc);
+          tma_load_rows<D>(smem_addr(sO + st * RW * D), RW * 128, kp.tma_do, &full[st], b.do_sr,
+                           b.do_ss, r_kv, s, qc);
         }
         cp_async_mbar_arrive(&full[st]);
         mbar_arrive(&full[st]);

@@ -227,16 +227,11 @@ __device__ __forceinline__ void produce_key_tiles(const FwdParams& p, int nitems
         // it): TMA boxes of K and V, counted on full[st] as transaction bytes
         if (lane == 0) {
           mbar_expect_tx(&full[st], 2 * 32 * D * sizeof(T));
-          const int rk = p.k_sr ? r_kv : 0, sk = p.k_ss ? w.s : 0;
-          const int rv = p.v_sr ? r_kv : 0, sv = p.v_ss ? w.s : 0;
           const uint32_t row0 = warp * 32 * 128;
-#pragma unroll
-          for (int c = 0; c < D / 64; ++c) {
-            tma_load_4d(smem_addr(sK + st * BN * D) + c * BN * 128 + row0, &p.tma_k, &full[st],
-                        c * 64, rk, sk, j);
-            tma_load_4d(smem_addr(sV + st * BN * D) + c * BN * 128 + row0, &p.tma_v, &full[st],
-                        c * 64, rv, sv, j);
-          }
+          tma_load_rows<D>(smem_addr(sK + st * BN * D) + row0, BN * 128, p.tma_k, &full[st],
+                           p.k_sr, p.k_ss, r_kv, w.s, j);
+          tma_load_rows<D>(smem_addr(sV + st * BN * D) + row0, BN * 128, p.tma_v, &full[st],
+                           p.v_sr, p.v_ss, r_kv, w.s, j);
         }
       } else {
         const uint32_t valid_keys = valid_ballot >> sub;

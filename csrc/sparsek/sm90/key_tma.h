@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "../params.h"
+#include "wgmma.cuh"  // (tma_load_4d)
 
 namespace xsk {
 namespace sm90 {
@@ -66,6 +67,19 @@ inline bool encode_map(const void* base, int64_t sn, int64_t ss, int64_t sr, int
                 strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The device side: the rows of a map from encode_map at (head r, selection head s, row n),
+// one box per 64-column block, block cb to shared address dst + cb * block_bytes, completing
+// `bar`'s transactions.  sr / ss are the tensor's strides as encode_map saw them: an axis of
+// stride 0 has extent 1 in the map, so its coordinate is 0.
+template <int D>
+__device__ __forceinline__ void tma_load_rows(uint32_t dst, uint32_t block_bytes, const TmaDesc& map,
+                                              uint64_t* bar, int64_t sr, int64_t ss, int r, int s,
+                                              int n) {
+#pragma unroll
+  for (int cb = 0; cb < D / 64; ++cb)
+    tma_load_4d(dst + cb * block_bytes, &map, bar, cb * 64, sr ? r : 0, ss ? s : 0, n);
 }
 
 // p with its K / V tensor maps (tma_keys = 1; boxes of kTmaKeyRows keys of one head), or
