@@ -10,9 +10,9 @@ import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from xformers.ops.fmha import attn_bias as xab
 
 import xformers_sparsek as xs
+from common import long_s_attention
 
 
 def report(name, fn, iters, out):
@@ -50,22 +50,16 @@ def seed(out):
 
 
 def long_64k(out):
-    S, G, Hg, D = 65536, 8, 4, 128
-    q = torch.randn(1, S, G, Hg, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, S, G, 1, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(1, S, G, 1, D, device="cuda", dtype=torch.bfloat16)
-    s = torch.randn(1, S, G, 1, device="cuda")
-    bias = xab.LowerTriangularMask()
+    call, _ = long_s_attention(65536, grad=True)
 
-    def fwd(q, k, v, s):
-        return xs.sparsek_attention(q, k.expand(1, S, G, Hg, D), v.expand(1, S, G, Hg, D),
-                                    s.expand(1, S, G, Hg), 2048, 512, bias)
+    def fwd():
+        with torch.no_grad():  # (no graph: the plain eager path, as inference calls take)
+            return call()
 
-    report("long-64K fwd", lambda: fwd(q, k, v, s), 3, out)
-    qg, kg, vg, sg = (x.detach().requires_grad_() for x in (q, k, v, s))
+    report("long-64K fwd", fwd, 3, out)
 
     def fwd_bwd():
-        o = fwd(qg, kg, vg, sg)
+        o = call()
         o.backward(torch.ones_like(o))
 
     report("long-64K fwd+bwd", fwd_bwd, 2, out)
