@@ -163,7 +163,7 @@ build_fwd_long_variants() {  # the tree's harness and every variant's, compiled 
   for v in ${FWD_VARIANTS:-}; do
     n=$(basename "$v")
     rm -rf /tmp/fwdv_"$n" && mkdir -p /tmp/fwdv_"$n" && cp -r csrc /tmp/fwdv_"$n"/ &&
-      cp "$v"/*.cuh /tmp/fwdv_"$n"/csrc/sparsek/sm90/ || return
+      cp "$v"/*.cuh /tmp/fwdv_"$n"/csrc/sparsek/sm90/ || { wait; return 1; }  # (no orphans)
     $nv -I/tmp/fwdv_"$n"/csrc -I/tmp/fwdv_"$n"/csrc/sparsek/sm90 -o /tmp/fwd_long_h_"$n" \
       benchmarks/fwd_long_harness.cu &
     pids+=($!)
