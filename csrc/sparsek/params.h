@@ -94,6 +94,10 @@ struct BwdDqParams {
   int64_t dq_sn, dq_ss, dq_sr;
   float* grow;            // [S, R, NQ] G per row (sparse mode)
   float scale;
+  // TMA maps of q and dout in boxes of 64 rows, for the Hopper passes (sm90/key_tma.h);
+  // tma_rows = 0: cp.async only
+  TmaDesc tma_q, tma_do;
+  int tma_rows;
 };
 
 // Backward, pass 2 (key-centric per super-tile of queries): partial dK, dV and direct
@@ -104,9 +108,6 @@ struct BwdDkvParams {
   float* part_u;          // [S * RG, ntiles, slots]
   int slots;              // per super-tile: pad64(cap) + pad64(max window span)
   int list_slots;         // pad64(cap): where the window stream's slots start
-  // TMA maps of q and dout for the Hopper pass (sm90/key_tma.h); tma_rows = 0: cp.async only
-  TmaDesc tma_q, tma_do;
-  int tma_rows;
 };
 
 // One single-token decode step of SparseKCache (decode.cu). Shapes: B sequences, G KV

@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
     for (int v = 0; v < nvisit; ++v) {
       const int c = s_visit[v], st = v % NST;
       if (v >= NST) mbar_wait(&empty[st], ((v / NST) - 1) & 1);
-      if (kp.tma_rows && q0 + (((c + 1) * RW) >> rp_shift) <= q1) {
+      if (b.tma_rows && q0 + (((c + 1) * RW) >> rp_shift) <= q1) {
         // a full chunk: TMA boxes of its 64 rows (RP heads x 64 / RP queries, in row order),
         // counted on full[st] as transaction bytes.  (A chunk with rows past the super-tile
         // takes the copies below, which zero-fill those rows: a box would load the next
@@ -230,9 +230,9 @@ __global__ void __launch_bounds__(BwdDkvSm90Traits<T, D>::kThreads, 1)
         if (tid == 0) {
           mbar_expect_tx(&full[st], 2 * RW * D * sizeof(T));
           const int qc = q0 + ((c * RW) >> rp_shift);
-          tma_load_rows<D>(smem_addr(sQ + st * RW * D), RW * 128, kp.tma_q, &full[st], p.q_sr,
+          tma_load_rows<D>(smem_addr(sQ + st * RW * D), RW * 128, b.tma_q, &full[st], p.q_sr,
                            p.q_ss, r_kv, s, qc);
-          tma_load_rows<D>(smem_addr(sO + st * RW * D), RW * 128, kp.tma_do, &full[st], b.do_sr,
+          tma_load_rows<D>(smem_addr(sO + st * RW * D), RW * 128, b.tma_do, &full[st], b.do_sr,
                            b.do_ss, r_kv, s, qc);
         }
         cp_async_mbar_arrive(&full[st]);
@@ -445,7 +445,9 @@ cudaError_t run_bwd_dkv_sm90(const BwdDkvParams& kp, cudaStream_t stream) {
                       (kp.slots - kp.list_slots + Tr::kBK - 1) / Tr::kBK;
   if (tiles_k == 0 || f.ntiles == 0 || f.S == 0) return cudaSuccess;
   dim3 grid(tiles_k, f.ntiles, f.S * (f.R / f.RP));
-  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(with_row_maps<T, D>(kp, Tr::kRows));
+  BwdDkvParams km = kp;
+  km.b = with_row_maps<T, D>(kp.b, Tr::kRows);
+  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(km);
   return cudaGetLastError();
 }
 

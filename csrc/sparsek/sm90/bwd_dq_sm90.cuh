@@ -63,11 +63,14 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
   const int tid = threadIdx.x, lane = tid & 31;
   const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);  // (known warp-uniform: see dk/dv)
   const int RP = p.RP;
+  __shared__ uint64_t rows_full[2];  // per consumer: its item's Q / dO box landed (TMA)
   if (tid == 0) {
     for (int i = 0; i < NST; ++i) {
       mbar_init(&full[i], 256);  // per producer thread: its copies landed, its stores
       mbar_init(&empty[i], 8);
     }
+    mbar_init(&rows_full[0], 1);
+    mbar_init(&rows_full[1], 1);
   }
   __syncthreads();
 
@@ -84,7 +87,8 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
   const int g = lane >> 2, tq = lane & 3;
   __shared__ int4 s_rowstat[8];
   auto row_of = [&](int x) { return wg * 64 + (warp & 3) * 16 + g + 8 * x; };
-  int it = 0;  // key tiles consumed so far (all items)
+  int it = 0;          // key tiles consumed so far (all items)
+  int rows_phase = 0;  // parity of rows_full[wg]'s next phase
   float sc[HB / 2], dp[HB / 2];
 #pragma unroll
   for (int i = 0; i < HB / 2; ++i) sc[i] = dp[i] = 0.f;
@@ -95,6 +99,35 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
     const int q0 = p.tile_q0[w.tile], q1 = p.tile_q1[w.tile];
     const KeyStreams ks = warp_key_streams<BN>(p, w.tile, s, q0, q1, lane);
     const int ntiles_k = ks.tilesA + ks.tilesB;
+    named_barrier(1 + wg, 128);  // the previous item's reads of sQ, sO, s_rowstat are done
+    // This consumer's Q and dO rows -> shared memory, issued first so that they load beside
+    // the rows' data below: its 64 rows as TMA boxes (RP heads x 64 / RP queries, in row
+    // order) when all are in the tile, else copies that zero-fill the rows past it.
+    const bool rows_by_tma = b.tma_rows && q0 + (wg + 1) * 64 / RP <= q1;
+    if (rows_by_tma) {
+      if (ctid == 0) {
+        mbar_arrive_expect_tx(&rows_full[wg], 2 * 64 * D * sizeof(T));
+        const int qc = q0 + wg * 64 / RP, r0 = rgroup * RP;
+        tma_load_rows<D>(smem_addr(sQ + wg * 64 * 64), BM * 128, b.tma_q, &rows_full[wg],
+                         p.q_sr, p.q_ss, r0, s, qc);
+        tma_load_rows<D>(smem_addr(sO + wg * 64 * 64), BM * 128, b.tma_do, &rows_full[wg],
+                         b.do_sr, b.do_ss, r0, s, qc);
+      }
+    } else {
+      const T* qbase = static_cast<const T*>(p.q);
+      const T* dobase = static_cast<const T*>(b.dout);
+      for (int c = ctid; c < 64 * CH; c += 128) {
+        const int m = wg * 64 + c / CH, ch = c % CH;
+        const int qi = q0 + m / RP, r = rgroup * RP + m % RP;
+        const bool valid = qi < q1;
+        cp_async16(sQ + sw128(BM, m, ch),
+                   qbase + (valid ? (qi * p.q_sn + s * p.q_ss + r * p.q_sr + ch * 8) : 0), valid);
+        cp_async16(sO + sw128(BM, m, ch),
+                   dobase + (valid ? (qi * b.do_sn + s * b.do_ss + r * b.do_sr + ch * 8) : 0),
+                   valid);
+      }
+      cp_async_commit();
+    }
     RowInfo rows[2];
     float lse2[2], delta[2];
 #pragma unroll
@@ -106,7 +139,6 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
       lse2[x] = valid ? b.lse[gi] * kLog2e : INFINITY;  // invalid rows: P = 0
       delta[x] = valid ? b.delta[gi] : 0.f;
     }
-    named_barrier(1 + wg, 128);  // the previous item's reads of sQ, sO, s_rowstat are done
 
     {  // bounds over this warpgroup's valid rows, for TileMode::kPoolFast
       int mx_rb = INT_MIN, mx_plo = INT_MIN, mn_wlo = INT_MAX;
@@ -123,24 +155,14 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
       mn_wlo = warp_min(mn_wlo);
       if (lane == 0) s_rowstat[warp - 4] = make_int4(mx_rb, mx_plo, mn_wlo, 0);
     }
-    {  // this consumer's Q and dO rows -> shared memory (zero rows past the tile)
-      const T* qbase = static_cast<const T*>(p.q);
-      const T* dobase = static_cast<const T*>(b.dout);
-      for (int c = ctid; c < 64 * CH; c += 128) {
-        const int m = wg * 64 + c / CH, ch = c % CH;
-        const int qi = q0 + m / RP, r = rgroup * RP + m % RP;
-        const bool valid = qi < q1;
-        cp_async16(sQ + sw128(BM, m, ch),
-                   qbase + (valid ? (qi * p.q_sn + s * p.q_ss + r * p.q_sr + ch * 8) : 0), valid);
-        cp_async16(sO + sw128(BM, m, ch),
-                   dobase + (valid ? (qi * b.do_sn + s * b.do_ss + r * b.do_sr + ch * 8) : 0),
-                   valid);
-      }
-      cp_async_commit();
+    if (rows_by_tma) {
+      mbar_wait(&rows_full[wg], rows_phase);
+      rows_phase ^= 1;
+    } else {
       cp_async_wait<0>();
-      fence_proxy_async();
-      named_barrier(1 + wg, 128);  // also publishes s_rowstat
     }
+    fence_proxy_async();
+    named_barrier(1 + wg, 128);  // also publishes s_rowstat
     int wg_rb = INT_MIN, wg_plo = INT_MIN, wg_wlo = INT_MAX;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -305,7 +327,7 @@ __global__ void __launch_bounds__(BwdDqSm90Traits<T, D>::kThreads, 1)
 template <typename T, int D>
 cudaError_t run_bwd_dq_sm90(const BwdDqParams& b, cudaStream_t stream) {
   using Tr = BwdDqSm90Traits<T, D>;
-  BwdDqParams bm = b;
+  BwdDqParams bm = with_row_maps<T, D>(b, 64);  // (a consumer's 64 rows per box)
   bm.f = with_key_maps<T, D>(b.f);
   return launch_persistent(bwd_dq_sm90_kernel<T, D>, bm, num_items(b.f), Tr::kThreads, Tr::kSmem,
                            stream);

@@ -93,17 +93,17 @@ inline FwdParams with_key_maps(FwdParams p) {
   return p;
 }
 
-// kp with the Q / dO maps of the dk/dv pass (tma_rows = 1): a box is one chunk of `rows`
-// rows, RP packed heads x rows / RP queries, in the chunk's row order.
+// b with the Q / dO maps of the backward passes (tma_rows = 1): a box is `rows` rows, RP
+// packed heads x rows / RP queries, in the kernels' row order (a dk/dv chunk, a dq
+// consumer's half of the query tile).
 template <typename T, int D>
-inline BwdDkvParams with_row_maps(BwdDkvParams kp, int rows) {
-  const BwdDqParams& b = kp.b;
+inline BwdDqParams with_row_maps(BwdDqParams b, int rows) {
   const FwdParams& f = b.f;
-  kp.tma_rows = encode_map<T, D>(f.q, f.q_sn, f.q_ss, f.q_sr, f.S, f.R, f.NQ, f.RP,
-                                 rows / f.RP, &kp.tma_q) &&
-                encode_map<T, D>(b.dout, b.do_sn, b.do_ss, b.do_sr, f.S, f.R, f.NQ, f.RP,
-                                 rows / f.RP, &kp.tma_do);
-  return kp;
+  b.tma_rows = encode_map<T, D>(f.q, f.q_sn, f.q_ss, f.q_sr, f.S, f.R, f.NQ, f.RP,
+                                rows / f.RP, &b.tma_q) &&
+               encode_map<T, D>(b.dout, b.do_sn, b.do_ss, b.do_sr, f.S, f.R, f.NQ, f.RP,
+                                rows / f.RP, &b.tma_do);
+  return b;
 }
 
 }  // namespace sm90

@@ -118,6 +118,15 @@ __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t tx) {
                : "memory");
 }
 
+// Arrives on `bar` and adds tx bytes to the phase's expected transactions.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t tx) {
+  asm volatile(
+      "{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(
+          smem_addr(bar)),
+      "r"(tx)
+      : "memory");
+}
+
 // TMA: the box of tensor map `map` (a __grid_constant__ kernel parameter) at coordinates
 // (c0, c1, c2, c3) -> shared address dst, completing `bar`'s transactions by its bytes.
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* map, uint64_t* bar, int c0,
