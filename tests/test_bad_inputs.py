@@ -114,6 +114,29 @@ def test_bad_scores(api, bad):
 
 @requires_cuda
 @pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("bad", ["nan", "inf", "neg_inf"])
+@pytest.mark.parametrize("base", ["causal", "local"])
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_nonfinite_scores_on_cuda_kernels(api, bad, base, sdtype):
+    """The CUDA path zeroes non-finite scores on the GPU and reads the flag after its launches
+    (no host sync before them): still a ValueError naming the scores, for nested pools
+    (causal) and sliding ones (local: the overflow flag is read too); the next call runs."""
+    dev = torch.device("cuda")
+    q, k, v, s = rand_inputs(1, 300, 300, None, 2, 64, 64, torch.float16, device=dev)
+    bias = (xab.LowerTriangularMask() if base == "causal"
+            else xab.LowerTriangularFromBottomRightLocalAttentionMask(100))
+    s = s.to(sdtype)
+    good = call(api, q, k, v, s, topk=16, window=4, base=bias)
+    s_bad = s.clone()
+    s_bad[0, 123, 1] = {"nan": float("nan"), "inf": float("inf"), "neg_inf": float("-inf")}[bad]
+    expect_error("scores", api, q, k, v, s_bad, topk=16, window=4, base=bias)
+    again = call(api, q, k, v, s, topk=16, window=4, base=bias)
+    torch.cuda.synchronize()
+    assert torch.equal(good, again)
+
+
+@requires_cuda
+@pytest.mark.parametrize("api", APIS)
 def test_scores_on_other_device(api):
     q, k, v, s = inputs()
     expect_error("scores", api, q, k, v, s.cuda())

@@ -1,6 +1,7 @@
 """Driver of the CUDA kernels (csrc/): prepares their inputs and says when they apply.
 
 Forward pipeline on the GPU:
+  0. ``scores_f32``: the scores as float32 [S, NK], non-finite ones zeroed and flagged,
   1. selection tables (one float32 sort of the scores, ``sort_rows``; ``select_tables``: the
      breakpoints and their rank thresholds; ``wavelet_build``: a wavelet matrix over the ranks),
   2. ``select_queries``: per-query tau / top-k boundary / |F| (csrc/sparsek/select_kernels.cuh),
@@ -9,9 +10,10 @@ Forward pipeline on the GPU:
 Backward: the rank tables from the forward's selection outputs (``_with_ranks``), the key
 lists of the dq tiles and dk/dv super-tiles, ``bwd`` (pass 1 dq, pass 2 per-super-tile
 dk/dv partials), the ordered reduction ``bwd_reduce``, and the score gradient's
-fractional-mean term on ``wavelet_range_sum``.  Host syncs: on nested layouts
-(``QueryLayout.nested``) none after the scores' finiteness check; on others the forward
-reads its lists' overflow flag after the launch, the backward its lists' overflow flags and
+fractional-mean term on ``wavelet_range_sum``.  Host syncs: the forward waits for its
+scores' finiteness flag only after its launches, and then only for the flag's copy (an event
+behind ``scores_f32``); on layouts without nested pools (``QueryLayout.nested``) the forward
+reads its lists' overflow flag after its launch, the backward its lists' overflow flags and
 the window spans' max before its kernels.
 The selection is computed on float32 scores (what the kernels compare against); its tables
 (one float32 sort + ``select_tables``) are bitwise those of ``_selection.build_tables``.
@@ -26,6 +28,7 @@ from . import _ext
 from ._layout import QueryLayout
 from ._selection import Selection, _row_ranks, build_tables, score_gradient
 
+SCORES_NOT_FINITE = "scores must be finite (found NaN or inf)"  # (the ValueError of both paths)
 _TILE_ROWS = 128  # rows (query x packed head) of one forward CTA (FwdTraits::kBM)
 
 
@@ -208,20 +211,30 @@ def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: fl
     tile_q0, tile_q1 = _tiles(NQ, _TILE_ROWS // rp, q.device, layout.seq_key)
     sel = None
     if scores is not None:
-        u = scores.float().contiguous()  # what the selection and the kernels compare
+        # what the selection and the kernels compare: float32, non-finite scores zeroed and
+        # flagged; the flag is copied to pinned host memory right behind that kernel and read
+        # after the launches below, by then long copied: the host neither waits for the GPU
+        # nor leaves it idle (a sync before the launches idled it through this function; one
+        # after them would idle it through the backward's host work)
+        u, bad = C.scores_f32(scores)
+        bad_host = bad.to("cpu", non_blocking=True)
+        bad_copied = torch.cuda.Event()
+        bad_copied.record(torch.cuda.current_stream(u.device))
         sel = select(u, layout, topk)
         cap = int(topk) + _TILE_ROWS // rp
         lists, counts, overflow = C.build_lists(
             sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo, tile_q0, tile_q1,
             layout.num_keys, cap,
         )
-        # (counts are capped at cap, so an overflowing tile's truncated list is safe to run;
-        # the flag is read after the launch, so the GPU does not idle through the host's
-        # round trip)
+        # (counts are capped at cap, so an overflowing tile's truncated list is safe to run)
         out, lse = C.fwd(
             q, k, v, u, sel.tau, sel.rb, sel.rank_of_key, layout.pool_lo, layout.win_lo,
             layout.win_hi, tile_q0, tile_q1, lists, counts, rp, scale,
         )
+        bad_copied.synchronize()
+        if int(bad_host):
+            raise ValueError(SCORES_NOT_FINITE)
+        # (read after the launch: the GPU does not idle through the host's round trip)
         if not layout.nested and int(overflow.item()):
             return None
     else:

@@ -29,19 +29,14 @@ def _layout_of(pool_lo, win_lo, win_hi, seq_starts, num_keys: int, window: int,
                        seq_starts, nested and seq_starts is not None)
 
 
-def _check_scores_finite(scores: Optional[Tensor]) -> None:
-    if scores is not None and not bool(torch.isfinite(scores).all()):
-        raise ValueError("scores must be finite (found NaN or inf)")
-
-
 @torch.library.custom_op("xformers_sparsek::fwd", mutates_args=())
 def sparsek_fwd(
     q: Tensor, k: Tensor, v: Tensor, scores: Optional[Tensor],
     pool_lo: Tensor, win_lo: Tensor, win_hi: Tensor, seq_starts: Optional[Tensor],
     topk: int, window: int, scale: float, nested: bool = False, causal: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> out [NQ,S,R,Dv], lse [S,R,NQ], and the selection (tau, ub, jb, nF) [S,NQ]."""
-    _check_scores_finite(scores)
+    """-> out [NQ,S,R,Dv], lse [S,R,NQ], and the selection (tau, ub, jb, nF) [S,NQ].
+    Raises ValueError on non-finite scores (_backend.forward checks them)."""
     layout = _layout_of(pool_lo, win_lo, win_hi, seq_starts, k.shape[0], window, nested, causal)
     topk_ = topk if scores is not None else None
     out, lse, sel = _backend.forward(q, k, v, scores, layout, topk_, scale)
@@ -137,8 +132,8 @@ def _plain_eager_call(tensors) -> bool:
 
 
 def forward_without_autograd(prob) -> Tuple[Tensor, Tensor]:
-    """(out [NQ,S,R,Dv], lse [S,R,NQ]) of the canonical problem, no custom op, no graph."""
-    _check_scores_finite(prob.scores)
+    """(out [NQ,S,R,Dv], lse [S,R,NQ]) of the canonical problem, no custom op, no graph
+    (ValueError on non-finite scores, from _backend.forward)."""
     out, lse, _ = _backend.forward(prob.q, prob.k, prob.v, prob.scores, prob.layout, prob.topk,
                                    prob.scale)
     return out, lse

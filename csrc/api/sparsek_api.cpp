@@ -93,6 +93,26 @@ at::Tensor wavelet_range_sum(const at::Tensor& zeros, const at::Tensor& wsum,
   return out;
 }
 
+// The scores as the selection reads them (scores.cu): (float32 [S, NK] contiguous with
+// non-finite values replaced by 0, int32 [1] flag: 1 if any was non-finite).
+std::vector<at::Tensor> scores_f32(const at::Tensor& scores) {
+  TORCH_CHECK(scores.is_cuda() && scores.dim() == 2, "scores_f32: scores must be a CUDA [S, NK]");
+  TORCH_CHECK(scores.size(0) < (1LL << 31) && scores.size(1) < (1LL << 31),
+              "scores_f32: too many heads/keys");
+  const auto st = scores.scalar_type();
+  const int dtype = st == at::kHalf ? 0 : st == at::kBFloat16 ? 1 : st == at::kFloat ? 2
+                  : st == at::kDouble ? 3 : -1;
+  TORCH_CHECK(dtype >= 0, "scores_f32: scores must be float16, bfloat16, float32 or float64");
+  const at::cuda::OptionalCUDAGuard guard(scores.device());
+  at::Tensor out = at::empty(scores.sizes(), scores.options().dtype(at::kFloat));
+  at::Tensor bad = at::zeros({1}, scores.options().dtype(at::kInt));
+  CHECK_CUDA_OK(xsk::launch_scores_f32(scores.data_ptr(), dtype, scores.stride(0),
+                                       scores.stride(1), (int)scores.size(0),
+                                       (int)scores.size(1), out.data_ptr<float>(),
+                                       bad.data_ptr<int>(), at::cuda::getCurrentCUDAStream()));
+  return {out, bad};
+}
+
 // Stable sort of each row of u [rows, n] (float32): (values, int64 indices), the same as
 // torch.sort(u, dim=1, stable=True) in two launches (row_sort.cu).
 std::vector<at::Tensor> sort_rows(const at::Tensor& u) {
@@ -523,6 +543,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wavelet_build", &wavelet_build, "per-row wavelet matrices over ranks");
   m.def("wavelet_range_sum", &wavelet_range_sum,
         "per row: weight sums over index ranges between two rank thresholds");
+  m.def("scores_f32", &scores_f32, "scores as float32 [S, NK], non-finite ones zeroed and flagged");
   m.def("sort_rows", &sort_rows, "stable per-row sort of float32 rows (torch.sort's result)");
   m.def("select_tables", &select_tables, "SparseK selection tables after the per-head sort");
   m.def("select_queries", &select_queries, "SparseK selection: per-query tau, top-k boundary, |F|");

@@ -6,6 +6,10 @@
 
 namespace xsk {
 
+// scores [S, NK] (strides st0 / st1; dtype 0 = fp16, 1 = bf16, 2 = fp32, 3 = fp64) as float32
+// out [S, NK] contiguous, non-finite values replaced by 0 and *bad set to 1 (scores.cu).
+cudaError_t launch_scores_f32(const void* in, int dtype, int64_t st0, int64_t st1, int S, int NK,
+                              float* out, int* bad, cudaStream_t stream);
 // Per-row wavelet matrices (see wavelet_build.cu); r / w are overwritten (ping-pong with
 // r_tmp / w_tmp); scratch: chunk_w [rows, nc] and sync [rows * nc + rows * nbits + 1] ints,
 // nc = ceil(n / 2048).
