@@ -1,6 +1,7 @@
 """DESIGN.md section 5 benchmark: SparseK vs dense SDPA (cuDNN, FlashAttention-2) on one GPU.
 
     python benchmarks/bench.py --out OUTDIR [--lengths 16384 32768 65536 131072] [--no-bwd]
+    python benchmarks/bench.py --out OUTDIR --replot RUN/results.json   (the plot of a past run)
 
 Anchors are measured in the same run as the op.  Times are medians of CUDA-event timings
 after warm-up, on random inputs.  Writes OUTDIR/results.json, OUTDIR/results_section.md (a
@@ -190,7 +191,15 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--results", default=None, help="also append the section to this file")
     ap.add_argument("--commit", default=None, help="commit being measured (for the record)")
+    ap.add_argument("--replot", default=None, metavar="RESULTS_JSON",
+                    help="only redraw OUT/speedup.png from a run's results.json (no GPU)")
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            run = json.load(f)
+        os.makedirs(args.out, exist_ok=True)
+        plot(run["rows"], os.path.join(args.out, "speedup.png"), run["meta"]["device"])
+        return
     os.makedirs(args.out, exist_ok=True)
     dev = torch.cuda.get_device_name()
     rows = seed_config(args.iters)
