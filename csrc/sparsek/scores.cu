@@ -33,7 +33,8 @@ __global__ void scores_f32_kernel(const T* __restrict__ in, int64_t st0, int64_t
        e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t s = e / NK, j = e - s * NK;
     const T x = in[s * st0 + j * st1];
-    // (finiteness of the given value: a float64 beyond float32's range stays as .float() makes it)
+    // (the given value's finiteness: a finite float64 beyond float32's range is not flagged;
+    // it becomes inf, as .float() made it)
     const bool ok = finite_of(x);
     any_bad |= !ok;
     out[e] = ok ? to_float(x) : 0.0f;
