@@ -35,6 +35,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._backend import check_scores_finite
 from .mask import check_int
 
 NEG_INF = float("-inf")
@@ -305,8 +306,8 @@ class SparseKCache:
                 f"q must be [{B}, {M}, kv_heads={G}, R, {D}] or [{B}, {M}, R*{G}, {D}] (query head h "
                 f"uses KV head h // R), got {tuple(q.shape)}")
         # (the one host sync of an eager CUDA decode step; capture() skips it)
-        if values and not bool(torch.isfinite(scores).all()):
-            raise ValueError("scores must be finite (found NaN or inf)")
+        if values:
+            check_scores_finite(scores)
 
     # ------------------------------------------------------------------ the pool
 
