@@ -4,26 +4,11 @@
 //   once from the 16-bit tensors instead of through fp32 copies of both;
 //   pass 3, for every (group, key), the sum of the key's partial dK / dV / score-gradient
 //   slots (written by the dk/dv pass) in a fixed order -> deterministic results.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <type_traits>
-
+#include "convert.cuh"
 #include "launch.h"
 
 namespace xsk {
 namespace {
-
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // delta[(s * R + r) * NQ + i] = sum_d dout[i, s, r, d] * out[i, s, r, d].  A row's D
 // elements are read as 16-byte vectors by kLanes = D / 8 lanes (32 / kLanes rows per warp

@@ -3,26 +3,23 @@
 // raises ValueError); they are replaced by 0 here and flagged in `bad`, so that every later
 // kernel sees finite values and the host can read the flag after launching the whole
 // forward (the GPU never idles through that round trip).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 #include <cmath>
 
+#include "convert.cuh"
 #include "launch.h"
 
 namespace xsk {
 
 namespace {
 
-__device__ __forceinline__ bool finite_of(float x) { return isfinite(x); }
-__device__ __forceinline__ bool finite_of(double x) { return isfinite(x); }
-__device__ __forceinline__ bool finite_of(__half x) { return isfinite(__half2float(x)); }
-__device__ __forceinline__ bool finite_of(__nv_bfloat16 x) { return isfinite(__bfloat162float(x)); }
-__device__ __forceinline__ float to_float(float x) { return x; }
+using xsk::to_float;  // (the overloads of convert.cuh beside this one, not hidden by it)
 __device__ __forceinline__ float to_float(double x) { return (float)x; }  // (as torch's .float())
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// (16-bit and float32 values are finite iff their float value is; float64 ones are tested
+// as given)
+template <typename T>
+__device__ __forceinline__ bool finite_of(T x) { return isfinite(to_float(x)); }
+__device__ __forceinline__ bool finite_of(double x) { return isfinite(x); }
 
 template <typename T>
 __global__ void scores_f32_kernel(const T* __restrict__ in, int64_t st0, int64_t st1, int S,
