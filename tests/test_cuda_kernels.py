@@ -402,13 +402,65 @@ def test_cuda_nested_pools_never_overflow(case):
             for rows in {_cuda._TILE_ROWS, _cuda._BWD_DQ_ROWS, _cuda._BWD_SUPER_ROWS}:
                 nq = rows // rp
                 q0, q1 = _cuda._tiles(lay.num_queries, nq, q.device, lay.seq_key)
-                _, counts, overflow = C.build_lists(sel.key_of_rank, sel.rb, lay.pool_lo,
-                                                    lay.win_lo, q0, q1, lay.num_keys, topk + nq)
+                _, counts, overflow = C.build_lists(sel.key_of_rank, sel.rank_of_key, sel.rb,
+                                                    lay.pool_lo, lay.win_lo, q0, q1,
+                                                    lay.num_keys, topk + nq)
                 assert int(overflow.item()) == 0, (topk, ties, rp, rows)
                 assert int(counts.max()) <= topk + nq
                 wlo, whi = _cuda._tile_extents(lay, q0, q1)
                 span = int(torch.clamp(whi - wlo, min=0).max())
                 assert span <= _cuda._window_span_bound(lay, nq), (rp, rows)
+
+
+def _expected_key_list(perm, rb, pool_lo, win_lo, a, b, tail_max=2048):
+    """lists.cu's list of queries [a, b) of one head, in its order: the keys every query's
+    pool range holds ([max pool_lo, min win_lo)) first, in descending rank, then the others
+    in ascending index; the interval itself when some query selects its whole pool."""
+    lo, hi = int(pool_lo[a:b].min()), int(win_lo[a:b].max())
+    if hi <= lo:
+        return []
+    if int(rb[a:b].min()) < 0:
+        return list(range(lo, hi))
+    keys = [int(j) for j in perm.flip(0)[:perm.numel() - int(rb[a:b].min())]
+            if lo <= int(j) < hi]
+    f_lo, f_hi = max(lo, int(pool_lo[a:b].max())), min(hi, int(win_lo[a:b].min()))
+    if not (f_lo < f_hi and (f_lo - lo) + (hi - f_hi) <= tail_max):
+        return keys
+    inside = [j for j in keys if f_lo <= j < f_hi]
+    return inside + sorted(j for j in keys if not f_lo <= j < f_hi)
+
+
+@pytest.mark.parametrize("case", [1, 2, 3, 5])
+def test_cuda_key_list_order(case):
+    """lists.cu's order (not just its key set): the kernels run one cheap rule over a key
+    tile (forward, dq) or 16 keys (dk/dv) only when every pair of it is attended, so the
+    keys some query sees in its window instead must come after the others."""
+    bias, B, Mq, Mk, window = NESTED_CASES[case]
+    C = _ext.load_extension()
+    for seed, topk in enumerate([7, 50]):
+        q, k, v, s = make(B, Mq, Mk, 2, 1, 64, torch.bfloat16, gqa=False, seed=seed)
+        prob = make_problem(q, k, v, s, bias, topk, window, None)
+        lay = prob.layout
+        sel = _cuda.select(prob.scores.float().contiguous(), lay, topk)
+        for nq in (32, 128):
+            q0, q1 = _cuda._tiles(lay.num_queries, nq, q.device, lay.seq_key)
+            lists, counts, overflow = C.build_lists(sel.key_of_rank, sel.rank_of_key, sel.rb,
+                                                    lay.pool_lo, lay.win_lo, q0, q1,
+                                                    lay.num_keys, topk + nq)
+            assert int(overflow.item()) == 0
+            perm, rb = sel.key_of_rank.cpu(), sel.rb.cpu()
+            plo, wlo = lay.pool_lo.cpu(), lay.win_lo.cpu()
+            lists, counts = lists.cpu(), counts.cpu()
+            split_somewhere = False  # (some list has keys after the split: the test can fail)
+            for h in range(perm.shape[0]):
+                for t, (a, b) in enumerate(zip(q0.tolist(), q1.tolist())):
+                    want = _expected_key_list(perm[h], rb[h], plo, wlo, a, b)
+                    n = int(counts[h, t])
+                    assert lists[h, t, :n].tolist() == want, (h, t, nq, topk)
+                    f_lo, f_hi = int(plo[a:b].max()), int(wlo[a:b].min())
+                    split_somewhere |= int(rb[h, a:b].min()) >= 0 and any(
+                        not f_lo <= j < f_hi for j in want)
+            assert split_somewhere, (nq, topk)
 
 
 def test_cuda_backward_deterministic(bwd_kernel):

@@ -223,8 +223,8 @@ def forward(q, k, v, scores, layout: QueryLayout, topk: Optional[int], scale: fl
         sel = select(u, layout, topk)
         cap = int(topk) + _TILE_ROWS // rp
         lists, counts, overflow = C.build_lists(
-            sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo, tile_q0, tile_q1,
-            layout.num_keys, cap,
+            sel.key_of_rank, sel.rank_of_key, sel.rb, layout.pool_lo, layout.win_lo, tile_q0,
+            tile_q1, layout.num_keys, cap,
         )
         # (counts are capped at cap, so an overflowing tile's truncated list is safe to run)
         out, lse = C.fwd(
@@ -336,14 +336,15 @@ def backward(dout, q, k, v, scores, out, lse, layout: QueryLayout, topk, scale, 
     hopper = bool(C.hopper_backward())
     dq_rows = _BWD_DQ_ROWS_HOPPER if hopper else _BWD_DQ_ROWS
     t0, t1 = _tiles(NQ, dq_rows // rp, q.device, layout.seq_key)
-    lists, counts, ovf1 = C.build_lists(sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo,
-                                        t0, t1, NK, int(topk) + dq_rows // rp)
+    lists, counts, ovf1 = C.build_lists(sel.key_of_rank, sel.rank_of_key, sel.rb,
+                                        layout.pool_lo, layout.win_lo, t0, t1, NK,
+                                        int(topk) + dq_rows // rp)
     rp_kv = rp  # heads packed per dk/dv group (they share K/V, so their sums combine)
     qs = _BWD_SUPER_ROWS // rp_kv
     s0, s1 = _tiles(NQ, qs, q.device, layout.seq_key)
     cap_s = int(topk) + qs
-    slists, scounts, ovf2 = C.build_lists(sel.key_of_rank, sel.rb, layout.pool_lo, layout.win_lo,
-                                          s0, s1, NK, cap_s)
+    slists, scounts, ovf2 = C.build_lists(sel.key_of_rank, sel.rank_of_key, sel.rb,
+                                          layout.pool_lo, layout.win_lo, s0, s1, NK, cap_s)
     wlo_min, whi_max = _tile_extents(layout, s0, s1)
     n_win = torch.clamp(whi_max - wlo_min, min=0)
     if layout.nested:  # no list overflows (as in forward) and a bound of the window spans

@@ -210,11 +210,14 @@ std::vector<at::Tensor> select_queries(const at::Tensor& zeros, const at::Tensor
 }
 
 // Key lists per (query tile, head); returns (lists, counts, overflow flag).
-std::vector<at::Tensor> build_lists(const at::Tensor& perm, const at::Tensor& rb,
-                                    const at::Tensor& pool_lo, const at::Tensor& win_lo,
+std::vector<at::Tensor> build_lists(const at::Tensor& perm, const at::Tensor& ranks,
+                                    const at::Tensor& rb, const at::Tensor& pool_lo,
+                                    const at::Tensor& win_lo,
                                     const at::Tensor& tile_q0, const at::Tensor& tile_q1,
                                     int64_t num_keys, int64_t cap) {
   check(perm, "perm", at::kInt);
+  check(ranks, "ranks", at::kInt);
+  TORCH_CHECK(ranks.sizes() == perm.sizes(), "ranks: the shape of perm");
   check(rb, "rb", at::kLong);
   check(pool_lo, "pool_lo", at::kLong);
   check(win_lo, "win_lo", at::kLong);
@@ -228,6 +231,7 @@ std::vector<at::Tensor> build_lists(const at::Tensor& perm, const at::Tensor& rb
   at::Tensor overflow = at::zeros({1}, i32);
   xsk::ListParams p{};
   p.perm = perm.data_ptr<int>();
+  p.ranks = ranks.data_ptr<int>();
   p.rb = rb.data_ptr<int64_t>();
   p.pool_lo = pool_lo.data_ptr<int64_t>();
   p.win_lo = win_lo.data_ptr<int64_t>();

@@ -37,6 +37,7 @@ struct SelectParams {
 // Per (query tile, head): the pool keys any query of the tile may select.
 struct ListParams {
   const int* perm;          // [S, NK] key index of each rank
+  const int* ranks;         // [S, NK] rank of each key (perm's inverse)
   const int64_t* rb;        // [S, NQ] boundary rank (-1: whole pool selected)
   const int64_t* pool_lo;   // [NQ]
   const int64_t* win_lo;    // [NQ]
