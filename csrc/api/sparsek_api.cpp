@@ -209,7 +209,9 @@ std::vector<at::Tensor> select_queries(const at::Tensor& zeros, const at::Tensor
   return {tau, ub, jb, nF, rb};
 }
 
-// Key lists per (query tile, head); returns (lists, counts, overflow flag).
+// Key lists per (query tile, head), in lists.cu's order (perm walks the ranks downwards,
+// ranks places the few keys outside every query's pool range); returns (lists, counts,
+// overflow flag).
 std::vector<at::Tensor> build_lists(const at::Tensor& perm, const at::Tensor& ranks,
                                     const at::Tensor& rb, const at::Tensor& pool_lo,
                                     const at::Tensor& win_lo,
